@@ -1,0 +1,146 @@
+"""The generation path: tokenize, prefill each CFG branch once, denoise, decode.
+
+Prompt templates, text/vision packing, the scheduler and the VAE normalization all come from
+diffusers' `Cosmos3OmniPipeline` and its components; what this module changes is the order of
+work: the reasoner runs once per prompt (`prefill`) and the loop runs the generator alone
+(`denoise`) against that memory. The result equals `Cosmos3OmniPipeline.__call__` for the same
+seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import Cosmos3OmniPipeline, UniPCMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from .config import GenerationConfig
+from .denoise import GeneratorInputs, GeneratorLayout, denoise
+from .loading import Components
+from .prefill import ReasonerMemory, prefill
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One CFG branch: its prompt tokens, their mRoPE ids [3, tokens] and its generator layout."""
+
+    input_ids: torch.Tensor
+    text_position_ids: torch.Tensor
+    layout: GeneratorLayout
+
+
+def helper_pipeline(components: Components, scheduler: UniPCMultistepScheduler) -> Cosmos3OmniPipeline:
+    """diffusers' pipeline over our components, used for its templates and packing helpers."""
+    return Cosmos3OmniPipeline(
+        transformer=components.transformer,
+        text_tokenizer=components.tokenizer,
+        vae=components.vae,
+        scheduler=scheduler,
+        enable_safety_checker=False,
+    )
+
+
+def flow_scheduler(components: Components, shift: float) -> UniPCMultistepScheduler:
+    """UniPC in flow-matching mode with the request's shift, over the checkpoint's other settings."""
+    overrides = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": shift}
+    return UniPCMultistepScheduler.from_config({**components.scheduler_config, **overrides, "use_karras_sigmas": False})
+
+
+def initial_noise(pipe: Cosmos3OmniPipeline, config: GenerationConfig, device: torch.device) -> torch.Tensor:
+    """[1, C, T, H, W] float32 noise drawn from a CPU generator, so a seed gives the same video on any device.
+
+    Text-to-video conditions no frame, so this is exactly the latent `prepare_latents` builds
+    (its conditioning term is multiplied by zero), without encoding an all-zero video first.
+    """
+    vae = pipe.vae.config
+    shape = (
+        1,
+        vae.z_dim,
+        (config.frames - 1) // vae.scale_factor_temporal + 1,
+        config.height // vae.scale_factor_spatial,
+        config.width // vae.scale_factor_spatial,
+    )
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def pack_branch(
+    pipe: Cosmos3OmniPipeline, input_ids: list[int], latents: torch.Tensor, fps: float, device: torch.device
+) -> Branch:
+    """Pack one prompt and the video latents into the joint layout the pipeline builds."""
+    text = pipe._prepare_text_segment(input_ids, device=device)
+    vision = pipe._prepare_vision_segment(
+        input_vision_tokens=latents,
+        has_image_condition=False,
+        mrope_offset=text["vision_start_temporal_offset"],
+        vision_fps=fps,
+        curr=text["und_len"],
+        device=device,
+    )
+    packed = {
+        **text,
+        **vision,
+        "position_ids": torch.cat([text["text_mrope_ids"], vision["vision_mrope_ids"]], dim=1),
+        "sequence_length": text["und_len"] + vision["num_vision_tokens"],
+    }
+    return Branch(text["input_ids"], text["text_mrope_ids"], GeneratorLayout.from_packed(packed))
+
+
+def prepare_branches(pipe: Cosmos3OmniPipeline, config: GenerationConfig, latents: torch.Tensor) -> list[Branch]:
+    """[cond] or [cond, uncond], tokenized with the pipeline's templates."""
+    cond_ids, uncond_ids = pipe.tokenize_prompt(
+        config.prompt,
+        config.negative_prompt,
+        num_frames=config.frames,
+        height=config.height,
+        width=config.width,
+        fps=config.fps,
+    )
+    prompts = [cond_ids, uncond_ids] if config.uses_guidance else [cond_ids]
+    return [pack_branch(pipe, ids, latents, config.fps, latents.device) for ids in prompts]
+
+
+def prefill_branches(pipe: Cosmos3OmniPipeline, branches: list[Branch]) -> list[ReasonerMemory]:
+    """One reasoner pass per branch; nothing of the reasoner is needed after this."""
+    return [prefill(pipe.transformer, b.input_ids, b.text_position_ids) for b in branches]
+
+
+def denoise_latents(
+    pipe: Cosmos3OmniPipeline,
+    config: GenerationConfig,
+    branches: list[Branch],
+    memories: list[ReasonerMemory],
+    latents: torch.Tensor,
+    *,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The sampling loop: generator passes per branch, CFG `v_u + g (v_c - v_u)`, UniPC step."""
+    model = pipe.transformer
+    model_dtype = memories[0].keys[0].dtype
+    pipe.scheduler.set_timesteps(config.steps, device=latents.device)
+    for t in tqdm(pipe.scheduler.timesteps, desc="denoise", unit="step", disable=not progress):
+        inputs = GeneratorInputs(vision=latents.to(model_dtype), timestep=t.item())
+        velocities = [denoise(model, b.layout, m, inputs).vision.float() for b, m in zip(branches, memories)]
+        if len(velocities) == 2:
+            cond, uncond = velocities
+            velocity = uncond + config.guidance * (cond - uncond)
+        else:
+            velocity = velocities[0]
+        # UniPC's update wants a batch axis in front of the [1, C, T, H, W] latents.
+        latents = pipe.scheduler.step(velocity.unsqueeze(0), t, latents.unsqueeze(0), return_dict=False)[0]
+        latents = latents.squeeze(0)
+    return latents
+
+
+@torch.no_grad()
+def decode_frames(pipe: Cosmos3OmniPipeline, latents: torch.Tensor) -> np.ndarray:
+    """Normalized latents [1, C, T, H, W] -> uint8 frames [T, H, W, 3] on the host."""
+    vae = pipe.vae
+    mean = pipe._vae_latents_mean.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+    inv_std = pipe._vae_latents_inv_std.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+    decoded = vae.decode(latents.to(vae.dtype) / inv_std + mean).sample.to(latents.dtype)
+    video = pipe.video_processor.postprocess_video(decoded, output_type="np")[0]  # [T, H, W, 3] in [0, 1]
+    return (video * 255).round().astype(np.uint8)
