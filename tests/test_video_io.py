@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -20,6 +22,16 @@ def test_mp4_has_every_frame_at_its_size(tmp_path):
     """An mp4 reads back with the frame count and size written."""
     write_frames(frames(9), tmp_path / "v.mp4", fps=24)
     assert iio.imread(tmp_path / "v.mp4").shape == (9, 64, 96, 3)
+
+
+def test_file_mode_follows_the_umask(tmp_path):
+    """The finished file gets the permissions a plain open() would give, not the temporary file's 0600."""
+    old = os.umask(0o022)
+    try:
+        write_frames(frames(1), tmp_path / "i.jpg", fps=24)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "i.jpg").stat().st_mode & 0o777 == 0o644
 
 
 def test_png_is_lossless(tmp_path):

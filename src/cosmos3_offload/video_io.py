@@ -28,6 +28,13 @@ def write_frames(frames: np.ndarray, path: Path, fps: float) -> None:
         else:
             # yuv420p needs even sizes, which every Cosmos3 tier has; macro_block_size=1 keeps them exact.
             imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", quality=8, macro_block_size=1)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the mode a plain open() would
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
