@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"one of {', '.join(DTYPES)} (default: bfloat16 on a GPU, float32 on the CPU)",
     )
+    gen.add_argument(
+        "--offload-stages",
+        nargs="*",
+        default=[],
+        metavar="STAGE",
+        help="groups whose weights live in pinned host memory and are copied to the GPU only for their phase: "
+        "any of reasoner, generator, vae (default: none, everything resident)",
+    )
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and where")
     return parser
@@ -115,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config_from_args(args)
         report = run(
-            config, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, progress=not args.no_progress
+            config,
+            checkpoint=args.checkpoint,
+            device=args.device,
+            dtype=args.dtype,
+            offload_stages=tuple(args.offload_stages),
+            progress=not args.no_progress,
         )
     except InputError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

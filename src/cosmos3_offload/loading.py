@@ -1,9 +1,12 @@
-"""Load the model components: a diffusers-layout Cosmos3 checkpoint, or the embedded tiny model.
+"""Load the model components into the homes a staging plan gives them.
 
 A checkpoint is the folder `Cosmos3OmniPipeline.save_pretrained` writes (model_index.json,
-transformer/, vae/, text_tokenizer/, scheduler/). Without one, the tiny model from
-`model_specs` is built with seeded random weights and the byte-level tokenizer: it runs
-anywhere in seconds and produces noise.
+transformer/, vae/, text_tokenizer/, scheduler/). Without one, a model from `model_specs` (by
+default the embedded tiny model) gets seeded random weights and the byte-level tokenizer.
+
+Both go through the two-phase load of `materialize`: the transformer and the VAE are built on
+`meta`, each group gets its home (device, or a host slab when its stage is offloaded), and every
+weight is written once into that home.
 """
 
 from __future__ import annotations
@@ -20,8 +23,19 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import InputError
+from .groups import EMBEDDING, PHASES, REASONER, UNUSED, VAE, transformer_group_of
+from .materialize import (
+    CheckpointValues,
+    RandomValues,
+    allocate_on_device,
+    build_on_meta,
+    group_layouts,
+    keep_fp32_dtype,
+    move_buffers,
+)
 from .model_specs import model_spec
-from .random_weights import fill_random_
+from .slabs import HostSlab, SlabEntry, SlabLayout
+from .staging import Placement, ResidentGroup, StagedGroup, StagingEngine, bind_views
 from .tiny_tokenizer import build_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -33,7 +47,7 @@ TINY_WEIGHT_SEED = 0
 
 @dataclass
 class Components:
-    """The loaded parts of one model; `random_weights` is true for the embedded tiny model."""
+    """The loaded parts of one model; `random_weights` is true without a checkpoint."""
 
     transformer: Cosmos3OmniTransformer
     vae: AutoencoderKLWan
@@ -41,6 +55,7 @@ class Components:
     scheduler_config: dict[str, Any]
     source: str
     random_weights: bool
+    engine: StagingEngine
 
 
 def check_checkpoint(path: Path) -> None:
@@ -61,52 +76,90 @@ def check_checkpoint(path: Path) -> None:
         raise InputError(f"checkpoint {str(path)!r} lacks the folder(s) {', '.join(missing)}")
 
 
-def load_components(checkpoint: Path | None, device: torch.device, dtype: torch.dtype) -> Components:
-    """Load every component onto `device` in `dtype` (the time embedder stays float32)."""
+def load_components(
+    checkpoint: Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    offload: frozenset[str] = frozenset(),
+    *,
+    random_model: str = "tiny",
+    seed: int = TINY_WEIGHT_SEED,
+) -> Components:
+    """Build, place and fill every component; groups named in `offload` live in pinned host slabs."""
     if checkpoint is None:
-        components = _tiny_components(dtype)
+        spec = model_spec(random_model)
+        transformer_config, vae_config = spec.transformer, spec.vae
     else:
         check_checkpoint(checkpoint)
-        components = _checkpoint_components(checkpoint, dtype)
-    components.transformer.to(device).eval()
-    components.vae.to(device).eval()
-    return components
-
-
-def _tiny_components(dtype: torch.dtype) -> Components:
-    spec = model_spec("tiny")
-    transformer = fill_random_(Cosmos3OmniTransformer(**spec.transformer), TINY_WEIGHT_SEED)
-    vae = fill_random_(AutoencoderKLWan(**spec.vae), TINY_WEIGHT_SEED)
+        transformer_config = Cosmos3OmniTransformer.load_config(checkpoint / "transformer")
+        vae_config = AutoencoderKLWan.load_config(checkpoint / "vae")
+    transformer = build_on_meta(Cosmos3OmniTransformer, transformer_config)
+    vae = build_on_meta(AutoencoderKLWan, vae_config)
+    layers = transformer.config.num_hidden_layers
+    placer = _Placer(device, offload)
+    transformer_targets = placer.place(
+        transformer,
+        group_layouts(
+            transformer,
+            lambda name: transformer_group_of(name, layers),
+            keep_fp32_dtype(Cosmos3OmniTransformer, dtype),
+        ),
+    )
+    vae_targets = placer.place(vae, group_layouts(vae, lambda name: VAE, keep_fp32_dtype(AutoencoderKLWan, dtype)))
+    if checkpoint is None:
+        RandomValues(seed).fill(transformer_targets + vae_targets)
+    else:
+        CheckpointValues(checkpoint / "transformer", lambda k: transformer_group_of(k, layers) == UNUSED).fill(
+            transformer_targets
+        )
+        CheckpointValues(checkpoint / "vae", lambda k: False).fill(vae_targets)
+    move_buffers(transformer, device)
+    move_buffers(vae, device)
     return Components(
-        transformer=_cast_like_pretrained(transformer, dtype),
-        vae=nn.Module.to(vae, dtype),
-        tokenizer=build_tiny_tokenizer(),
-        scheduler_config={},
-        source="embedded tiny model (random weights)",
-        random_weights=True,
+        transformer=transformer,
+        vae=vae,
+        tokenizer=build_tiny_tokenizer() if checkpoint is None else _checkpoint_tokenizer(checkpoint),
+        scheduler_config=_scheduler_config(checkpoint),
+        source=f"{random_model} model (random weights)" if checkpoint is None else str(checkpoint),
+        random_weights=checkpoint is None,
+        engine=StagingEngine(device, placer.placements, PHASES),
     )
 
 
-def _cast_like_pretrained(transformer: Cosmos3OmniTransformer, dtype: torch.dtype) -> Cosmos3OmniTransformer:
-    """Cast as `from_pretrained(torch_dtype=...)` does: modules listed in `_keep_in_fp32_modules` stay float32.
+class _Placer:
+    """Gives each group its home and returns (entry, home) pairs for the values to be written into."""
 
-    `nn.Module.to` is called directly because `ModelMixin.to` warns about exactly the modules
-    this function keeps in float32.
-    """
-    nn.Module.to(transformer, dtype)
-    for name in transformer._keep_in_fp32_modules:
-        getattr(transformer, name).to(torch.float32)
-    return transformer
+    def __init__(self, device: torch.device, offload: frozenset[str]):
+        self.device = device
+        self.offload = offload
+        self.pin = device.type == "cuda"
+        self.placements: dict[str, Placement] = {}
+
+    def place(self, root: nn.Module, layouts: dict[str, SlabLayout]) -> list[tuple[SlabEntry, torch.Tensor]]:
+        targets: list[tuple[SlabEntry, torch.Tensor]] = []
+        for group, layout in layouts.items():
+            if group == UNUSED:
+                continue  # never read by the split: left on meta, never allocated
+            if group in self.offload or (group == EMBEDDING and REASONER in self.offload):
+                # The embedding table is read row by row on the host; it is never staged, so never pinned.
+                slab = HostSlab(layout, pin=self.pin and group != EMBEDDING)
+                view = slab.view
+                if group != EMBEDDING:
+                    self.placements[group] = StagedGroup(group, root, slab)
+            else:
+                homes = {entry: allocate_on_device(entry, self.device) for entry in layout.entries}
+                view = homes.__getitem__
+                if group != EMBEDDING:
+                    self.placements[group] = ResidentGroup(group, layout)
+            bind_views(root, layout, view)
+            targets += [(entry, view(entry)) for entry in layout.entries]
+        return targets
 
 
-def _checkpoint_components(path: Path, dtype: torch.dtype) -> Components:
-    logger.info("loading checkpoint %s", path)
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
-    return Components(
-        transformer=Cosmos3OmniTransformer.from_pretrained(path, subfolder="transformer", torch_dtype=dtype),
-        vae=AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
-        tokenizer=AutoTokenizer.from_pretrained(path, subfolder="text_tokenizer"),
-        scheduler_config=json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {},
-        source=str(path),
-        random_weights=False,
-    )
+def _checkpoint_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path / "text_tokenizer")
+
+
+def _scheduler_config(path: Path | None) -> dict[str, Any]:
+    scheduler_file = None if path is None else path / "scheduler" / "scheduler_config.json"
+    return json.loads(scheduler_file.read_text()) if scheduler_file and scheduler_file.is_file() else {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.transformers.transformer_cosmos3 import Cosmos3OmniTransformer, Cosmos3VLTextMoTDecoderLayer
 
 from .attention import apply_rotary, attend, rotary_tables
@@ -43,7 +44,9 @@ def prefill(model: Cosmos3OmniTransformer, input_ids: torch.Tensor, position_ids
     The last layer contributes only its K/V: its attention output, MLP, the final norm and
     `lm_head` would feed nothing the generator reads, so they are skipped.
     """
-    hidden = model.embed_tokens(input_ids)  # [prompt_tokens, hidden]
+    # The embedding table may stay on the host (see groups.py): only the prompt's rows travel.
+    table = model.embed_tokens.weight
+    hidden = F.embedding(input_ids.to(table.device), table).to(input_ids.device)  # [prompt_tokens, hidden]
     cos, sin = rotary_tables(model, position_ids, hidden.dtype)
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []

@@ -7,12 +7,16 @@ its arguments and prints the report it returns.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .config import GenerationConfig, resolve_device, resolve_dtype
+from .errors import InputError
 from .generate import (
     decode_frames,
     denoise_latents,
@@ -22,7 +26,8 @@ from .generate import (
     prefill_branches,
     prepare_branches,
 )
-from .loading import check_checkpoint, load_components
+from .groups import GENERATOR, REASONER, VAE, check_offload_groups
+from .loading import Components, check_checkpoint, load_components
 from .stages import StageRecorder
 from .video_io import write_frames
 
@@ -34,8 +39,7 @@ class RunReport:
     """What a run produced and what each stage cost."""
 
     config: GenerationConfig
-    source: str
-    random_weights: bool
+    components: Components
     device: torch.device
     dtype: torch.dtype
     stages: StageRecorder
@@ -45,10 +49,11 @@ class RunReport:
         lines = [
             f"wrote {c.output} ({c.frames} frame{'s' if c.frames > 1 else ''}, {c.width}x{c.height}, "
             f"{c.steps} steps, guidance {c.guidance:g}, shift {c.flow_shift:g}, seed {c.seed})",
-            f"model: {self.source} on {self.device} in {str(self.dtype).removeprefix('torch.')}",
+            f"model: {self.components.source} on {self.device} in {str(self.dtype).removeprefix('torch.')}",
         ]
-        if self.random_weights:
+        if self.components.random_weights:
             lines.append("note: random weights produce noise; pass --checkpoint DIR for a real video")
+        lines.append(self.components.engine.summary())
         lines.append(self.stages.summary())
         return "\n".join(lines)
 
@@ -59,27 +64,56 @@ def run(
     checkpoint: Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    offload_stages: tuple[str, ...] = (),
     progress: bool = True,
 ) -> RunReport:
-    """Generate `config.output`. Bad input raises ValueError before anything is loaded."""
+    """Generate `config.output`. Bad input raises InputError before anything is loaded.
+
+    `offload_stages` names the groups (reasoner, generator, vae) whose weights live in pinned
+    host memory and are staged into the device arena only for their phase.
+    """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    offload = check_offload_groups(offload_stages)
+    check_single_process(offload)
     if checkpoint is not None:
         check_checkpoint(Path(checkpoint))
     recorder = StageRecorder(torch_device)
     with recorder.stage("load"):
-        components = load_components(checkpoint and Path(checkpoint), torch_device, torch_dtype)
+        components = load_components(checkpoint and Path(checkpoint), torch_device, torch_dtype, offload)
+    video = generate_video(config, components, recorder, progress=progress)
+    with recorder.stage("write"):
+        write_frames(video.frames, config.output, config.fps)
+    return RunReport(config, components, torch_device, torch_dtype, recorder)
+
+
+class GeneratedVideo(NamedTuple):
+    latents: torch.Tensor  # [1, C, T, H, W] float32, after the last step
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+
+
+def generate_video(
+    config: GenerationConfig, components: Components, recorder: StageRecorder, *, progress: bool = True
+) -> GeneratedVideo:
+    """Prefill, denoise and decode, each inside its group's staging phase."""
     pipe = helper_pipeline(components, flow_scheduler(components, config.flow_shift))
+    engine = components.engine
     with torch.no_grad():
-        with recorder.stage("prefill"):
-            latents = initial_noise(pipe, config, torch_device)
+        with recorder.stage("prefill"), engine.phase(REASONER):
+            latents = initial_noise(pipe, config, engine.device)
             branches = prepare_branches(pipe, config, latents)
             memories = prefill_branches(pipe, branches)
-        with recorder.stage("denoise"):
+        with recorder.stage("denoise"), engine.phase(GENERATOR):
             latents = denoise_latents(pipe, config, branches, memories, latents, progress=progress)
             del memories
-        with recorder.stage("decode"):
-            frames = decode_frames(pipe, latents)
-    with recorder.stage("write"):
-        write_frames(frames, config.output, config.fps)
-    return RunReport(config, components.source, components.random_weights, torch_device, torch_dtype, recorder)
+        with recorder.stage("decode"), engine.phase(VAE):
+            return GeneratedVideo(latents, decode_frames(pipe, latents))
+
+
+def check_single_process(offload: frozenset[str]) -> None:
+    """Staging assumes it owns the GPU: refuse a multi-process launch before anything is allocated."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if offload and world_size > 1:
+        raise InputError(
+            f"--offload-stages runs one process on one GPU, but WORLD_SIZE={world_size}; launch a single process"
+        )

@@ -78,4 +78,9 @@ class StageRecorder:
 
 
 def _gib(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / GIB:.2f} GiB"
+    return "n/a" if value is None else format_bytes(value)
+
+
+def format_bytes(value: int) -> str:
+    """GiB with two decimals from 1 GiB up, MiB below."""
+    return f"{value / GIB:.2f} GiB" if value >= GIB else f"{value / 1024**2:.1f} MiB"

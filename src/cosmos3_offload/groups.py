@@ -1,0 +1,45 @@
+"""Cosmos3's staging groups: which weight goes with which phase.
+
+This is the only module of the staging engine that knows Cosmos3. Each weight of the
+transformer and the VAE is put in one of:
+
+- `reasoner`: what `prefill` reads, except the embedding table;
+- `generator`: what `denoise` reads;
+- `vae`: the VAE;
+- `embedding`: `embed_tokens`, which stays on the host when the reasoner is offloaded (prefill
+  looks up only the prompt's rows there) and goes with the reasoner otherwise;
+- `unused`: what the split never reads (`lm_head`, the final `norm`, and the last layer's
+  reasoner output path: its `to_out`, `post_attention_layernorm` and `mlp`). These are never
+  materialized at all.
+"""
+
+from __future__ import annotations
+
+from .errors import InputError
+from .towers import GENERATOR, tower_of
+
+REASONER = "reasoner"
+VAE = "vae"
+EMBEDDING = "embedding"
+UNUSED = "unused"
+# Groups that can be staged, in the order a request runs their phases.
+PHASES: tuple[str, ...] = (REASONER, GENERATOR, VAE)
+
+
+def transformer_group_of(name: str, num_layers: int) -> str:
+    """The group of one `Cosmos3OmniTransformer` weight name."""
+    if name.startswith("embed_tokens."):
+        return EMBEDDING
+    last = f"layers.{num_layers - 1}."
+    tail = ("self_attn.to_out.", "post_attention_layernorm.", "mlp.")
+    if name.startswith(("lm_head.", "norm.")) or (name.startswith(last) and name[len(last) :].startswith(tail)):
+        return UNUSED
+    return tower_of(name)
+
+
+def check_offload_groups(groups: tuple[str, ...] | list[str]) -> frozenset[str]:
+    """Validate a user's `--offload-stages` list; unknown names list the choices."""
+    unknown = sorted(set(groups) - set(PHASES))
+    if unknown:
+        raise InputError(f"unknown offload stage(s) {', '.join(unknown)}; choose from {' '.join(PHASES)}")
+    return frozenset(groups)

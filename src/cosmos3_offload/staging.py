@@ -1,0 +1,133 @@
+"""The staging engine: where each group of weights lives, and moving it in for its phase.
+
+Generic over `nn.Module` groups. A group is a root module plus a `SlabLayout` of some of its
+weights; its placement is one of two small strategies behind the same interface:
+
+- `ResidentGroup`: the weights sit on the device for good; entering its phase does nothing.
+- `StagedGroup`: the weights live in a pinned `HostSlab` (the master copy). Entering its phase
+  copies the slab into the shared `DeviceArena` (one bulk copy on the copy stream) and rebinds
+  every parameter to a view of the arena; leaving rebinds them to their host views. Nothing is
+  ever copied back to the host.
+
+`StagingEngine.phase(name)` wraps one phase of a request. Phases run in `PHASES` order; before
+staging a group the arena is sized for the largest staged group still to come, so the big arena of
+the transformer phases is returned to the allocator before the (much smaller) VAE phase.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .arena import DeviceArena
+from .slabs import HostSlab, SlabEntry, SlabLayout, tensor_view
+from .stages import format_bytes
+from .streams import CopyEngine, CopyRecord
+
+logger = logging.getLogger(__name__)
+
+
+def bind_views(root: nn.Module, layout: SlabLayout, view: Callable[[SlabEntry], torch.Tensor]) -> None:
+    """Point every binding of every entry at `view(entry)`; tied names share one Parameter."""
+    for entry in layout.entries:
+        param = nn.Parameter(view(entry), requires_grad=False)
+        for path, attr in entry.bindings:
+            root.get_submodule(path)._parameters[attr] = param
+
+
+@dataclass
+class ResidentGroup:
+    """Weights materialized on the device for the whole run."""
+
+    name: str
+    layout: SlabLayout
+
+    where = "device"
+
+    def enter(self, arena: DeviceArena, copier: CopyEngine) -> None:
+        pass
+
+    def exit(self) -> None:
+        pass
+
+
+@dataclass
+class StagedGroup:
+    """Weights whose master copy is a host slab, copied into the arena for their phase."""
+
+    name: str
+    root: nn.Module
+    slab: HostSlab
+    copies: list[CopyRecord] = field(default_factory=list)
+
+    where = "staged"
+
+    @property
+    def layout(self) -> SlabLayout:
+        return self.slab.layout
+
+    def enter(self, arena: DeviceArena, copier: CopyEngine) -> None:
+        buffer = arena.reserve(self.layout.nbytes)
+        self.copies.append(copier.copy_after_compute(buffer[: self.layout.nbytes], self.slab.buffer))
+        bind_views(self.root, self.layout, lambda entry: tensor_view(buffer, entry))
+
+    def exit(self) -> None:
+        bind_views(self.root, self.layout, self.slab.view)
+
+
+Placement = ResidentGroup | StagedGroup
+
+
+class StagingEngine:
+    """Runs each phase with its group's weights on the device."""
+
+    def __init__(self, device: torch.device, placements: dict[str, Placement], phase_order: tuple[str, ...]):
+        self.device = device
+        self.placements = placements
+        self.phase_order = phase_order
+        self.arena = DeviceArena(device)
+        self.copier = CopyEngine(device)
+
+    def staged(self) -> list[StagedGroup]:
+        return [p for p in self.placements.values() if isinstance(p, StagedGroup)]
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Make group `name` usable on the device for the body of the `with`."""
+        placement = self.placements[name]
+        if isinstance(placement, StagedGroup):
+            self._fit_arena_to_remaining(name)
+        placement.enter(self.arena, self.copier)
+        try:
+            yield
+        finally:
+            placement.exit()
+
+    def _fit_arena_to_remaining(self, name: str) -> None:
+        remaining = self.phase_order[self.phase_order.index(name) :]
+        needed = max(p.layout.nbytes for p in self.staged() if p.name in remaining)
+        if self.arena.nbytes > needed:
+            self.arena.release()  # the rest of the request needs less than the arena holds
+        self.arena.reserve(needed)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(p.slab.layout.nbytes for p in self.staged() if p.slab.pinned)
+
+    def summary(self) -> str:
+        """One line per group and one for the arena: where weights live, sizes, staging throughput."""
+        lines = []
+        for p in self.placements.values():
+            line = f"{p.name:<9} {p.where:<7} {format_bytes(p.layout.payload_bytes):>10}"
+            if isinstance(p, StagedGroup) and p.copies:
+                seconds = sum(c.seconds_blocking() for c in p.copies)
+                moved = sum(c.nbytes for c in p.copies)
+                line += f"  staged {len(p.copies)}x in {seconds:.3f}s ({moved / max(seconds, 1e-9) / 1e9:.1f} GB/s)"
+            lines.append(line)
+        lines.append(f"arena     {format_bytes(self.arena.peak_bytes)}; pinned host {format_bytes(self.pinned_bytes)}")
+        return "\n".join(lines)
