@@ -9,6 +9,7 @@ seed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,10 +44,10 @@ def helper_pipeline(components: Components, scheduler: UniPCMultistepScheduler) 
     )
 
 
-def flow_scheduler(components: Components, shift: float) -> UniPCMultistepScheduler:
-    """UniPC in flow-matching mode with the request's shift, over the checkpoint's other settings."""
+def flow_scheduler(shift: float, base_config: dict | None = None) -> UniPCMultistepScheduler:
+    """UniPC in flow-matching mode with the request's shift, over a checkpoint's other settings."""
     overrides = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": shift}
-    return UniPCMultistepScheduler.from_config({**components.scheduler_config, **overrides, "use_karras_sigmas": False})
+    return UniPCMultistepScheduler.from_config({**(base_config or {}), **overrides, "use_karras_sigmas": False})
 
 
 def initial_noise(pipe: Cosmos3OmniPipeline, config: GenerationConfig, device: torch.device) -> torch.Tensor:
@@ -116,12 +117,16 @@ def denoise_latents(
     latents: torch.Tensor,
     *,
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """The sampling loop: generator passes per branch, CFG `v_u + g (v_c - v_u)`, UniPC step."""
+    """The sampling loop: generator passes per branch, CFG `v_u + g (v_c - v_u)`, UniPC step.
+
+    `on_step(i)` is called after step i is queued (benchmarks synchronize and time there).
+    """
     model = pipe.transformer
     model_dtype = memories[0].keys[0].dtype
     pipe.scheduler.set_timesteps(config.steps, device=latents.device)
-    for t in tqdm(pipe.scheduler.timesteps, desc="denoise", unit="step", disable=not progress):
+    for index, t in enumerate(tqdm(pipe.scheduler.timesteps, desc="denoise", unit="step", disable=not progress)):
         inputs = GeneratorInputs(vision=latents.to(model_dtype), timestep=t.item())
         velocities = [denoise(model, b.layout, m, inputs).vision.float() for b, m in zip(branches, memories)]
         if len(velocities) == 2:
@@ -132,6 +137,8 @@ def denoise_latents(
         # UniPC's update wants a batch axis in front of the [1, C, T, H, W] latents.
         latents = pipe.scheduler.step(velocity.unsqueeze(0), t, latents.unsqueeze(0), return_dict=False)[0]
         latents = latents.squeeze(0)
+        if on_step is not None:
+            on_step(index)
     return latents
 
 

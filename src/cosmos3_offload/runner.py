@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -93,10 +94,15 @@ class GeneratedVideo(NamedTuple):
 
 
 def generate_video(
-    config: GenerationConfig, components: Components, recorder: StageRecorder, *, progress: bool = True
+    config: GenerationConfig,
+    components: Components,
+    recorder: StageRecorder,
+    *,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> GeneratedVideo:
     """Prefill, denoise and decode, each inside its group's staging phase."""
-    pipe = helper_pipeline(components, flow_scheduler(components, config.flow_shift))
+    pipe = helper_pipeline(components, flow_scheduler(config.flow_shift, components.scheduler_config))
     engine = components.engine
     with torch.no_grad():
         with recorder.stage("prefill"), engine.phase(REASONER):
@@ -104,7 +110,7 @@ def generate_video(
             branches = prepare_branches(pipe, config, latents)
             memories = prefill_branches(pipe, branches)
         with recorder.stage("denoise"), engine.phase(GENERATOR):
-            latents = denoise_latents(pipe, config, branches, memories, latents, progress=progress)
+            latents = denoise_latents(pipe, config, branches, memories, latents, progress=progress, on_step=on_step)
             del memories
         with recorder.stage("decode"), engine.phase(VAE):
             return GeneratedVideo(latents, decode_frames(pipe, latents))

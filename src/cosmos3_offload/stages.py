@@ -46,6 +46,7 @@ class StageStats:
     seconds: float
     device_peak_bytes: int | None
     host_peak_bytes: int | None
+    device_reserved_peak_bytes: int | None = None
 
 
 @dataclass
@@ -65,8 +66,10 @@ class StageRecorder:
         yield
         wait_for_device(self.device)
         seconds = time.perf_counter() - start
-        device_peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        self.stages.append(StageStats(name, seconds, device_peak, _read_host_peak_bytes()))
+        cuda = self.device.type == "cuda"
+        device_peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
+        reserved_peak = torch.cuda.max_memory_reserved(self.device) if cuda else None
+        self.stages.append(StageStats(name, seconds, device_peak, _read_host_peak_bytes(), reserved_peak))
 
     def summary(self) -> str:
         """A fixed-width table: one row per stage and a total row."""
