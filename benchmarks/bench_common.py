@@ -100,8 +100,9 @@ class HostPeakSampler:
 def measure_pinned_h2d(nbytes: int = 2 * GIB, repeats: int = 5) -> float:
     """GB/s of one bulk copy from an exact-size pinned slab to the device (median of repeats)."""
     device = torch.device("cuda")
-    slab = HostSlab(SlabLayout.pack([((("x", "y"),), (nbytes,), torch.uint8)]), pin=True)
+    slab = HostSlab(SlabLayout.pack([((("x", "y"),), (nbytes,), torch.uint8)]))
     slab.buffer.fill_(1)
+    slab.pin()
     target = torch.empty(nbytes, dtype=torch.uint8, device=device)
     copier = CopyEngine(device)
     speeds = []

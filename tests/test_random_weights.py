@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cosmos3_offload.random_weights import fill_random_, random_value
+from cosmos3_offload.random_weights import CHUNK, chunk_count, fill_random_, random_value, write_chunk_
 
 
 def test_value_is_independent_of_order_and_other_tensors():
@@ -33,3 +33,15 @@ def test_norms_ones_biases_zeros_weights_scaled():
     assert torch.equal(random_value("proj_in.bias", (16,), 0), torch.zeros(16))
     std = random_value("proj_in.weight", (256, 1024), 0).std().item()
     assert abs(std - 1024**-0.5) < 0.1 * 1024**-0.5
+
+
+def test_chunks_can_be_written_in_any_order_and_dtype():
+    """A tensor larger than one chunk gets the same value written chunk by chunk in reverse, cast on write."""
+    shape = (3, CHUNK // 2 + 5)  # a little over 1.5 chunks
+    expected = random_value("layers.0.big.weight", shape, 2)
+    target = torch.empty(shape, dtype=torch.bfloat16)
+    for chunk in reversed(range(chunk_count(shape))):
+        write_chunk_("layers.0.big.weight", target, chunk, 2)
+    assert chunk_count(shape) == 2
+    assert torch.equal(target, expected.to(torch.bfloat16))
+    assert not torch.equal(expected[:, :10], expected[:, -10:])

@@ -39,7 +39,7 @@ def test_tied_weights_are_stored_once():
 def test_views_round_trip_every_dtype():
     """Values written through a view read back bit-identically, with the entry's shape and dtype."""
     specs = [((("m", f"t{i}"),), (5, 3), dtype) for i, dtype in enumerate((torch.float32, torch.bfloat16, torch.int64))]
-    slab = HostSlab(SlabLayout.pack(specs), pin=False)
+    slab = HostSlab(SlabLayout.pack(specs))
     values = [torch.arange(15).reshape(5, 3).to(dtype) * 3 for _, _, dtype in specs]
     for entry, value in zip(slab.layout.entries, values):
         slab.view(entry).copy_(value)

@@ -113,6 +113,8 @@ def load_components(
             transformer_targets
         )
         CheckpointValues(checkpoint / "vae", lambda k: False).fill(vae_targets)
+    for slab in placer.slabs_to_pin:
+        slab.pin()
     move_buffers(transformer, device)
     move_buffers(vae, device)
     return Components(
@@ -132,8 +134,9 @@ class _Placer:
     def __init__(self, device: torch.device, offload: frozenset[str]):
         self.device = device
         self.offload = offload
-        self.pin = device.type == "cuda"
         self.placements: dict[str, Placement] = {}
+        # Staged slabs are pinned after they are filled (faulting pages in from many threads is faster).
+        self.slabs_to_pin: list[HostSlab] = []
 
     def place(self, root: nn.Module, layouts: dict[str, SlabLayout]) -> list[tuple[SlabEntry, torch.Tensor]]:
         targets: list[tuple[SlabEntry, torch.Tensor]] = []
@@ -141,11 +144,13 @@ class _Placer:
             if group == UNUSED:
                 continue  # never read by the split: left on meta, never allocated
             if group in self.offload or (group == EMBEDDING and REASONER in self.offload):
-                # The embedding table is read row by row on the host; it is never staged, so never pinned.
-                slab = HostSlab(layout, pin=self.pin and group != EMBEDDING)
+                slab = HostSlab(layout)
                 view = slab.view
+                # The embedding table is read row by row on the host; it is never staged, so never pinned.
                 if group != EMBEDDING:
                     self.placements[group] = StagedGroup(group, root, slab)
+                    if self.device.type == "cuda":
+                        self.slabs_to_pin.append(slab)
             else:
                 homes = {entry: allocate_on_device(entry, self.device) for entry in layout.entries}
                 view = homes.__getitem__

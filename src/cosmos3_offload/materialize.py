@@ -24,7 +24,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import InputError
-from .random_weights import random_value
+from .random_weights import chunk_count, write_chunk_
 from .slabs import SlabEntry, SlabLayout
 
 logger = logging.getLogger(__name__)
@@ -83,17 +83,19 @@ def move_buffers(root: nn.Module, device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class RandomValues:
-    """Seeded random values (see random_weights), drawn in parallel threads."""
+    """Seeded random values (see random_weights), written chunk by chunk from parallel threads."""
 
     seed: int
 
     def fill(self, targets: list[tuple[SlabEntry, torch.Tensor]]) -> None:
-        def write(target: tuple[SlabEntry, torch.Tensor]) -> None:
-            entry, home = target
-            home.copy_(random_value(entry.names[0], entry.shape, self.seed))
+        tasks = [(entry, home, chunk) for entry, home in targets for chunk in range(chunk_count(entry.shape))]
 
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            list(pool.map(write, targets))
+        def write(task: tuple[SlabEntry, torch.Tensor, int]) -> None:
+            entry, home, chunk = task
+            write_chunk_(entry.names[0], home, chunk, self.seed)
+
+        with torch.no_grad(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(write, tasks))
 
 
 @dataclass(frozen=True)

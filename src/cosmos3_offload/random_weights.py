@@ -1,9 +1,11 @@
 """Seeded random weights whose values depend only on (seed, tensor name, shape).
 
-Each tensor draws from its own generator, seeded from the model seed and the tensor's name, so
-the same model gets the same values whatever order its tensors are materialized in and
-wherever they end up (CPU, host slab or device). Values are drawn in float32 on the CPU and
-then cast, so a seed means the same weights on every machine.
+A tensor's flattened values are cut into chunks of `CHUNK` elements, each drawn from its own
+generator seeded from the model seed, the tensor's name and the chunk index. So the same model
+gets the same values whatever order its tensors (or chunks) are written in, by however many
+threads, and wherever they end up (CPU, host slab or device); and no writer ever needs more than
+one chunk of scratch memory. Values are drawn in float32 on the CPU and then cast, so a seed
+means the same weights on every machine.
 """
 
 from __future__ import annotations
@@ -14,26 +16,49 @@ import zlib
 import torch
 from torch import nn
 
+CHUNK = 1 << 22  # elements drawn by one generator (16 MiB of float32 scratch per writer)
 
-def random_value(name: str, shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
-    """The float32 CPU value of one tensor.
 
-    Norm scales (`*norm*.weight`, `gamma`) are ones, biases and modality embeddings zeros, and
-    every other tensor is normal with std 1/sqrt(fan_in), which keeps random activations bounded.
-    """
+def _kind(name: str, shape: tuple[int, ...]) -> str:
+    """Norm scales (`*norm*.weight`, `gamma`) are ones, biases and modality embeddings zeros, the rest normal."""
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "gamma" or ("norm" in name and leaf == "weight"):
-        return torch.ones(shape)
+        return "ones"
     if leaf == "bias" or name.endswith("modality_embed") or len(shape) < 2:
-        return torch.zeros(shape)
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-    fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+        return "zeros"
+    return "normal"
+
+
+def chunk_count(shape: tuple[int, ...]) -> int:
+    return max(1, math.ceil(math.prod(shape) / CHUNK))
+
+
+def write_chunk_(name: str, target: torch.Tensor, chunk: int, seed: int) -> None:
+    """Write chunk `chunk` of `name`'s value into `target` (any device and dtype, contiguous)."""
+    shape = tuple(target.shape)
+    flat = target.view(-1)[chunk * CHUNK : (chunk + 1) * CHUNK]
+    kind = _kind(name, shape)
+    if kind != "normal":
+        flat.fill_(1.0 if kind == "ones" else 0.0)
+        return
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + chunk) % 2**63)
+    values = torch.empty(flat.numel()).normal_(generator=generator)
+    # std 1/sqrt(fan_in) keeps random activations bounded
+    flat.copy_(values.div_(math.sqrt(math.prod(shape[1:]))))
+
+
+def random_value(name: str, shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
+    """The whole float32 CPU value of one tensor."""
+    value = torch.empty(tuple(shape))
+    for chunk in range(chunk_count(tuple(shape))):
+        write_chunk_(name, value, chunk, seed)
+    return value
 
 
 @torch.no_grad()
 def fill_random_(module: nn.Module, seed: int) -> nn.Module:
     """Overwrite every parameter of a materialized module with its seeded value, in place."""
     for name, param in module.named_parameters():
-        param.copy_(random_value(name, param.shape, seed))
+        for chunk in range(chunk_count(tuple(param.shape))):
+            write_chunk_(name, param, chunk, seed)
     return module

@@ -70,12 +70,17 @@ def tensor_view(buffer: torch.Tensor, entry: SlabEntry) -> torch.Tensor:
 
 
 class HostSlab:
-    """An exact-size host buffer holding one layout; page-locked in place when `pin` is set."""
+    """An exact-size host buffer holding one layout; `pin()` page-locks it in place."""
 
-    def __init__(self, layout: SlabLayout, *, pin: bool):
+    def __init__(self, layout: SlabLayout):
         self.layout = layout
         self.buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
-        self.pinned = pin and layout.nbytes > 0 and _register_pinned(self.buffer)
+        self.pinned = False
+
+    def pin(self) -> None:
+        """Page-lock the buffer in place. Cheapest once it is filled: the pages then already exist."""
+        if not self.pinned and self.layout.nbytes > 0:
+            self.pinned = _register_pinned(self.buffer)
 
     def view(self, entry: SlabEntry) -> torch.Tensor:
         return tensor_view(self.buffer, entry)
