@@ -13,6 +13,7 @@ from cosmos3_offload.config import GenerationConfig
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.groups import PHASES, check_offload_groups
 from cosmos3_offload.loading import load_components
+from cosmos3_offload.plan import Plan
 from cosmos3_offload.runner import check_single_process, generate_video
 from cosmos3_offload.stages import StageRecorder
 from cosmos3_offload.staging import StagedGroup
@@ -38,7 +39,7 @@ def group_tensors(components, group):
 
 def test_staged_weights_round_trip_exactly_over_many_cycles():
     """Over repeated stage/unstage cycles each weight stays bit-identical: in the arena staged, in its slab after."""
-    components = load_components(None, CPU, torch.float32, ALL)
+    components = load_components(None, CPU, torch.float32, Plan.from_stages(ALL))
     engine = components.engine
     originals = {g: {n: t.clone() for n, t in group_tensors(components, g).items()} for g in PHASES}
     for _ in range(3):
@@ -52,18 +53,23 @@ def test_staged_weights_round_trip_exactly_over_many_cycles():
 
 
 def test_arena_holds_the_largest_group_then_shrinks_for_the_vae():
-    """The arena fits the largest staged group still to run, and only that."""
-    engine = load_components(None, CPU, torch.float32, ALL).engine
+    """The arena fits the largest staged group still to run; it shrinks as soon as the generator phase ends."""
+    engine = load_components(None, CPU, torch.float32, Plan.from_stages(ALL)).engine
     sizes = {g: engine.placements[g].layout.nbytes for g in PHASES}
     with engine.phase("reasoner"):
         assert engine.arena.nbytes == max(sizes.values())
+    with engine.phase("generator"):
+        pass
+    # Released before the decode allocates anything, unless the VAE itself is the largest group.
+    assert engine.arena.nbytes == (sizes["vae"] if sizes["vae"] == max(sizes.values()) else 0)
     with engine.phase("vae"):
         assert engine.arena.nbytes == sizes["vae"]
+    assert engine.arena.nbytes == 0
 
 
 def generate(tmp_path, offload):
     config = GenerationConfig(prompt="a fox", frames=5, resolution=256, steps=2, output=tmp_path / "o.mp4")
-    components = load_components(None, CPU, torch.float32, offload)
+    components = load_components(None, CPU, torch.float32, Plan.from_stages(offload))
     return generate_video(config, components, StageRecorder(CPU), progress=False)
 
 
@@ -90,7 +96,7 @@ def test_offloaded_groups_are_never_allocated_on_the_device(monkeypatch):
         return real(entry, device)
 
     monkeypatch.setattr(loading, "allocate_on_device", record)
-    components = load_components(None, CPU, torch.float32, frozenset({"generator", "vae"}))
+    components = load_components(None, CPU, torch.float32, Plan.from_stages({"generator", "vae"}))
     staged = {n for g in ("generator", "vae") for n in group_tensors(components, g)}
     assert allocated and not staged.intersection(allocated)
     assert set(group_tensors(components, "reasoner")) <= set(allocated)
@@ -102,7 +108,7 @@ def test_offloaded_groups_are_never_allocated_on_the_device(monkeypatch):
 
 def test_embedding_stays_on_the_host_when_the_reasoner_is_offloaded():
     """The embedding table is neither staged nor counted in the arena, and prefill still matches."""
-    components = load_components(None, CPU, torch.float32, frozenset({"reasoner"}))
+    components = load_components(None, CPU, torch.float32, Plan.from_stages({"reasoner"}))
     staged_names = {n for e in components.engine.placements["reasoner"].layout.entries for n in e.names}
     assert "embed_tokens.weight" not in staged_names
     assert not components.transformer.embed_tokens.weight.is_meta
@@ -114,5 +120,5 @@ def test_unknown_stage_and_multi_process_are_refused(monkeypatch):
         check_offload_groups(["reasoner", "text"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(InputError, match="WORLD_SIZE=2"):
-        check_single_process(frozenset({"generator"}))
-    check_single_process(frozenset())
+        check_single_process(Plan.from_stages({"generator"}))
+    check_single_process(Plan())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import DTYPES, GenerationConfig
 from .errors import InputError
+from .plan import Plan
 from .runner import run
 from .tiers import ASPECT_RATIOS, DEFAULT_SHIFT, RESOLUTION_TIERS
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=args.checkpoint,
             device=args.device,
             dtype=args.dtype,
-            offload_stages=tuple(args.offload_stages),
+            plan=Plan.from_stages(args.offload_stages),
             progress=not args.no_progress,
         )
     except InputError as error:

@@ -9,11 +9,13 @@ model's own unpack helpers. Only generator weights are touched.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers.models.transformers.transformer_cosmos3 import Cosmos3OmniTransformer, Cosmos3VLTextMoTDecoderLayer
+from torch import nn
 
 from .attention import apply_rotary, attend, rotary_tables
 from .prefill import ReasonerMemory
@@ -99,11 +101,36 @@ def denoise(
     model: Cosmos3OmniTransformer, layout: GeneratorLayout, memory: ReasonerMemory, inputs: GeneratorInputs
 ) -> GeneratorPrediction:
     """One generator pass for one CFG branch; equals the joint forward's predictions."""
-    hidden = embed_generator_tokens(model, layout, inputs, memory.keys[0].dtype)
-    cos, sin = rotary_tables(model, layout.position_ids, hidden.dtype)
-    for layer, key, value in zip(model.layers, memory.keys, memory.values):
-        hidden = generator_layer(layer, hidden, key, value, cos, sin)
-    return read_out_predictions(model, layout, inputs, model.norm_moe_gen(hidden))
+    return denoise_branches(model, [(layout, memory)], inputs)[0]
+
+
+@torch.no_grad()
+def denoise_branches(
+    model: Cosmos3OmniTransformer,
+    branches: list[tuple[GeneratorLayout, ReasonerMemory]],
+    inputs: GeneratorInputs,
+    *,
+    layers: Iterable[nn.Module] | None = None,
+    mlp_chunk: int | None = None,
+) -> list[GeneratorPrediction]:
+    """Generator passes for several CFG branches sharing the latents, each layer once for all of them.
+
+    Each branch's result is exactly what `denoise` gives it alone. `layers` yields the decoder
+    layers in order, each ready when yielded (default `model.layers`); `mlp_chunk` bounds the MLP's
+    intermediate activations to that many tokens at a time.
+    """
+    hidden, tables = [], []
+    for layout, memory in branches:
+        hidden.append(embed_generator_tokens(model, layout, inputs, memory.keys[0].dtype))
+        tables.append(rotary_tables(model, layout.position_ids, hidden[-1].dtype))
+    for index, layer in enumerate(model.layers if layers is None else layers):
+        for b, ((_, memory), (cos, sin)) in enumerate(zip(branches, tables)):
+            hidden[b] = generator_layer(
+                layer, hidden[b], memory.keys[index], memory.values[index], cos, sin, mlp_chunk=mlp_chunk
+            )
+    return [
+        read_out_predictions(model, layout, inputs, model.norm_moe_gen(h)) for (layout, _), h in zip(branches, hidden)
+    ]
 
 
 def generator_layer(
@@ -113,6 +140,8 @@ def generator_layer(
     memory_value: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    *,
+    mlp_chunk: int | None = None,
 ) -> torch.Tensor:
     """One decoder layer's generator half. hidden: [generator tokens, hidden]."""
     attn = layer.self_attn
@@ -120,11 +149,23 @@ def generator_layer(
     q = attn.norm_added_q(attn.add_q_proj(normed).view(-1, attn.num_attention_heads, attn.head_dim))
     k = attn.norm_added_k(attn.add_k_proj(normed).view(-1, attn.num_key_value_heads, attn.head_dim))
     v = attn.add_v_proj(normed).view(-1, attn.num_key_value_heads, attn.head_dim)
+    del normed
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     # Non-causal: every generator query sees the whole prompt and every generator token.
     out = attend(attn, q, torch.cat([memory_key, k]), torch.cat([memory_value, v]), causal=False)
+    del q, k, v
     hidden = hidden + attn.to_add_out(out)
-    return hidden + layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(hidden))
+    del out
+    return _mlp_residual(layer, hidden, mlp_chunk)
+
+
+def _mlp_residual(layer: Cosmos3VLTextMoTDecoderLayer, hidden: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """hidden + mlp(norm(hidden)), over at most `chunk` tokens at a time (all rows are independent)."""
+    if chunk is None or hidden.shape[0] <= chunk:
+        return hidden + layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(hidden))
+    for part in hidden.split(chunk):  # views: each part is updated in place
+        part += layer.mlp_moe_gen(layer.post_attention_layernorm_moe_gen(part))
+    return hidden
 
 
 def _timestep_embedding(model: Cosmos3OmniTransformer, timestep: float, device: torch.device) -> torch.Tensor:

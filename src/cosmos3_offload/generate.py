@@ -9,19 +9,20 @@ seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import Cosmos3OmniPipeline, UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
 from tqdm.auto import tqdm
 
 from .config import GenerationConfig
-from .denoise import GeneratorInputs, GeneratorLayout, denoise
+from .denoise import GeneratorInputs, GeneratorLayout, denoise_branches
 from .loading import Components
-from .prefill import ReasonerMemory, prefill
+from .prefill import ReasonerMemory, prefill_prompts
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,12 @@ def prepare_branches(pipe: Cosmos3OmniPipeline, config: GenerationConfig, latent
     return [pack_branch(pipe, ids, latents, config.fps, latents.device) for ids in prompts]
 
 
-def prefill_branches(pipe: Cosmos3OmniPipeline, branches: list[Branch]) -> list[ReasonerMemory]:
-    """One reasoner pass per branch; nothing of the reasoner is needed after this."""
-    return [prefill(pipe.transformer, b.input_ids, b.text_position_ids) for b in branches]
+def prefill_branches(
+    pipe: Cosmos3OmniPipeline, branches: list[Branch], *, layers: Iterable[nn.Module] | None = None
+) -> list[ReasonerMemory]:
+    """One reasoner pass for all branches; nothing of the reasoner is needed after this."""
+    prompts = [(b.input_ids, b.text_position_ids) for b in branches]
+    return prefill_prompts(pipe.transformer, prompts, layers=layers)
 
 
 def denoise_latents(
@@ -117,18 +121,24 @@ def denoise_latents(
     latents: torch.Tensor,
     *,
     progress: bool = True,
+    layers: Callable[[], Iterable[nn.Module]] | None = None,
+    mlp_chunk: int | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """The sampling loop: generator passes per branch, CFG `v_u + g (v_c - v_u)`, UniPC step.
+    """The sampling loop: both CFG branches through each layer, `v_u + g (v_c - v_u)`, UniPC step.
 
-    `on_step(i)` is called after step i is queued (benchmarks synchronize and time there).
+    `layers()` gives each step's layer sequence (default `model.layers`); `on_step(i)` is called
+    after step i is queued (benchmarks synchronize and time there).
     """
     model = pipe.transformer
     model_dtype = memories[0].keys[0].dtype
+    pairs = [(b.layout, m) for b, m in zip(branches, memories)]
     pipe.scheduler.set_timesteps(config.steps, device=latents.device)
     for index, t in enumerate(tqdm(pipe.scheduler.timesteps, desc="denoise", unit="step", disable=not progress)):
         inputs = GeneratorInputs(vision=latents.to(model_dtype), timestep=t.item())
-        velocities = [denoise(model, b.layout, m, inputs).vision.float() for b, m in zip(branches, memories)]
+        step_layers = None if layers is None else layers()
+        predictions = denoise_branches(model, pairs, inputs, layers=step_layers, mlp_chunk=mlp_chunk)
+        velocities = [p.vision.float() for p in predictions]
         if len(velocities) == 2:
             cond, uncond = velocities
             velocity = uncond + config.guidance * (cond - uncond)
@@ -143,11 +153,19 @@ def denoise_latents(
 
 
 @torch.no_grad()
-def decode_frames(pipe: Cosmos3OmniPipeline, latents: torch.Tensor) -> np.ndarray:
-    """Normalized latents [1, C, T, H, W] -> uint8 frames [T, H, W, 3] on the host."""
+def decode_frames(pipe: Cosmos3OmniPipeline, latents: torch.Tensor, *, tiled: bool = False) -> np.ndarray:
+    """Normalized latents [1, C, T, H, W] -> uint8 frames [T, H, W, 3] on the host.
+
+    `tiled` uses diffusers' spatial tiling of the VAE (less memory, slower).
+    """
     vae = pipe.vae
     mean = pipe._vae_latents_mean.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
     inv_std = pipe._vae_latents_inv_std.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
-    decoded = vae.decode(latents.to(vae.dtype) / inv_std + mean).sample.to(latents.dtype)
+    if tiled:
+        vae.enable_tiling()
+    try:
+        decoded = vae.decode(latents.to(vae.dtype) / inv_std + mean).sample.to(latents.dtype)
+    finally:
+        vae.disable_tiling()
     video = pipe.video_processor.postprocess_video(decoded, output_type="np")[0]  # [T, H, W, 3] in [0, 1]
     return (video * 255).round().astype(np.uint8)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import InputError
-from .groups import EMBEDDING, PHASES, REASONER, UNUSED, VAE, transformer_group_of
+from .groups import EMBEDDING, GENERATOR, PHASES, REASONER, UNUSED, VAE, transformer_group_of
 from .materialize import (
     CheckpointValues,
     RandomValues,
@@ -34,8 +35,10 @@ from .materialize import (
     move_buffers,
 )
 from .model_specs import model_spec
+from .plan import Plan
 from .slabs import HostSlab, SlabEntry, SlabLayout
-from .staging import Placement, ResidentGroup, StagedGroup, StagingEngine, bind_views
+from .staging import ResidentGroup, StagedGroup, StagingEngine, bind_views
+from .streaming import StreamedGroup
 from .tiny_tokenizer import build_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ class Components:
     source: str
     random_weights: bool
     engine: StagingEngine
+    plan: Plan
 
 
 def check_checkpoint(path: Path) -> None:
@@ -80,12 +84,13 @@ def load_components(
     checkpoint: Path | None,
     device: torch.device,
     dtype: torch.dtype,
-    offload: frozenset[str] = frozenset(),
+    plan: Plan | None = None,
     *,
     random_model: str = "tiny",
     seed: int = TINY_WEIGHT_SEED,
 ) -> Components:
-    """Build, place and fill every component; groups named in `offload` live in pinned host slabs."""
+    """Build, place and fill every component as `plan` says (default: everything resident)."""
+    plan = plan or Plan()
     if checkpoint is None:
         spec = model_spec(random_model)
         transformer_config, vae_config = spec.transformer, spec.vae
@@ -96,15 +101,11 @@ def load_components(
     transformer = build_on_meta(Cosmos3OmniTransformer, transformer_config)
     vae = build_on_meta(AutoencoderKLWan, vae_config)
     layers = transformer.config.num_hidden_layers
-    placer = _Placer(device, offload)
-    transformer_targets = placer.place(
-        transformer,
-        group_layouts(
-            transformer,
-            lambda name: transformer_group_of(name, layers),
-            keep_fp32_dtype(Cosmos3OmniTransformer, dtype),
-        ),
+    placer = _Placer(device, plan)
+    transformer_layouts = group_layouts(
+        transformer, _transformer_grouping(plan, layers), keep_fp32_dtype(Cosmos3OmniTransformer, dtype)
     )
+    transformer_targets = placer.place(transformer, transformer_layouts)
     vae_targets = placer.place(vae, group_layouts(vae, lambda name: VAE, keep_fp32_dtype(AutoencoderKLWan, dtype)))
     if checkpoint is None:
         RandomValues(seed).fill(transformer_targets + vae_targets)
@@ -124,41 +125,86 @@ def load_components(
         scheduler_config=_scheduler_config(checkpoint),
         source=f"{random_model} model (random weights)" if checkpoint is None else str(checkpoint),
         random_weights=checkpoint is None,
-        engine=StagingEngine(device, placer.placements, PHASES),
+        engine=StagingEngine(device, {g: placer.placements[g] for g in PHASES}, PHASES),
+        plan=plan,
     )
+
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+_STREAMED_LAYER = "@"  # group name of a streamed layer: "<tower>@<index>"
+
+
+def _transformer_grouping(plan: Plan, layers: int):
+    """Group names for the transformer's weights; a streamed tower's non-resident layers get one group each."""
+
+    def group_of(name: str) -> str:
+        group = transformer_group_of(name, layers)
+        match = _LAYER.match(name)
+        if group in (REASONER, GENERATOR) and plan.group(group).mode == "streamed" and match:
+            if int(match.group(1)) not in plan.group(group).resident_layers:
+                return f"{group}{_STREAMED_LAYER}{match.group(1)}"
+        return group
+
+    return group_of
 
 
 class _Placer:
     """Gives each group its home and returns (entry, home) pairs for the values to be written into."""
 
-    def __init__(self, device: torch.device, offload: frozenset[str]):
+    def __init__(self, device: torch.device, plan: Plan):
         self.device = device
-        self.offload = offload
-        self.placements: dict[str, Placement] = {}
-        # Staged slabs are pinned after they are filled (faulting pages in from many threads is faster).
+        self.plan = plan
+        self.placements: dict = {}
+        # Slabs that are copied to the device are pinned after they are filled (faulting pages in
+        # from many threads is faster than pinning untouched memory).
         self.slabs_to_pin: list[HostSlab] = []
 
     def place(self, root: nn.Module, layouts: dict[str, SlabLayout]) -> list[tuple[SlabEntry, torch.Tensor]]:
         targets: list[tuple[SlabEntry, torch.Tensor]] = []
+        streamed: dict[str, dict[int, HostSlab]] = {REASONER: {}, GENERATOR: {}}
+        heads: dict[str, SlabLayout] = {}
         for group, layout in layouts.items():
             if group == UNUSED:
                 continue  # never read by the split: left on meta, never allocated
-            if group in self.offload or (group == EMBEDDING and REASONER in self.offload):
-                slab = HostSlab(layout)
+            tower, _, index = group.partition(_STREAMED_LAYER)
+            if index:
+                slab = self._host_slab(layout, pin=True)
+                streamed[tower][int(index)] = slab
                 view = slab.view
-                # The embedding table is read row by row on the host; it is never staged, so never pinned.
-                if group != EMBEDDING:
-                    self.placements[group] = StagedGroup(group, root, slab)
-                    if self.device.type == "cuda":
-                        self.slabs_to_pin.append(slab)
+            elif group == EMBEDDING and self.plan.reasoner.mode != "resident":
+                # Read row by row on the host (see prefill); never copied, so never pinned.
+                view = self._host_slab(layout, pin=False).view
+            elif group != EMBEDDING and self.plan.group(group).mode == "staged":
+                slab = self._host_slab(layout, pin=True)
+                self.placements[group] = StagedGroup(group, root, slab)
+                view = slab.view
             else:
-                homes = {entry: allocate_on_device(entry, self.device) for entry in layout.entries}
-                view = homes.__getitem__
-                if group != EMBEDDING:
-                    self.placements[group] = ResidentGroup(group, layout)
+                view = self._device_homes(layout)
+                heads[group] = layout
             bind_views(root, layout, view)
             targets += [(entry, view(entry)) for entry in layout.entries]
+        for tower in (REASONER, GENERATOR, VAE):
+            if tower in self.placements or (tower not in heads and not streamed.get(tower)):
+                continue  # staged above, or a tower of another root
+            head = heads.get(tower, SlabLayout.pack([]))
+            if streamed.get(tower):
+                how = self.plan.group(tower)
+                self.placements[tower] = StreamedGroup(
+                    tower, root, root.layers, streamed[tower], head, ring=how.ring, prefetch=how.prefetch
+                )
+            else:
+                self.placements[tower] = ResidentGroup(tower, head)
         return targets
+
+    def _host_slab(self, layout: SlabLayout, *, pin: bool) -> HostSlab:
+        slab = HostSlab(layout)
+        if pin and self.device.type == "cuda":
+            self.slabs_to_pin.append(slab)
+        return slab
+
+    def _device_homes(self, layout: SlabLayout):
+        homes = {entry: allocate_on_device(entry, self.device) for entry in layout.entries}
+        return homes.__getitem__
 
 
 def _checkpoint_tokenizer(path: Path) -> PreTrainedTokenizerBase:

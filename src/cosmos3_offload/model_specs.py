@@ -63,6 +63,23 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         },
         vae=_TINY_VAE,
     ),
+    # The tiny model with six layers, so a streaming ring has several layers to cycle through.
+    "tiny-deep": ModelSpec(
+        name="tiny-deep",
+        transformer={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "rope_axes_dim": [4, 2, 2],
+            "hidden_act": "silu",
+            "qk_norm_for_text": True,
+            "vocab_size": 256 + len(SPECIAL_TOKENS),
+        },
+        vae=_TINY_VAE,
+    ),
     "edge": ModelSpec(
         name="edge",
         transformer={

@@ -8,11 +8,13 @@ prompt and replayed at every denoising step. Only reasoner weights are touched.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_cosmos3 import Cosmos3OmniTransformer, Cosmos3VLTextMoTDecoderLayer
+from torch import nn
 
 from .attention import apply_rotary, attend, rotary_tables
 
@@ -37,25 +39,49 @@ class ReasonerMemory:
 
 
 @torch.no_grad()
-def prefill(model: Cosmos3OmniTransformer, input_ids: torch.Tensor, position_ids: torch.Tensor) -> ReasonerMemory:
+def prefill(
+    model: Cosmos3OmniTransformer,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    *,
+    layers: Iterable[nn.Module] | None = None,
+) -> ReasonerMemory:
     """Reasoner pass over one prompt.
 
     input_ids: [prompt_tokens]; position_ids: the prompt's mRoPE ids [3, prompt_tokens].
     The last layer contributes only its K/V: its attention output, MLP, the final norm and
     `lm_head` would feed nothing the generator reads, so they are skipped.
     """
-    # The embedding table may stay on the host (see groups.py): only the prompt's rows travel.
-    table = model.embed_tokens.weight
-    hidden = F.embedding(input_ids.to(table.device), table).to(input_ids.device)  # [prompt_tokens, hidden]
-    cos, sin = rotary_tables(model, position_ids, hidden.dtype)
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
+    return prefill_prompts(model, [(input_ids, position_ids)], layers=layers)[0]
+
+
+@torch.no_grad()
+def prefill_prompts(
+    model: Cosmos3OmniTransformer,
+    prompts: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    layers: Iterable[nn.Module] | None = None,
+) -> list[ReasonerMemory]:
+    """Prefill several prompts (the CFG branches), each layer once for all of them.
+
+    `layers` yields the decoder layers in order, each ready to run when yielded (the default is
+    `model.layers`; a streaming placement yields them as their weights arrive).
+    """
+    hidden, tables = [], []
+    for input_ids, position_ids in prompts:
+        # The embedding table may stay on the host (see groups.py): only the prompt's rows travel.
+        table = model.embed_tokens.weight
+        hidden.append(F.embedding(input_ids.to(table.device), table).to(input_ids.device))  # [tokens, hidden]
+        tables.append(rotary_tables(model, position_ids, hidden[-1].dtype))
+    keys: list[list[torch.Tensor]] = [[] for _ in prompts]
+    values: list[list[torch.Tensor]] = [[] for _ in prompts]
     last = len(model.layers) - 1
-    for index, layer in enumerate(model.layers):
-        hidden, key, value = _reasoner_layer(layer, hidden, cos, sin, with_output=index < last)
-        keys.append(key)
-        values.append(value)
-    return ReasonerMemory(keys=tuple(keys), values=tuple(values))
+    for index, layer in enumerate(model.layers if layers is None else layers):
+        for p, (cos, sin) in enumerate(tables):
+            hidden[p], key, value = _reasoner_layer(layer, hidden[p], cos, sin, with_output=index < last)
+            keys[p].append(key)
+            values[p].append(value)
+    return [ReasonerMemory(keys=tuple(k), values=tuple(v)) for k, v in zip(keys, values)]
 
 
 def _reasoner_layer(

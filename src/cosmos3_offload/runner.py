@@ -27,8 +27,9 @@ from .generate import (
     prefill_branches,
     prepare_branches,
 )
-from .groups import GENERATOR, REASONER, VAE, check_offload_groups
+from .groups import GENERATOR, REASONER, VAE
 from .loading import Components, check_checkpoint, load_components
+from .plan import Plan
 from .stages import StageRecorder
 from .video_io import write_frames
 
@@ -54,6 +55,7 @@ class RunReport:
         ]
         if self.components.random_weights:
             lines.append("note: random weights produce noise; pass --checkpoint DIR for a real video")
+        lines.append(f"plan: {self.components.plan.describe()}")
         lines.append(self.components.engine.summary())
         lines.append(self.stages.summary())
         return "\n".join(lines)
@@ -65,23 +67,22 @@ def run(
     checkpoint: Path | None = None,
     device: str | None = None,
     dtype: str | None = None,
-    offload_stages: tuple[str, ...] = (),
+    plan: Plan | None = None,
     progress: bool = True,
 ) -> RunReport:
-    """Generate `config.output`. Bad input raises InputError before anything is loaded.
+    """Generate `config.output` following `plan` (default: everything resident).
 
-    `offload_stages` names the groups (reasoner, generator, vae) whose weights live in pinned
-    host memory and are staged into the device arena only for their phase.
+    Bad input raises InputError before anything is loaded.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    offload = check_offload_groups(offload_stages)
-    check_single_process(offload)
+    plan = plan or Plan()
+    check_single_process(plan)
     if checkpoint is not None:
         check_checkpoint(Path(checkpoint))
     recorder = StageRecorder(torch_device)
     with recorder.stage("load"):
-        components = load_components(checkpoint and Path(checkpoint), torch_device, torch_dtype, offload)
+        components = load_components(checkpoint and Path(checkpoint), torch_device, torch_dtype, plan)
     video = generate_video(config, components, recorder, progress=progress)
     with recorder.stage("write"):
         write_frames(video.frames, config.output, config.fps)
@@ -103,23 +104,31 @@ def generate_video(
 ) -> GeneratedVideo:
     """Prefill, denoise and decode, each inside its group's staging phase."""
     pipe = helper_pipeline(components, flow_scheduler(config.flow_shift, components.scheduler_config))
-    engine = components.engine
+    engine, plan = components.engine, components.plan
     with torch.no_grad():
         with recorder.stage("prefill"), engine.phase(REASONER):
             latents = initial_noise(pipe, config, engine.device)
             branches = prepare_branches(pipe, config, latents)
-            memories = prefill_branches(pipe, branches)
+            memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER))
         with recorder.stage("denoise"), engine.phase(GENERATOR):
-            latents = denoise_latents(pipe, config, branches, memories, latents, progress=progress, on_step=on_step)
+            latents = denoise_latents(
+                pipe,
+                config,
+                branches,
+                memories,
+                latents,
+                progress=progress,
+                layers=lambda: engine.layers(GENERATOR),
+                mlp_chunk=plan.mlp_chunk,
+                on_step=on_step,
+            )
             del memories
         with recorder.stage("decode"), engine.phase(VAE):
-            return GeneratedVideo(latents, decode_frames(pipe, latents))
+            return GeneratedVideo(latents, decode_frames(pipe, latents, tiled=plan.vae_tiling))
 
 
-def check_single_process(offload: frozenset[str]) -> None:
+def check_single_process(plan: Plan) -> None:
     """Staging assumes it owns the GPU: refuse a multi-process launch before anything is allocated."""
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if offload and world_size > 1:
-        raise InputError(
-            f"--offload-stages runs one process on one GPU, but WORLD_SIZE={world_size}; launch a single process"
-        )
+    if plan.moves_weights and world_size > 1:
+        raise InputError(f"staging runs one process on one GPU, but WORLD_SIZE={world_size}; launch a single process")

@@ -48,6 +48,11 @@ class ResidentGroup:
     layout: SlabLayout
 
     where = "device"
+    arena_bytes = 0
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.layout.payload_bytes
 
     def enter(self, arena: DeviceArena, copier: CopyEngine) -> None:
         pass
@@ -71,6 +76,14 @@ class StagedGroup:
     def layout(self) -> SlabLayout:
         return self.slab.layout
 
+    @property
+    def arena_bytes(self) -> int:
+        return self.layout.nbytes
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.layout.payload_bytes
+
     def enter(self, arena: DeviceArena, copier: CopyEngine) -> None:
         buffer = arena.reserve(self.layout.nbytes)
         self.copies.append(copier.copy_after_compute(buffer[: self.layout.nbytes], self.slab.buffer))
@@ -80,54 +93,67 @@ class StagedGroup:
         bind_views(self.root, self.layout, self.slab.view)
 
 
-Placement = ResidentGroup | StagedGroup
-
-
 class StagingEngine:
     """Runs each phase with its group's weights on the device."""
 
-    def __init__(self, device: torch.device, placements: dict[str, Placement], phase_order: tuple[str, ...]):
+    def __init__(self, device: torch.device, placements: dict, phase_order: tuple[str, ...]):
         self.device = device
-        self.placements = placements
+        self.placements = placements  # name -> ResidentGroup | StagedGroup | StreamedGroup
         self.phase_order = phase_order
         self.arena = DeviceArena(device)
         self.copier = CopyEngine(device)
 
-    def staged(self) -> list[StagedGroup]:
-        return [p for p in self.placements.values() if isinstance(p, StagedGroup)]
+    def staged(self) -> list:
+        """Placements that move weights (staged or streamed)."""
+        return [p for p in self.placements.values() if p.arena_bytes > 0]
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Make group `name` usable on the device for the body of the `with`."""
         placement = self.placements[name]
-        if isinstance(placement, StagedGroup):
-            self._fit_arena_to_remaining(name)
+        if placement.arena_bytes:
+            self._fit_arena(self._needed_from(name))
         placement.enter(self.arena, self.copier)
         try:
             yield
         finally:
             placement.exit()
+            later = self.phase_order[self.phase_order.index(name) + 1 :]
+            self._fit_arena(self._needed_from(later[0]) if later else 0, grow=False)
 
-    def _fit_arena_to_remaining(self, name: str) -> None:
+    def layers(self, name: str) -> Iterator[nn.Module] | None:
+        """The layer sequence a phase should run: streamed groups yield layers as they arrive."""
+        placement = self.placements[name]
+        return placement.layers_ready() if hasattr(placement, "layers_ready") else None
+
+    def _needed_from(self, name: str) -> int:
         remaining = self.phase_order[self.phase_order.index(name) :]
-        needed = max(p.layout.nbytes for p in self.staged() if p.name in remaining)
+        return max([p.arena_bytes for n, p in self.placements.items() if n in remaining] + [0])
+
+    def _fit_arena(self, needed: int, *, grow: bool = True) -> None:
+        """Release the arena when it holds more than the rest of the request needs, then (re)reserve."""
         if self.arena.nbytes > needed:
-            self.arena.release()  # the rest of the request needs less than the arena holds
-        self.arena.reserve(needed)
+            self.arena.release()
+        if grow and needed:
+            self.arena.reserve(needed)
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(p.slab.layout.nbytes for p in self.staged() if p.slab.pinned)
+        slabs = [p.slab for p in self.placements.values() if isinstance(p, StagedGroup)]
+        slabs += [s for p in self.placements.values() for s in getattr(p, "streamed", {}).values()]
+        return sum(s.layout.nbytes for s in slabs if s.pinned)
 
     def summary(self) -> str:
-        """One line per group and one for the arena: where weights live, sizes, staging throughput."""
+        """One line per group and one for the arena: where weights live, sizes, copy throughput."""
         lines = []
         for p in self.placements.values():
-            line = f"{p.name:<9} {p.where:<7} {format_bytes(p.layout.payload_bytes):>10}"
-            if isinstance(p, StagedGroup) and p.copies:
-                seconds = sum(c.seconds_blocking() for c in p.copies)
-                moved = sum(c.nbytes for c in p.copies)
-                line += f"  staged {len(p.copies)}x in {seconds:.3f}s ({moved / max(seconds, 1e-9) / 1e9:.1f} GB/s)"
+            line = f"{p.name:<9} {p.where:<8} {format_bytes(p.payload_bytes):>10}"
+            copies = getattr(p, "copies", [])
+            if copies:
+                seconds = sum(c.seconds_blocking() for c in copies)
+                moved = sum(c.nbytes for c in copies)
+                rate = moved / max(seconds, 1e-9) / 1e9
+                line += f"  {format_bytes(moved)} copied in {len(copies)} copies at {rate:.1f} GB/s"
             lines.append(line)
         lines.append(f"arena     {format_bytes(self.arena.peak_bytes)}; pinned host {format_bytes(self.pinned_bytes)}")
         return "\n".join(lines)

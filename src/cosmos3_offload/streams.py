@@ -1,9 +1,9 @@
 """Every stream and event the staging engine uses, in one place.
 
-`CopyEngine.copy_after_compute` orders a host->device copy on a side stream after the work
-already queued on the compute stream (which may still read the destination) and makes the
-compute stream wait for the copy: the host never blocks. On the CPU the same call is a plain
-synchronous copy, so CI runs the same logic.
+Copies run on one side stream. Each waits for an event marking the last compute that read its
+destination, and compute waits for the copy's end event before using what it wrote: the host
+never blocks. On the CPU every call is a plain synchronous copy or a no-op, so CI runs the same
+logic.
 """
 
 from __future__ import annotations
@@ -40,6 +40,20 @@ class CopyEngine:
 
     def copy_after_compute(self, dst: torch.Tensor, src: torch.Tensor) -> CopyRecord:
         """dst.copy_(src) once queued compute is done; later compute waits for it. Never blocks the host."""
+        record = self.copy_after_event(dst, src, self.record_compute())
+        self.compute_waits_for(record)
+        return record
+
+    def record_compute(self) -> torch.cuda.Event | None:
+        """An event marking the work queued on the compute stream so far (None on the CPU)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def copy_after_event(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None) -> CopyRecord:
+        """dst.copy_(src) on the copy stream once `after` has passed (the destination's last reader)."""
         nbytes = src.numel() * src.element_size()
         if self.stream is None:
             start = time.perf_counter()
@@ -47,14 +61,16 @@ class CopyEngine:
             return CopyRecord(nbytes, cpu_seconds=time.perf_counter() - start)
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("weight staging cannot run inside a CUDA graph capture; turn graphs off or staging off")
-        compute = torch.cuda.current_stream(self.device)
         record = CopyRecord(nbytes, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        # The destination may still be read by kernels queued earlier (the previous phase).
-        self.stream.wait_stream(compute)
+        if after is not None:
+            self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):
             record.start.record()
             dst.copy_(src, non_blocking=True)
             record.end.record()
-        # Kernels queued from now on see the new weights.
-        compute.wait_stream(self.stream)
         return record
+
+    def compute_waits_for(self, record: CopyRecord) -> None:
+        """Kernels queued on the compute stream from now on run after the copy."""
+        if record.end is not None:
+            torch.cuda.current_stream(self.device).wait_event(record.end)
