@@ -38,6 +38,7 @@ from cosmos3_offload.generate import flow_scheduler
 from cosmos3_offload.groups import PHASES
 from cosmos3_offload.loading import load_components
 from cosmos3_offload.model_specs import model_spec
+from cosmos3_offload.plan import Plan
 from cosmos3_offload.runner import generate_video
 from cosmos3_offload.stages import StageRecorder
 from cosmos3_offload.tiny_tokenizer import build_tiny_tokenizer
@@ -101,7 +102,7 @@ def load_ours(model: str, offload: tuple[str, ...]):
     reset_device()
     with HostPeakSampler() as host:
         start = time.perf_counter()
-        components = load_components(None, CUDA, torch.bfloat16, frozenset(offload), random_model=model)
+        components = load_components(None, CUDA, torch.bfloat16, Plan.from_stages(offload), random_model=model)
         torch.cuda.synchronize()
         load_s = time.perf_counter() - start
     plan = "all resident" if not offload else "staged: " + " ".join(offload)

@@ -104,3 +104,40 @@ def test_installed_script_refuses_bad_input(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "use 5 or 9" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_prints_the_choice_and_predictions(capsys):
+    """`plan` prints the request, the chosen placement and predicted peaks and times, and runs nothing."""
+    assert main(["plan", "--vram-budget", "8GiB", "--model", "nano", "--resolution", "720", "--frames", "189"]) == 0
+    out = capsys.readouterr().out
+    assert "1280x720, 189 frames" in out and "generator streamed" in out
+    assert "predicted peak:" in out and "s per step" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["plan", "--model", "nano"], "needs --vram-budget"),
+        (["plan", "--vram-budget", "2GiB", "--model", "nano"], "needs at least"),
+        (["plan", "--vram-budget", "lots", "--model", "nano"], "write it like 8GiB"),
+        (["plan", "--vram-budget", "8GiB", "--model", "giant"], "unknown model 'giant'"),
+        (["generate", "--prompt", "x", "--vram-budget", "8GiB", "--offload-stages", "vae"], "not both"),
+    ],
+)
+def test_plan_and_budget_errors(capsys, tmp_path, monkeypatch, args, message):
+    """Planner refusals and conflicting flags are one-line errors with exit status 2."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_with_a_budget_follows_the_plan(capsys, tmp_path):
+    """--vram-budget prints the chosen plan, runs it, and reports it in the summary."""
+    out = tmp_path / "o.mp4"
+    args = ["generate", "--prompt", "a fox", "--steps", "2", "--frames", "5", "--vram-budget", "1GiB"]
+    assert main([*args, "--no-progress", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("plan for a 1.0 GiB budget") == 1 and "\nplan: " in printed and out.is_file()

@@ -10,11 +10,15 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import DTYPES, GenerationConfig
+from .config import DTYPES, GenerationConfig, resolve_device, resolve_dtype
 from .errors import InputError
+from .loading import model_configs
+from .model_specs import MODEL_SPECS
 from .plan import Plan
+from .planner import DeviceProfile, Request, choose_plan, describe_choice, model_sizes, parse_budget
 from .runner import run
-from .tiers import ASPECT_RATIOS, DEFAULT_SHIFT, RESOLUTION_TIERS
+from .streams import measure_h2d_GBps
+from .tiers import ASPECT_RATIOS, DEFAULT_SHIFT, RESOLUTION_TIERS, check_frame_count, frame_size
 
 # Without a checkpoint the embedded tiny model runs on any CPU; Cosmos3's 720p x 189-frame
 # default would take it minutes, so it defaults to the smallest tier and a short clip.
@@ -27,6 +31,62 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _request_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that describe the video and the model, shared by `generate` and `plan`."""
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="frame count: 1 (an image) or 4k+1, e.g. 93 or 189; other counts are refused "
+        "(default: 189, or 17 with the embedded tiny model)",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help=f"resolution tier, one of {', '.join(map(str, RESOLUTION_TIERS))} "
+        "(default: 720, or 256 with the embedded tiny model)",
+    )
+    parser.add_argument("--aspect-ratio", default="16,9", help=f"one of {' '.join(ASPECT_RATIOS)} (default: 16,9)")
+    parser.add_argument("--steps", type=int, default=35, help="denoising steps (default: 35)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=6.0,
+        help="classifier-free guidance scale; 1 skips the unconditional pass (default: 6)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a diffusers-layout Cosmos3 folder (model_index.json, transformer/, vae/, text_tokenizer/); "
+        "without it, random weights of --model",
+    )
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help=f"model size for random weights when no --checkpoint is given: {', '.join(MODEL_SPECS)} (default: tiny)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help=f"one of {', '.join(DTYPES)} (default: bfloat16 on a GPU, float32 on the CPU)",
+    )
+    parser.add_argument(
+        "--vram-budget",
+        default=None,
+        metavar="SIZE",
+        help="device memory to plan for, e.g. 8GiB: the planner picks the fastest placement that fits",
+    )
+    parser.add_argument(
+        "--h2d-gbps",
+        type=float,
+        default=None,
+        help="host-to-device bandwidth for the planner (default: measured on a GPU, 55 otherwise)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="cosmos3-offload", description="Run Cosmos3 omni video models on small GPUs.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
@@ -37,28 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", required=True, help="what the video shows")
     gen.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
-    gen.add_argument(
-        "--frames",
-        type=int,
-        default=None,
-        help="frame count: 1 (an image) or 4k+1, e.g. 93 or 189; other counts are refused "
-        "(default: 189, or 17 with the embedded tiny model)",
-    )
-    gen.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help=f"resolution tier, one of {', '.join(map(str, RESOLUTION_TIERS))} "
-        "(default: 720, or 256 with the embedded tiny model)",
-    )
-    gen.add_argument("--aspect-ratio", default="16,9", help=f"one of {' '.join(ASPECT_RATIOS)} (default: 16,9)")
-    gen.add_argument("--steps", type=int, default=35, help="denoising steps (default: 35)")
-    gen.add_argument(
-        "--guidance",
-        type=float,
-        default=6.0,
-        help="classifier-free guidance scale; 1 skips the unconditional pass (default: 6)",
-    )
+    _request_arguments(gen)
     gen.add_argument(
         "--shift",
         type=float,
@@ -73,40 +112,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=None, help="output file: .mp4, or .jpg/.png for one frame (default: output.mp4)"
     )
     gen.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        help="a diffusers-layout Cosmos3 folder (model_index.json, transformer/, vae/, text_tokenizer/); "
-        "without it, the embedded tiny model with random weights",
-    )
-    gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
-    gen.add_argument(
-        "--dtype",
-        default=None,
-        help=f"one of {', '.join(DTYPES)} (default: bfloat16 on a GPU, float32 on the CPU)",
-    )
-    gen.add_argument(
         "--offload-stages",
         nargs="*",
         default=[],
         metavar="STAGE",
         help="groups whose weights live in pinned host memory and are copied to the GPU only for their phase: "
-        "any of reasoner, generator, vae (default: none, everything resident)",
+        "any of reasoner, generator, vae (default: none, everything resident; not with --vram-budget)",
     )
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and where")
+    plan = commands.add_parser(
+        "plan",
+        help="print the plan --vram-budget would pick, with predicted memory and time, without running",
+        description="Predict peak memory and time of candidate placements and print the fastest that fits.",
+    )
+    _request_arguments(plan)
+    plan.set_defaults(verbose=False)
     return parser
 
 
+def _defaults(args: argparse.Namespace) -> dict:
+    defaults = TINY_DEFAULTS if args.checkpoint is None and args.model == "tiny" else CHECKPOINT_DEFAULTS
+    return {
+        "frames": defaults["frames"] if args.frames is None else args.frames,
+        "resolution": defaults["resolution"] if args.resolution is None else args.resolution,
+    }
+
+
 def _config_from_args(args: argparse.Namespace) -> GenerationConfig:
-    defaults = TINY_DEFAULTS if args.checkpoint is None else CHECKPOINT_DEFAULTS
-    frames = defaults["frames"] if args.frames is None else args.frames
-    output = args.output if args.output is not None else Path("output.jpg" if frames == 1 else "output.mp4")
+    shape = _defaults(args)
+    output = args.output if args.output is not None else Path("output.jpg" if shape["frames"] == 1 else "output.mp4")
     return GenerationConfig(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
-        frames=frames,
-        resolution=defaults["resolution"] if args.resolution is None else args.resolution,
         aspect_ratio=args.aspect_ratio,
         steps=args.steps,
         guidance=args.guidance,
@@ -114,7 +152,52 @@ def _config_from_args(args: argparse.Namespace) -> GenerationConfig:
         fps=args.fps,
         seed=args.seed,
         output=output,
+        **shape,
     )
+
+
+def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: int):
+    """The planner's pick for this request under --vram-budget."""
+    device = resolve_device(args.device)
+    # Plans are for a GPU: without --dtype they assume the GPU default (bfloat16), even when run on a CPU.
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if args.command == "plan" else None), device)
+    budget = parse_budget(args.vram_budget)
+    bandwidth = args.h2d_gbps or measure_h2d_GBps(device) or DeviceProfile().h2d_GBps
+    sizes = model_sizes(*model_configs(args.checkpoint, args.model), dtype_bytes=dtype.itemsize)
+    request = Request.for_video(frames, height, width, cfg=args.guidance != 1.0, steps=args.steps)
+    return choose_plan(sizes, request, budget, DeviceProfile(h2d_GBps=bandwidth)), budget
+
+
+def _plan_command(args: argparse.Namespace) -> None:
+    if args.vram_budget is None:
+        raise InputError("plan needs --vram-budget, e.g. --vram-budget 8GiB")
+    shape = _defaults(args)
+    check_frame_count(shape["frames"])
+    width, height = frame_size(shape["resolution"], args.aspect_ratio)
+    choice, budget = _budget_choice(args, shape["frames"], width, height)
+    print(f"request: {width}x{height}, {shape['frames']} frames, {args.steps} steps")
+    print(describe_choice(choice, budget))
+
+
+def _generate_command(args: argparse.Namespace) -> None:
+    config = _config_from_args(args)
+    if args.vram_budget is not None and args.offload_stages:
+        raise InputError("pass either --vram-budget or --offload-stages, not both")
+    plan = Plan.from_stages(args.offload_stages)
+    if args.vram_budget is not None:
+        choice, budget = _budget_choice(args, config.frames, config.width, config.height)
+        print(describe_choice(choice, budget))
+        plan = choice.plan
+    report = run(
+        config,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        plan=plan,
+        model=args.model,
+        progress=not args.no_progress,
+    )
+    print(report.summary())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,18 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
-        config = _config_from_args(args)
-        report = run(
-            config,
-            checkpoint=args.checkpoint,
-            device=args.device,
-            dtype=args.dtype,
-            plan=Plan.from_stages(args.offload_stages),
-            progress=not args.no_progress,
-        )
+        _plan_command(args) if args.command == "plan" else _generate_command(args)
     except InputError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    print(report.summary())
     return 0
 
 

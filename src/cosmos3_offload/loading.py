@@ -91,13 +91,7 @@ def load_components(
 ) -> Components:
     """Build, place and fill every component as `plan` says (default: everything resident)."""
     plan = plan or Plan()
-    if checkpoint is None:
-        spec = model_spec(random_model)
-        transformer_config, vae_config = spec.transformer, spec.vae
-    else:
-        check_checkpoint(checkpoint)
-        transformer_config = Cosmos3OmniTransformer.load_config(checkpoint / "transformer")
-        vae_config = AutoencoderKLWan.load_config(checkpoint / "vae")
+    transformer_config, vae_config = model_configs(checkpoint, random_model)
     transformer = build_on_meta(Cosmos3OmniTransformer, transformer_config)
     vae = build_on_meta(AutoencoderKLWan, vae_config)
     layers = transformer.config.num_hidden_layers
@@ -127,6 +121,18 @@ def load_components(
         random_weights=checkpoint is None,
         engine=StagingEngine(device, {g: placer.placements[g] for g in PHASES}, PHASES),
         plan=plan,
+    )
+
+
+def model_configs(checkpoint: Path | None, random_model: str = "tiny") -> tuple[dict, dict]:
+    """(transformer config, VAE config) of a checkpoint, or of a registered size for random weights."""
+    if checkpoint is None:
+        spec = model_spec(random_model)
+        return spec.transformer, spec.vae
+    check_checkpoint(checkpoint)
+    return (
+        Cosmos3OmniTransformer.load_config(checkpoint / "transformer"),
+        AutoencoderKLWan.load_config(checkpoint / "vae"),
     )
 
 

@@ -29,6 +29,7 @@ from .generate import (
 )
 from .groups import GENERATOR, REASONER, VAE
 from .loading import Components, check_checkpoint, load_components
+from .model_specs import model_spec
 from .plan import Plan
 from .stages import StageRecorder
 from .video_io import write_frames
@@ -68,10 +69,12 @@ def run(
     device: str | None = None,
     dtype: str | None = None,
     plan: Plan | None = None,
+    model: str = "tiny",
     progress: bool = True,
 ) -> RunReport:
     """Generate `config.output` following `plan` (default: everything resident).
 
+    Without a checkpoint the weights are seeded random values of the registered size `model`.
     Bad input raises InputError before anything is loaded.
     """
     torch_device = resolve_device(device)
@@ -80,9 +83,13 @@ def run(
     check_single_process(plan)
     if checkpoint is not None:
         check_checkpoint(Path(checkpoint))
+    else:
+        model_spec(model)
     recorder = StageRecorder(torch_device)
     with recorder.stage("load"):
-        components = load_components(checkpoint and Path(checkpoint), torch_device, torch_dtype, plan)
+        components = load_components(
+            checkpoint and Path(checkpoint), torch_device, torch_dtype, plan, random_model=model
+        )
     video = generate_video(config, components, recorder, progress=progress)
     with recorder.stage("write"):
         write_frames(video.frames, config.output, config.fps)

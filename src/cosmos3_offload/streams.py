@@ -74,3 +74,14 @@ class CopyEngine:
         """Kernels queued on the compute stream from now on run after the copy."""
         if record.end is not None:
             torch.cuda.current_stream(self.device).wait_event(record.end)
+
+
+def measure_h2d_GBps(device: torch.device, nbytes: int = 256 * 1024**2) -> float | None:
+    """Pinned host-to-device bandwidth of this machine (None on the CPU). Blocks for the copies."""
+    if device.type != "cuda":
+        return None
+    source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    engine = CopyEngine(device)
+    speeds = [nbytes / engine.copy_after_compute(target, source).seconds_blocking() / 1e9 for _ in range(4)]
+    return sorted(speeds[1:])[1]

@@ -1,0 +1,106 @@
+"""The planner predicts memory and time per plan, picks the fastest that fits, and refuses with the least budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from cosmos3_offload.errors import InputError
+from cosmos3_offload.model_specs import model_spec
+from cosmos3_offload.plan import GroupPlan, Plan
+from cosmos3_offload.planner import (
+    GIB,
+    DeviceProfile,
+    Request,
+    _simulate,
+    choose_plan,
+    model_sizes,
+    parse_budget,
+    predict,
+    spread,
+)
+
+PROFILE = DeviceProfile()
+
+
+@pytest.fixture(scope="module")
+def nano():
+    spec = model_spec("nano")
+    return model_sizes(spec.transformer, spec.vae)
+
+
+def test_sizes_match_the_design_brief(nano):
+    """Nano's generator tower is about 12.9 GiB over 36 layers; the VAE about 1.3 GiB in bf16."""
+    generator = nano.layers * nano.layer_bytes["generator"] + nano.head_bytes["generator"]
+    assert 12.5 * GIB < generator < 13.2 * GIB
+    assert 1.2 * GIB < nano.vae_bytes < 1.45 * GIB
+    assert nano.layers == 36 and nano.mlp_mats == 3
+
+
+def test_resident_layers_are_spread_not_a_prefix():
+    """Resident layers sit at the centres of equal bins."""
+    assert spread(36, 6) == (3, 9, 15, 21, 27, 33)
+    assert spread(10, 0) == () and spread(4, 4) == (0, 1, 2, 3)
+
+
+def test_simulation_is_compute_or_transfer_bound():
+    """A streamed step takes max(compute, copies) in steady state: hidden copies are free, slow ones dominate."""
+    streamed = GroupPlan(mode="streamed", ring=2, prefetch=1)
+    assert _simulate(streamed, 10, copy_s=0.1, layer_s=1.0) == pytest.approx(10.0)
+    assert _simulate(streamed, 10, copy_s=1.0, layer_s=0.1) == pytest.approx(10.0, rel=0.02)
+    half = GroupPlan(mode="streamed", resident_layers=spread(10, 5), ring=2, prefetch=1)
+    assert _simulate(half, 10, copy_s=1.0, layer_s=0.1) == pytest.approx(5.0, rel=0.05)
+
+
+def test_more_resident_layers_cost_memory_and_save_time_when_transfer_bound(nano):
+    """At 256p (transfer-bound) each resident layer adds its bytes to the peak and shortens the step."""
+    request = Request.for_video(93, 192, 320)
+    few, many = (
+        predict(
+            Plan(
+                reasoner=GroupPlan(mode="streamed"),
+                generator=GroupPlan(mode="streamed", resident_layers=spread(36, n)),
+                vae=GroupPlan(mode="staged"),
+            ),
+            nano,
+            request,
+            PROFILE,
+        )
+        for n in (4, 20)
+    )
+    assert many.denoise_peak - few.denoise_peak == 16 * nano.layer_bytes["generator"]
+    assert many.step_s < few.step_s
+
+
+def test_roomy_budget_keeps_everything_resident(nano):
+    """With room for everything, nothing moves."""
+    choice = choose_plan(nano, Request.for_video(93, 480, 832), 80 * GIB, PROFILE)
+    assert {choice.plan.reasoner.mode, choice.plan.generator.mode, choice.plan.vae.mode} == {"resident"}
+
+
+def test_small_budget_streams_and_fits(nano):
+    """Under 8 GiB at 720p x 189f the pick streams both towers and its predicted peak fits the budget."""
+    choice = choose_plan(nano, Request.for_video(189, 720, 1280), 8 * GIB, PROFILE)
+    assert choice.plan.generator.mode == "streamed" and choice.plan.reasoner.mode == "streamed"
+    assert choice.prediction.peak <= 8 * GIB * PROFILE.headroom
+
+
+def test_refusal_names_a_budget_that_works(nano):
+    """Too small a budget is refused with the least budget that fits; that budget then works."""
+    request = Request.for_video(189, 720, 1280)
+    with pytest.raises(InputError, match=r"needs at least (\d+\.\d) GiB") as error:
+        choose_plan(nano, request, 3 * GIB, PROFILE)
+    least = float(error.value.args[0].split("at least ")[1].split(" GiB")[0])
+    choose_plan(nano, request, int(least * GIB), PROFILE)
+
+
+@pytest.mark.parametrize("text, value", [("8GiB", 8 * GIB), ("8", 8 * GIB), ("7500MiB", 7500 * 1024**2), ("8GB", 8e9)])
+def test_budget_parsing(text, value):
+    """Sizes with binary or decimal units, or bare GiB."""
+    assert parse_budget(text) == int(value)
+
+
+@pytest.mark.parametrize("text", ["eight", "-1GiB", "8TB", "0"])
+def test_bad_budgets_are_refused(text):
+    """Unreadable or non-positive budgets say how to write one."""
+    with pytest.raises(InputError, match="write it like 8GiB"):
+        parse_budget(text)
