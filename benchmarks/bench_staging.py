@@ -98,18 +98,17 @@ def measure_ours(components, tier: int, frames: int, steps: int, cap_gib: float 
     }
 
 
-def load_ours(model: str, offload: tuple[str, ...]):
+def load_ours(model: str, plan: Plan):
     reset_device()
     with HostPeakSampler() as host:
         start = time.perf_counter()
-        components = load_components(None, CUDA, torch.bfloat16, Plan.from_stages(offload), random_model=model)
+        components = load_components(None, CUDA, torch.bfloat16, plan, random_model=model)
         torch.cuda.synchronize()
         load_s = time.perf_counter() - start
-    plan = "all resident" if not offload else "staged: " + " ".join(offload)
     info = {
         "system": "ours",
         "model": model,
-        "plan": plan,
+        "plan": plan.describe(),
         "load_s": round(load_s, 2),
         "host_peak_private_gib": host.peak_gib,
         "pinned_gib": gib(components.engine.pinned_bytes),
@@ -120,7 +119,7 @@ def load_ours(model: str, offload: tuple[str, ...]):
 
 def part_ours(args, results: ResultsFile) -> None:
     for offload in OURS_PLANS:
-        components, info = load_ours(args.model, offload)
+        components, info = load_ours(args.model, Plan.from_stages(offload))
         for tier, frames in args.shapes:
             name = f"ours-{'+'.join(offload) or 'resident'}-{tier}p-{frames}f"
             results.add({"name": name, **info, **measure_ours(components, tier, frames, args.steps, None)})
@@ -220,7 +219,7 @@ def measure_peer(pipe, tier: int, frames: int, steps: int) -> dict:
 
 
 def part_caps(args, results: ResultsFile) -> None:
-    components, info = load_ours(args.model, tuple(PHASES))
+    components, info = load_ours(args.model, Plan.from_stages(PHASES))
     for cap in args.caps:
         for tier, ladder in CAP_LADDERS.items():
             for frames in ladder:

@@ -1,0 +1,105 @@
+"""Streaming benchmark (issue 4): planner-chosen plans under device caps against all-resident.
+
+One call: pinned H2D bandwidth; ours all-resident at each shape (the baseline); ours under each
+cap with the plan `choose_plan` picks for that cap (reloaded per plan), with the planner's
+predictions next to the measurements; diffusers' group offloading (block level, stream).
+Nano-size random bf16 weights, full-size Wan2.2 VAE, VAE decode included (tiled where planned).
+Results: benchmarks/results/streaming-<gpu>-<date>.json, rewritten after each run.
+
+Example: python benchmarks/bench_streaming.py --shapes 480x93 720x189 256x93 --caps 8 16 12 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from pathlib import Path
+
+from bench_common import ResultsFile, gib, measure_pinned_h2d
+from bench_staging import load_ours, measure_ours, parse_shape, part_peer
+
+from cosmos3_offload.model_specs import model_spec
+from cosmos3_offload.plan import Plan
+from cosmos3_offload.planner import DeviceProfile, Request, choose_plan, model_sizes, predict, streamed_bytes
+from cosmos3_offload.tiers import frame_size
+
+GIB = 1024**3
+
+
+def request_for(tier: int, frames: int, steps: int) -> Request:
+    width, height = frame_size(tier, "16,9")
+    return Request.for_video(frames, height, width, steps=steps)
+
+
+def measured_vs_predicted(run: dict, prediction) -> dict:
+    steps = run.get("step_s") or []
+    rest = sorted(steps[1:]) or steps
+    median = rest[len(rest) // 2] if rest else None
+    return {
+        "predicted": {
+            "peak_allocated_gib": gib(prediction.peak),
+            "peak_allocated_no_decode_gib": gib(max(prediction.prefill_peak, prediction.denoise_peak)),
+            "decode_peak_allocated_gib": gib(prediction.decode_peak),
+            "step_s": round(prediction.step_s, 3),
+        },
+        "step_s_median_rest": median,
+    }
+
+
+def run_plan(args, results, sizes, tier, frames, cap, plan: Plan, prediction, label: str) -> None:
+    components, info = load_ours(args.model, plan)
+    run = measure_ours(components, tier, frames, args.steps, cap)
+    extra = measured_vs_predicted(run, prediction)
+    moved = streamed_bytes(plan, sizes)
+    if run.get("error") is None and extra["step_s_median_rest"]:
+        extra["streamed_GiB_per_step"] = gib(moved)
+        extra["streamed_GBps_over_step"] = round(moved / extra["step_s_median_rest"] / 1e9, 2)
+    results.add({"name": f"ours-{label}-{tier}p-{frames}f", **info, "plan": plan.describe(), **run, **extra})
+    del components
+    gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="nano")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(480, 93), (720, 189), (256, 93)])
+    parser.add_argument("--caps", nargs="+", type=float, default=[8, 16, 12])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    results = ResultsFile(args.out, "streaming", h2d_pinned_GBps=measure_pinned_h2d())
+    profile = DeviceProfile(h2d_GBps=results.data["h2d_pinned_GBps"])
+    results.data["profile"] = vars(profile)
+    spec = model_spec(args.model)
+    sizes = model_sizes(spec.transformer, spec.vae)
+    components, info = load_ours(args.model, Plan())
+    for tier, frames in args.shapes:  # the baseline: one all-resident load for every shape
+        run = measure_ours(components, tier, frames, args.steps, None)
+        extra = measured_vs_predicted(run, predict(Plan(), sizes, request_for(tier, frames, args.steps), profile))
+        results.add({"name": f"ours-resident-{tier}p-{frames}f", **info, **run, **extra})
+    del components
+    gc.collect()
+    for index, cap in enumerate(args.caps):
+        for tier, frames in args.shapes:
+            request = request_for(tier, frames, args.steps)
+            try:
+                choice = choose_plan(sizes, request, int(cap * GIB), profile)
+            except ValueError as error:
+                results.add(
+                    {
+                        "name": f"ours-cap{cap:g}-{tier}p-{frames}f",
+                        "system": "ours",
+                        "cap_gib": cap,
+                        "error": f"planner refused: {error}",
+                    }
+                )
+                continue
+            run_plan(args, results, sizes, tier, frames, cap, choice.plan, choice.prediction, f"cap{cap:g}")
+        if index == 0 and not args.skip_peer:
+            part_peer(args, results, "diffusers-group-offload")
+    print(f"wrote {results.path}")
+
+
+if __name__ == "__main__":
+    main()
