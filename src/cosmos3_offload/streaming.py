@@ -64,7 +64,9 @@ class StreamedGroup:
     def enter(self, arena: DeviceArena, copier: CopyEngine) -> None:
         self._buffer = arena.reserve(self.arena_bytes)
         self._copier = copier
-        self._free: deque[tuple[int, torch.cuda.Event | None]] = deque((slot, None) for slot in range(self.ring))
+        # The arena may still be read by kernels of the previous phase: first copies wait for them.
+        queued = copier.record_compute()
+        self._free: deque[tuple[int, torch.cuda.Event | None]] = deque((slot, queued) for slot in range(self.ring))
         self._loaded: deque[tuple[int, int, CopyRecord]] = deque()  # (layer, slot, copy) in copy order
         self._next = 0  # position in the cyclic copy order
 
