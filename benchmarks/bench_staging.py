@@ -14,6 +14,11 @@ Example: python benchmarks/bench_staging.py --part ours --model nano --shapes 48
 
 from __future__ import annotations
 
+import os
+
+# Fewer, growable segments: less fragmentation under a memory cap (set before CUDA starts).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 import argparse
 import gc
 import time
@@ -71,8 +76,11 @@ def measure_ours(components, tier: int, frames: int, steps: int, cap_gib: float 
     try:
         generate_video(config, components, recorder, progress=False, on_step=on_step)
     except torch.OutOfMemoryError as error:
+        done = {s.name: round(s.seconds, 3) for s in recorder.stages}
+        peaks = {s.name: gib(s.device_peak_bytes) for s in recorder.stages}
         reset_device()
-        return {**run, "error": f"out of memory: {str(error).splitlines()[0]}"}
+        message = f"out of memory after stages {list(done)}: {str(error).splitlines()[0]}"
+        return {**run, "completed_stages_s": done, "completed_stage_peaks_gib": peaks, "error": message}
     stages = {s.name: s for s in recorder.stages}
     rest = [b - a for a, b in zip(stamps, stamps[1:])]
     staging = {}

@@ -11,6 +11,10 @@ Example: python benchmarks/bench_streaming.py --shapes 480x93 720x189 256x93 --c
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
+
 import argparse
 import gc
 from pathlib import Path

@@ -80,3 +80,16 @@ def test_decode_gives_uint8_frames_of_the_requested_size(pipeline, tmp_path):
     latents = torch.randn(1, 48, 3, 12, 20, generator=torch.Generator().manual_seed(0))
     frames = decode_frames(pipeline, latents)
     assert frames.shape == (9, 192, 320, 3) and frames.dtype == np.uint8
+
+
+def test_frame_conversion_matches_diffusers_postprocessing(pipeline):
+    """Chunked uint8 conversion gives the bytes of diffusers' VideoProcessor on the whole float32 video."""
+    latents = torch.randn(1, 48, 5, 12, 20, generator=torch.Generator().manual_seed(1))
+    ours = decode_frames(pipeline, latents)  # 17 frames: more than one conversion chunk
+    vae = pipeline.vae
+    mean = pipeline._vae_latents_mean.view(1, -1, 1, 1, 1)
+    inv_std = pipeline._vae_latents_inv_std.view(1, -1, 1, 1, 1)
+    decoded = vae.decode(latents / inv_std + mean).sample.float()
+    theirs = (pipeline.video_processor.postprocess_video(decoded, output_type="np")[0] * 255).round().astype(np.uint8)
+    assert ours.shape == theirs.shape == (17, 192, 320, 3)
+    assert np.array_equal(ours, theirs)

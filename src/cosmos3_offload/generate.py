@@ -156,7 +156,8 @@ def denoise_latents(
 def decode_frames(pipe: Cosmos3OmniPipeline, latents: torch.Tensor, *, tiled: bool = False) -> np.ndarray:
     """Normalized latents [1, C, T, H, W] -> uint8 frames [T, H, W, 3] on the host.
 
-    `tiled` uses diffusers' spatial tiling of the VAE (less memory, slower).
+    `tiled` uses diffusers' spatial tiling of the VAE (less memory, slower). The decoded video
+    is turned into uint8 a few frames at a time, so no float32 copy of the whole video is made.
     """
     vae = pipe.vae
     mean = pipe._vae_latents_mean.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
@@ -164,8 +165,16 @@ def decode_frames(pipe: Cosmos3OmniPipeline, latents: torch.Tensor, *, tiled: bo
     if tiled:
         vae.enable_tiling()
     try:
-        decoded = vae.decode(latents.to(vae.dtype) / inv_std + mean).sample.to(latents.dtype)
+        decoded = vae.decode(latents.to(vae.dtype) / inv_std + mean).sample[0]  # [3, T, H, W] in [-1, 1]
     finally:
         vae.disable_tiling()
-    video = pipe.video_processor.postprocess_video(decoded, output_type="np")[0]  # [T, H, W, 3] in [0, 1]
-    return (video * 255).round().astype(np.uint8)
+    frames = torch.empty(decoded.shape[1:] + (3,), dtype=torch.uint8, device=decoded.device)  # [T, H, W, 3]
+    for start in range(0, decoded.shape[1], FRAMES_PER_CONVERSION):
+        part = decoded[:, start : start + FRAMES_PER_CONVERSION].to(latents.dtype)
+        # The expression of diffusers' VideoProcessor: denormalize to [0, 1], then scale to bytes.
+        part = (part * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
+        frames[start : start + FRAMES_PER_CONVERSION] = (part * 255).round().to(torch.uint8)
+    return frames.cpu().numpy()
+
+
+FRAMES_PER_CONVERSION = 8

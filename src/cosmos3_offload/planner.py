@@ -6,10 +6,10 @@ the arena the remaining phases need + the reasoner memory + that phase's activat
 comes from a small event simulation of one denoising step: each layer's compute (FLOPs over the
 profile's rates) and each streamed layer's copy (bytes over the H2D bandwidth) on a ring of slots.
 
-Activation coefficients were fitted to the Nano runs on an H200 on 2026-11-26
-(benchmarks/results/staging-ours-H200-2026-11-26.json) and the decode constants come from the
-Wan2.2 VAE figures in DESIGN.md; `plan` prints the predictions, and the streaming benchmark
-compares them with measurements.
+Activation and decode coefficients were fitted to the all-resident Nano runs on an H200 on
+2026-11-26 (benchmarks/results/staging-ours-H200-2026-11-26.json and the resident rows of
+streaming-H200-2026-11-26.json); the tiled-decode working set is an estimate. `plan` prints the
+predictions, and the streaming benchmark compares them with measurements.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from .towers import tower_of
 
 GIB = 1024**3
 ACTIVATION_HIDDENS = 7.5  # live [tokens, hidden] tensors in a generator layer, besides the MLP's (fitted)
-DECODE_BYTES_PER_PIXEL = 9.4 * 1024  # untiled decode working set per output pixel of one frame
-DECODE_TILED_BYTES = 1.7 * GIB  # tiled decode working set (tiles of 256x256 pixels)
-DECODE_BYTES_PER_PIXEL_FRAME = 18  # decoded video on the device: bf16 + float32 copies of 3 channels
+DECODE_BYTES_PER_PIXEL = 12 * 1024  # untiled decode working set per output pixel of one frame (fitted)
+DECODE_TILED_BYTES = 3.0 * GIB  # tiled decode working set (tiles of 256x256 pixels; not yet measured)
+DECODE_BYTES_PER_PIXEL_FRAME = 9  # decoded video on the device: bf16 RGB, then its uint8 copy
 DECODE_SECONDS_PER_PIXEL_FRAME = 10.1 / (1280 * 720 * 189)  # DESIGN.md: untiled 720p x 189f in 10.1 s
 TILED_DECODE_SLOWDOWN = 2.2
 MLP_CHUNKS = (None, 8192, 2048)
@@ -44,7 +44,7 @@ class DeviceProfile:
     h2d_GBps: float = 55.0
     linear_TFLOPs: float = 450.0
     attention_TFLOPs: float = 570.0
-    headroom: float = 0.92  # share of the budget a plan may fill (allocator rounding, CUDA context)
+    headroom: float = 0.9  # share of the budget a plan may fill (allocator rounding and fragmentation)
 
 
 @dataclass(frozen=True, kw_only=True)
