@@ -17,6 +17,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 import argparse
 import gc
+import statistics
 from pathlib import Path
 
 from bench_common import ResultsFile, gib, measure_pinned_h2d
@@ -37,8 +38,8 @@ def request_for(tier: int, frames: int, steps: int) -> Request:
 
 def measured_vs_predicted(run: dict, prediction) -> dict:
     steps = run.get("step_s") or []
-    rest = sorted(steps[1:]) or steps
-    median = rest[len(rest) // 2] if rest else None
+    rest = steps[1:] or steps
+    median = round(statistics.median(rest), 4) if rest else None
     return {
         "predicted": {
             "peak_allocated_gib": gib(prediction.peak),
