@@ -1,17 +1,19 @@
 """The staging engine: where each group of weights lives, and moving it in for its phase.
 
 Generic over `nn.Module` groups. A group is a root module plus a `SlabLayout` of some of its
-weights; its placement is one of two small strategies behind the same interface:
+weights; its placement is one of three small strategies behind the same interface (`enter`,
+`exit`, `arena_bytes`, `payload_bytes`):
 
 - `ResidentGroup`: the weights sit on the device for good; entering its phase does nothing.
 - `StagedGroup`: the weights live in a pinned `HostSlab` (the master copy). Entering its phase
   copies the slab into the shared `DeviceArena` (one bulk copy on the copy stream) and rebinds
   every parameter to a view of the arena; leaving rebinds them to their host views. Nothing is
   ever copied back to the host.
+- `StreamedGroup` (streaming.py): layers flow through a ring of arena slots during the phase.
 
-`StagingEngine.phase(name)` wraps one phase of a request. Phases run in `PHASES` order; before
-staging a group the arena is sized for the largest staged group still to come, so the big arena of
-the transformer phases is returned to the allocator before the (much smaller) VAE phase.
+`StagingEngine.phase(name)` wraps one phase of a request. Phases run in the engine's phase order;
+the arena is sized for the largest need among the phases still to come, and released as soon as
+the rest of the request needs less, so the transformer's arena is gone before the VAE decodes.
 """
 
 from __future__ import annotations

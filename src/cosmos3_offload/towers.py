@@ -52,8 +52,6 @@ _GENERATOR_TOP = (
     "action_proj_out.",
     "action_modality_embed",
 )
-# Buffers both phases read (recomputed from the config, never loaded).
-SHARED = ("rotary_emb.",)
 
 
 def tower_of(name: str) -> str:
