@@ -43,43 +43,26 @@ _WAN22_VAE = {
 
 _TINY_VAE = {**_WAN22_VAE, "base_dim": 8, "decoder_base_dim": 8, "num_res_blocks": 1}
 
+_TINY_TRANSFORMER = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rope_axes_dim": [4, 2, 2],
+    "hidden_act": "silu",
+    "qk_norm_for_text": True,
+    # 256 byte tokens plus the tokenizer's special tokens.
+    "vocab_size": 256 + len(SPECIAL_TOKENS),
+}
+
 _QWEN3_STYLE = {"hidden_act": "silu", "qk_norm_for_text": True, "vocab_size": 151936}
 
 MODEL_SPECS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec(
-        name="tiny",
-        transformer={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "rope_axes_dim": [4, 2, 2],
-            "hidden_act": "silu",
-            "qk_norm_for_text": True,
-            # 256 byte tokens plus the tokenizer's special tokens.
-            "vocab_size": 256 + len(SPECIAL_TOKENS),
-        },
-        vae=_TINY_VAE,
-    ),
+    "tiny": ModelSpec(name="tiny", transformer=_TINY_TRANSFORMER, vae=_TINY_VAE),
     # The tiny model with six layers, so a streaming ring has several layers to cycle through.
-    "tiny-deep": ModelSpec(
-        name="tiny-deep",
-        transformer={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 6,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "rope_axes_dim": [4, 2, 2],
-            "hidden_act": "silu",
-            "qk_norm_for_text": True,
-            "vocab_size": 256 + len(SPECIAL_TOKENS),
-        },
-        vae=_TINY_VAE,
-    ),
+    "tiny-deep": ModelSpec(name="tiny-deep", transformer={**_TINY_TRANSFORMER, "num_hidden_layers": 6}, vae=_TINY_VAE),
     "edge": ModelSpec(
         name="edge",
         transformer={
