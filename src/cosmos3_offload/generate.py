@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import GenerationConfig
+from .decode import UNTILED, TileGrid, decode_to_host
 from .denoise import GeneratorInputs, GeneratorLayout, denoise_branches
 from .loading import Components
 from .prefill import ReasonerMemory, prefill_prompts
@@ -153,28 +154,13 @@ def denoise_latents(
 
 
 @torch.no_grad()
-def decode_frames(pipe: Cosmos3OmniPipeline, latents: torch.Tensor, *, tiled: bool = False) -> np.ndarray:
+def decode_frames(pipe: Cosmos3OmniPipeline, latents: torch.Tensor, *, grid: TileGrid = UNTILED) -> np.ndarray:
     """Normalized latents [1, C, T, H, W] -> uint8 frames [T, H, W, 3] on the host.
 
-    `tiled` uses diffusers' spatial tiling of the VAE (less memory, slower). The decoded video
-    is turned into uint8 a few frames at a time, so no float32 copy of the whole video is made.
+    Decoded in the tiles of `grid` (one tile: diffusers' untiled decode); frames leave the device
+    as they are decoded (see decode.py).
     """
     vae = pipe.vae
     mean = pipe._vae_latents_mean.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
     inv_std = pipe._vae_latents_inv_std.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
-    if tiled:
-        vae.enable_tiling()
-    try:
-        decoded = vae.decode(latents.to(vae.dtype) / inv_std + mean).sample[0]  # [3, T, H, W] in [-1, 1]
-    finally:
-        vae.disable_tiling()
-    frames = torch.empty(decoded.shape[1:] + (3,), dtype=torch.uint8, device=decoded.device)  # [T, H, W, 3]
-    for start in range(0, decoded.shape[1], FRAMES_PER_CONVERSION):
-        part = decoded[:, start : start + FRAMES_PER_CONVERSION].to(latents.dtype)
-        # The expression of diffusers' VideoProcessor: denormalize to [0, 1], then scale to bytes.
-        part = (part * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
-        frames[start : start + FRAMES_PER_CONVERSION] = (part * 255).round().to(torch.uint8)
-    return frames.cpu().numpy()
-
-
-FRAMES_PER_CONVERSION = 8
+    return decode_to_host(vae, latents.to(vae.dtype) / inv_std + mean, grid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .decode import TileGrid
 from .errors import InputError
 from .groups import PHASES, check_offload_groups
 
@@ -41,13 +42,13 @@ class GroupPlan:
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    """One placement per group, the MLP token chunk (None: whole) and whether the VAE decodes in tiles."""
+    """One placement per group, the MLP token chunk (None: whole) and the VAE decode's tile grid."""
 
     reasoner: GroupPlan = field(default_factory=GroupPlan)
     generator: GroupPlan = field(default_factory=GroupPlan)
     vae: GroupPlan = field(default_factory=GroupPlan)
     mlp_chunk: int | None = None
-    vae_tiling: bool = False
+    decode_grid: TileGrid = field(default_factory=TileGrid)
 
     def __post_init__(self) -> None:
         if self.vae.mode == "streamed":
@@ -72,6 +73,6 @@ class Plan:
         parts = [f"{g} {self.group(g).describe()}" for g in PHASES]
         if self.mlp_chunk:
             parts.append(f"MLP in chunks of {self.mlp_chunk} tokens")
-        if self.vae_tiling:
-            parts.append("tiled decode")
+        if (self.decode_grid.rows, self.decode_grid.cols) != (1, 1):
+            parts.append(f"decode in {self.decode_grid.rows}x{self.decode_grid.cols} tiles")
         return "; ".join(parts)

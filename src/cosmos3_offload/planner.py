@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer
 
+from .decode import TileGrid
 from .errors import InputError
 from .groups import EMBEDDING, GENERATOR, REASONER, UNUSED, VAE, transformer_group_of
 from .materialize import build_on_meta, group_layouts, keep_fp32_dtype
@@ -29,12 +30,10 @@ from .towers import tower_of
 
 GIB = 1024**3
 ACTIVATION_HIDDENS = 7.5  # live [tokens, hidden] tensors in a generator layer, besides the MLP's (fitted)
-DECODE_BYTES_PER_PIXEL = 12 * 1024  # untiled decode working set per output pixel of one frame (fitted)
-DECODE_TILED_BYTES = 3.0 * GIB  # tiled decode working set (tiles of 256x256 pixels; not yet measured)
-DECODE_BYTES_PER_PIXEL_FRAME = 9  # decoded video on the device: bf16 RGB, then its uint8 copy
-DECODE_SECONDS_PER_PIXEL_FRAME = 10.1 / (1280 * 720 * 189)  # DESIGN.md: untiled 720p x 189f in 10.1 s
-TILED_DECODE_SLOWDOWN = 2.2
+DECODE_BYTES_PER_PIXEL = 12 * 1024  # decode working set per output pixel of one tile (fitted, untiled)
+DECODE_SECONDS_PER_PIXEL_FRAME = 9.7 / (1280 * 720 * 189)  # untiled 720p x 189f on the H200
 MLP_CHUNKS = (None, 8192, 2048)
+DECODE_GRIDS = tuple(TileGrid(rows=r, cols=c) for r, c in ((1, 1), (1, 2), (2, 2), (2, 3), (3, 4), (4, 6)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,12 +171,12 @@ def predict(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProf
         return int((ACTIVATION_HIDDENS + request.branches - 2) * tokens * hb + mlp)
 
     pixels = request.height * request.width
-    video = DECODE_BYTES_PER_PIXEL_FRAME * pixels * request.frames
-    decode_work = DECODE_TILED_BYTES if plan.vae_tiling else DECODE_BYTES_PER_PIXEL * pixels
+    latent_h, latent_w = request.height // 16, request.width // 16
+    decode_work = DECODE_BYTES_PER_PIXEL * pixels * plan.decode_grid.tile_fraction(latent_h, latent_w)
     peaks = (
         resident + max(arena.values()) + memory + activations(request.prompt_tokens * request.branches, None),
         resident + max(arena[GENERATOR], arena[VAE]) + memory + activations(request.tokens, plan.mlp_chunk),
-        resident + arena[VAE] + int(decode_work + video),
+        resident + arena[VAE] + int(decode_work),
     )
     bandwidth = profile.h2d_GBps * 1e9
     step = _simulate(
@@ -195,7 +194,7 @@ def predict(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProf
     )
     staged = sum(arena[t] for t, how in placements.items() if how.mode == "staged") + arena[VAE]
     decode = DECODE_SECONDS_PER_PIXEL_FRAME * pixels * request.frames
-    decode *= TILED_DECODE_SLOWDOWN if plan.vae_tiling else 1.0
+    decode *= plan.decode_grid.work_fraction(latent_h, latent_w)
     total = prefill + request.steps * step + decode + staged / bandwidth
     return Prediction(*peaks, step_s=step, prefill_s=prefill, decode_s=decode, total_s=total)
 
@@ -265,7 +264,7 @@ def candidates(sizes: ModelSizes) -> list[Plan]:
                     mode="streamed", resident_layers=spread(sizes.layers, count), ring=ring, prefetch=ring - 1
                 )
                 plans.append(Plan(reasoner=GroupPlan(mode=reasoner), generator=generator, vae=GroupPlan(mode="staged")))
-    return [replace(p, mlp_chunk=c, vae_tiling=t) for p in plans for c in MLP_CHUNKS for t in (False, True)]
+    return [replace(p, mlp_chunk=c, decode_grid=g) for p in plans for c in MLP_CHUNKS for g in DECODE_GRIDS]
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ def generate_video(
             )
             del memories
         with recorder.stage("decode"), engine.phase(VAE):
-            return GeneratedVideo(latents, decode_frames(pipe, latents, tiled=plan.vae_tiling))
+            return GeneratedVideo(latents, decode_frames(pipe, latents, grid=plan.decode_grid))
 
 
 def check_single_process(plan: Plan) -> None:
