@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_common import ResultsFile
 
 from cosmos3_offload.config import GenerationConfig
 from cosmos3_offload.loading import load_components
@@ -29,6 +30,7 @@ def main() -> int:
     parser.add_argument("--tier", type=int, default=256)
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     config = GenerationConfig(
         prompt="a red fox in the snow",
@@ -65,6 +67,25 @@ def main() -> int:
     a, b = outputs["resident-chunked"].latents, outputs["resident"].latents
     error = ((a - b).norm() / b.norm()).item()
     print(f"chunked vs whole MLP after {args.steps} steps (bf16, guidance 6): rel err {error:.2e}")
+    results = ResultsFile(args.out, "streaming-check")
+    for name in plans:
+        reference = "resident-chunked" if plans[name].mlp_chunk else "resident"
+        same = torch.equal(outputs[name].latents, outputs[reference].latents)
+        results.add(
+            {
+                "name": name,
+                "system": "ours",
+                "plan": plans[name].describe(),
+                "reference": reference,
+                "height": config.height,
+                "width": config.width,
+                "frames": config.frames,
+                "steps": args.steps,
+                "bit_identical": same,
+            }
+        )
+    results.data["chunked_vs_whole_rel_err"] = error
+    results.add({"name": "summary", "system": "ours", "all_identical": not failed})
     return 1 if failed else 0
 
 
