@@ -71,9 +71,11 @@ def main() -> None:
     parser.add_argument("--caps", nargs="+", type=float, default=[8, 16, 12])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--tag", default="", help="suffix of the results file name (streaming-TAG-...)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    results = ResultsFile(args.out, "streaming", h2d_pinned_GBps=measure_pinned_h2d())
+    name = f"streaming-{args.tag}" if args.tag else "streaming"
+    results = ResultsFile(args.out, name, h2d_pinned_GBps=measure_pinned_h2d())
     profile = DeviceProfile(h2d_GBps=results.data["h2d_pinned_GBps"])
     results.data["profile"] = vars(profile)
     spec = model_spec(args.model)
