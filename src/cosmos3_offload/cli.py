@@ -98,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", required=True, help="what the video shows")
     gen.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
+    gen.add_argument(
+        "--image", type=Path, default=None, help="image-to-video: this image (resized, centre-cropped) is frame 0"
+    )
+    gen.add_argument(
+        "--video",
+        type=Path,
+        default=None,
+        help="video-to-video: this clip's first frames condition the latent frames of --condition-frames",
+    )
+    gen.add_argument(
+        "--condition-frames",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        metavar="INDEX",
+        help="latent frame indexes the --video clip keeps clean; latent frame k covers pixel frames "
+        "4k-3..4k (default: 0 1, the clip's first 5 frames)",
+    )
     _request_arguments(gen)
     gen.add_argument(
         "--shift",
@@ -153,6 +171,9 @@ def _config_from_args(args: argparse.Namespace) -> GenerationConfig:
         fps=args.fps,
         seed=args.seed,
         output=output,
+        image=args.image,
+        video=args.video,
+        condition_frames=tuple(args.condition_frames),
         **shape,
     )
 

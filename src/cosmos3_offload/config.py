@@ -81,7 +81,9 @@ class GenerationConfig:
     """One text-to-video (or text-to-image, frames=1) request.
 
     `shift=None` takes the tier's default; `negative_prompt=None` is the empty prompt, as in
-    diffusers' pipeline; `guidance=1` runs the conditional branch only.
+    diffusers' pipeline; `guidance=1` runs the conditional branch only. `image` conditions latent
+    frame 0 (image-to-video); `video` conditions the latent frames `condition_frames`
+    (video-to-video, by default the first two: 5 pixel frames).
     """
 
     prompt: str
@@ -95,6 +97,9 @@ class GenerationConfig:
     fps: float = 24.0
     seed: int = 0
     output: Path = Path("output.mp4")
+    image: Path | None = None
+    video: Path | None = None
+    condition_frames: tuple[int, ...] = (0, 1)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -113,6 +118,23 @@ class GenerationConfig:
             raise InputError(f"seed must be >= 0, got {self.seed}")
         object.__setattr__(self, "output", Path(self.output))
         check_output_path(self.output, self.frames)
+        self._check_conditioning()
+
+    def _check_conditioning(self) -> None:
+        if self.image is not None and self.video is not None:
+            raise InputError("pass either --image (image-to-video) or --video (video-to-video), not both")
+        if (self.image is not None or self.video is not None) and self.frames == 1:
+            raise InputError("--image and --video condition a video: use --frames 5 or more")
+        latent_frames = (self.frames - 1) // 4 + 1
+        indexes = self.condition_frames
+        if self.video is not None and (not indexes or any(i < 0 or i >= latent_frames for i in indexes)):
+            raise InputError(
+                f"condition frames {list(indexes)} must be latent frame indexes in 0..{latent_frames - 1} "
+                f"for {self.frames} frames"
+            )
+        for path in (self.image, self.video):
+            if path is not None and not Path(path).is_file():
+                raise InputError(f"{str(path)!r} does not exist")
 
     @property
     def width(self) -> int:

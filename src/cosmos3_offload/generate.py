@@ -56,7 +56,8 @@ def initial_noise(pipe: Cosmos3OmniPipeline, config: GenerationConfig, device: t
     """[1, C, T, H, W] float32 noise drawn from a CPU generator, so a seed gives the same video on any device.
 
     Text-to-video conditions no frame, so this is exactly the latent `prepare_latents` builds
-    (its conditioning term is multiplied by zero), without encoding an all-zero video first.
+    (its conditioning term is multiplied by zero), without encoding an all-zero video first;
+    conditioning.conditioned_noise puts the clean frames of image/video conditioning in.
     """
     vae = pipe.vae.config
     shape = (
@@ -71,17 +72,23 @@ def initial_noise(pipe: Cosmos3OmniPipeline, config: GenerationConfig, device: t
 
 
 def pack_branch(
-    pipe: Cosmos3OmniPipeline, input_ids: list[int], latents: torch.Tensor, fps: float, device: torch.device
+    pipe: Cosmos3OmniPipeline,
+    input_ids: list[int],
+    latents: torch.Tensor,
+    fps: float,
+    device: torch.device,
+    condition_frames: tuple[int, ...] = (),
 ) -> Branch:
     """Pack one prompt and the video latents into the joint layout the pipeline builds."""
     text = pipe._prepare_text_segment(input_ids, device=device)
     vision = pipe._prepare_vision_segment(
         input_vision_tokens=latents,
-        has_image_condition=False,
+        has_image_condition=bool(condition_frames),
         mrope_offset=text["vision_start_temporal_offset"],
         vision_fps=fps,
         curr=text["und_len"],
         device=device,
+        condition_frame_indexes=list(condition_frames),
     )
     packed = {
         **text,
@@ -92,8 +99,13 @@ def pack_branch(
     return Branch(text["input_ids"], text["text_mrope_ids"], GeneratorLayout.from_packed(packed))
 
 
-def prepare_branches(pipe: Cosmos3OmniPipeline, config: GenerationConfig, latents: torch.Tensor) -> list[Branch]:
-    """[cond] or [cond, uncond], tokenized with the pipeline's templates."""
+def prepare_branches(
+    pipe: Cosmos3OmniPipeline,
+    config: GenerationConfig,
+    latents: torch.Tensor,
+    condition_frames: tuple[int, ...] = (),
+) -> list[Branch]:
+    """[cond] or [cond, uncond], tokenized with the pipeline's templates; `condition_frames` stay clean."""
     cond_ids, uncond_ids = pipe.tokenize_prompt(
         config.prompt,
         config.negative_prompt,
@@ -103,7 +115,7 @@ def prepare_branches(pipe: Cosmos3OmniPipeline, config: GenerationConfig, latent
         fps=config.fps,
     )
     prompts = [cond_ids, uncond_ids] if config.uses_guidance else [cond_ids]
-    return [pack_branch(pipe, ids, latents, config.fps, latents.device) for ids in prompts]
+    return [pack_branch(pipe, ids, latents, config.fps, latents.device, condition_frames) for ids in prompts]
 
 
 def prefill_branches(

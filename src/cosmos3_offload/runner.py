@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .conditioning import Conditioning, condition_pixels, conditioned_noise, read_conditioning
 from .config import GenerationConfig, resolve_device, resolve_dtype
 from .errors import InputError
 from .generate import (
@@ -85,12 +86,13 @@ def run(
         check_checkpoint(Path(checkpoint))
     else:
         model_spec(model)
+    conditioning = read_conditioning(config.image, config.video, config.condition_frames)
     recorder = StageRecorder(torch_device)
     with recorder.stage("load"):
         components = load_components(
             checkpoint and Path(checkpoint), torch_device, torch_dtype, plan, random_model=model
         )
-    video = generate_video(config, components, recorder, progress=progress)
+    video = generate_video(config, components, recorder, progress=progress, conditioning=conditioning)
     with recorder.stage("write"):
         write_frames(video.frames, config.output, config.fps)
     return RunReport(config, components, torch_device, torch_dtype, recorder)
@@ -108,14 +110,28 @@ def generate_video(
     *,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    conditioning: Conditioning | None = None,
 ) -> GeneratedVideo:
-    """Prefill, denoise and decode, each inside its group's staging phase."""
+    """(Encode,) prefill, denoise and decode, each inside its group's staging phase."""
     pipe = helper_pipeline(components, flow_scheduler(config.flow_shift, components.scheduler_config))
     engine, plan = components.engine, components.plan
     with torch.no_grad():
+        latents = initial_noise(pipe, config, engine.device)
+        indexes = () if conditioning is None else conditioning.indexes
+        if conditioning is not None:
+            with recorder.stage("encode"), engine.phase(VAE):
+                pixels = condition_pixels(
+                    pipe,
+                    image=conditioning.image,
+                    video=conditioning.video,
+                    condition_frames=indexes,
+                    height=config.height,
+                    width=config.width,
+                    device=engine.device,
+                )
+                latents = conditioned_noise(pipe, pixels, indexes, latents)
         with recorder.stage("prefill"), engine.phase(REASONER):
-            latents = initial_noise(pipe, config, engine.device)
-            branches = prepare_branches(pipe, config, latents)
+            branches = prepare_branches(pipe, config, latents, indexes)
             memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER))
         with recorder.stage("denoise"), engine.phase(GENERATOR):
             latents = denoise_latents(
