@@ -1,4 +1,6 @@
-"""VAE decode benchmark (issue 5): ours untiled and in tile grids against diffusers' decode and tiling.
+"""VAE benchmark (issue 5): decode, ours untiled and in tile grids, against diffusers' decode and tiling;
+and the encode of a conditioning clip: diffusers' pipeline encodes the whole padded clip, ours only
+the frames that condition (1 for image-to-video, 5 for the default video-to-video).
 
 Full-size Wan2.2 VAE with seeded random bf16 weights, random latents. Each run reports wall time
 and the device's peak allocated/reserved memory (VAE weights included); ours returns frames on
@@ -52,9 +54,15 @@ def diffusers_decode(vae: AutoencoderKLWan, z: torch.Tensor) -> None:
     vae.decode(z).sample.cpu()
 
 
+@torch.no_grad()
+def encode(vae: AutoencoderKLWan, clip: torch.Tensor) -> None:
+    vae.encode(clip).latent_dist.mode().cpu()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(720, 189), (480, 93)])
+    parser.add_argument("--encode", nargs="*", type=parse_shape, default=[(720, 189)], help="clips to encode")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     results = ResultsFile(args.out, "decode")
@@ -94,6 +102,36 @@ def main() -> None:
                     "name": f"ours-{rows}x{cols}-{tier}p-{frames}f",
                     "system": "ours",
                     "plan": f"{rows}x{cols} tiles, overlap {grid.overlap}",
+                    **base,
+                    **run,
+                }
+            )
+    for tier, frames in args.encode:
+        width, height = frame_size(tier, "16,9")
+        clip = torch.rand(1, 3, frames, height, width, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        clip = clip.to(CUDA, torch.bfloat16)
+        base = {"height": height, "width": width, "frames": frames, "model": "wan2.2-vae"}
+        vae.disable_tiling()
+        results.add(
+            {"name": f"diffusers-encode-{tier}p-{frames}f", "system": "diffusers", **base, **timed(encode, vae, clip)}
+        )
+        vae.enable_tiling()
+        results.add(
+            {
+                "name": f"diffusers-encode-tiling-{tier}p-{frames}f",
+                "system": "diffusers",
+                **base,
+                **timed(encode, vae, clip),
+            }
+        )
+        vae.disable_tiling()
+        for needed, mode in ((1, "i2v"), (5, "v2v")):
+            run = timed(encode, vae, clip[:, :, :needed])
+            results.add(
+                {
+                    "name": f"ours-encode-{mode}-{tier}p-{frames}f",
+                    "system": "ours",
+                    "plan": f"encode the first {needed} frame(s)",
                     **base,
                     **run,
                 }
