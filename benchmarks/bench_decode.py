@@ -61,11 +61,12 @@ def encode(vae: AutoencoderKLWan, clip: torch.Tensor) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(720, 189), (480, 93)])
+    parser.add_argument("--shapes", nargs="*", type=parse_shape, default=[(720, 189), (480, 93)])
+    parser.add_argument("--tag", default="", help="suffix of the results file name (decode-TAG-...)")
     parser.add_argument("--encode", nargs="*", type=parse_shape, default=[(720, 189)], help="clips to encode")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    results = ResultsFile(args.out, "decode")
+    results = ResultsFile(args.out, f"decode-{args.tag}" if args.tag else "decode")
     vae = random_model(AutoencoderKLWan, model_spec("nano").vae, CUDA, torch.bfloat16)
     for tier, frames in args.shapes:
         width, height = frame_size(tier, "16,9")
