@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_generate import diffusers_latents
 from tiny_models import relative_error, tiny_pipeline
 
 from cosmos3_offload.cli import main
@@ -68,19 +69,9 @@ def test_conditioned_generation_equals_diffusers_pipeline(tmp_path, picture, cli
         **{mode: picture if mode == "image" else clip},
     )
     conditioning = read_conditioning(config.image, config.video, config.condition_frames)
-    expected = tiny_pipeline(shift=config.flow_shift)(
-        prompt=config.prompt,
-        num_frames=config.frames,
-        height=config.height,
-        width=config.width,
-        num_inference_steps=config.steps,
-        guidance_scale=config.guidance,
-        generator=torch.Generator("cpu").manual_seed(config.seed),
-        output_type="latent",
-        enable_safety_check=False,
-        image=conditioning.image,
-        video=conditioning.video,
-    ).video
+    expected = diffusers_latents(
+        tiny_pipeline(shift=config.flow_shift), config, image=conditioning.image, video=conditioning.video
+    )
     actual = ours(tiny_pipeline(shift=config.flow_shift), config)
     assert relative_error(actual, expected) <= 1e-4
 

@@ -19,7 +19,8 @@ def our_latents(pipe, config):
     return denoise_latents(pipe, config, branches, prefill_branches(pipe, branches), latents, progress=False)
 
 
-def diffusers_latents(pipe, config):
+def diffusers_latents(pipe, config, **extra):
+    """Latents of Cosmos3OmniPipeline.__call__ for `config` (extra: image=..., video=...)."""
     return pipe(
         prompt=config.prompt,
         negative_prompt=config.negative_prompt,
@@ -31,6 +32,7 @@ def diffusers_latents(pipe, config):
         generator=torch.Generator("cpu").manual_seed(config.seed),
         output_type="latent",
         enable_safety_check=False,
+        **extra,
     ).video
 
 
