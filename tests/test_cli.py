@@ -121,6 +121,7 @@ def test_plan_prints_the_choice_and_predictions(capsys):
         (["plan", "--vram-budget", "2GiB", "--model", "nano"], "needs at least"),
         (["plan", "--vram-budget", "lots", "--model", "nano"], "write it like 8GiB"),
         (["plan", "--vram-budget", "8GiB", "--model", "giant"], "unknown model 'giant'"),
+        (["plan", "--vram-budget", "8GiB", "--model", "nano", "--h2d-gbps", "-5"], "h2d_GBps must be > 0"),
         (["generate", "--prompt", "x", "--vram-budget", "8GiB", "--offload-stages", "vae"], "not both"),
     ],
 )

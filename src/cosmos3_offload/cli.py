@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _defaults(args: argparse.Namespace) -> dict:
-    defaults = TINY_DEFAULTS if args.checkpoint is None and args.model == "tiny" else CHECKPOINT_DEFAULTS
+    tiny = args.checkpoint is None and args.model.startswith("tiny")
+    defaults = TINY_DEFAULTS if tiny else CHECKPOINT_DEFAULTS
     return {
         "frames": defaults["frames"] if args.frames is None else args.frames,
         "resolution": defaults["resolution"] if args.resolution is None else args.resolution,
@@ -184,7 +185,7 @@ def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: in
     # Plans are for a GPU: without --dtype they assume the GPU default (bfloat16), even when run on a CPU.
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.command == "plan" else None), device)
     budget = parse_budget(args.vram_budget)
-    bandwidth = args.h2d_gbps or measure_h2d_GBps(device) or DeviceProfile().h2d_GBps
+    bandwidth = args.h2d_gbps if args.h2d_gbps is not None else measure_h2d_GBps(device) or DeviceProfile().h2d_GBps
     sizes = model_sizes(*model_configs(args.checkpoint, args.model), dtype_bytes=dtype.itemsize)
     request = Request.for_video(frames, height, width, cfg=args.guidance != 1.0, steps=args.steps)
     return choose_plan(sizes, request, budget, DeviceProfile(h2d_GBps=bandwidth)), budget

@@ -45,6 +45,13 @@ class DeviceProfile:
     attention_TFLOPs: float = 570.0
     headroom: float = 0.9  # share of the budget a plan may fill (allocator rounding and fragmentation)
 
+    def __post_init__(self) -> None:
+        for name in ("h2d_GBps", "linear_TFLOPs", "attention_TFLOPs"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)}; e.g. --h2d-gbps 25")
+        if not 0 < self.headroom <= 1:
+            raise InputError(f"headroom must be in (0, 1], got {self.headroom}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Request:

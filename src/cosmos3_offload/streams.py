@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .slabs import HostSlab, SlabLayout
+
 
 @dataclass
 class CopyRecord:
@@ -76,12 +78,17 @@ class CopyEngine:
             torch.cuda.current_stream(self.device).wait_event(record.end)
 
 
-def measure_h2d_GBps(device: torch.device, nbytes: int = 256 * 1024**2) -> float | None:
-    """Pinned host-to-device bandwidth of this machine (None on the CPU). Blocks for the copies."""
+def measure_h2d_GBps(device: torch.device, nbytes: int = 256 * 1024**2, repeats: int = 3) -> float | None:
+    """Bandwidth of one bulk copy from an exact-size pinned slab, as staging does it (median of
+    `repeats` after a warm-up; None on the CPU). Blocks for the copies."""
     if device.type != "cuda":
         return None
-    source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    slab = HostSlab(SlabLayout.pack([((("probe", "bytes"),), (nbytes,), torch.uint8)]))
+    slab.buffer.fill_(1)
+    slab.pin()
     target = torch.empty(nbytes, dtype=torch.uint8, device=device)
     engine = CopyEngine(device)
-    speeds = [nbytes / engine.copy_after_compute(target, source).seconds_blocking() / 1e9 for _ in range(4)]
-    return sorted(speeds[1:])[1]
+    speeds = [
+        nbytes / engine.copy_after_compute(target, slab.buffer).seconds_blocking() / 1e9 for _ in range(repeats + 1)
+    ]
+    return sorted(speeds[1:])[repeats // 2]
