@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cosmos3_offload.decode import TileGrid
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.model_specs import model_spec
 from cosmos3_offload.plan import GroupPlan, Plan
@@ -13,6 +14,8 @@ from cosmos3_offload.planner import (
     Request,
     _simulate,
     choose_plan,
+    decode_cost,
+    decode_grid_for,
     model_sizes,
     parse_budget,
     predict,
@@ -29,10 +32,11 @@ def nano():
 
 
 def test_sizes_match_the_design_brief(nano):
-    """Nano's generator tower is about 12.9 GiB over 36 layers; the VAE about 1.3 GiB in bf16."""
+    """Nano's generator tower is about 12.9 GiB over 36 layers; the VAE about 1.3 GiB in bf16 (decoder side 1.03)."""
     generator = nano.layers * nano.layer_bytes["generator"] + nano.head_bytes["generator"]
     assert 12.5 * GIB < generator < 13.2 * GIB
-    assert 1.2 * GIB < nano.vae_bytes < 1.45 * GIB
+    assert 1.2 * GIB < nano.vae_bytes + nano.vae_encoder_bytes < 1.45 * GIB
+    assert 1.0 * GIB < nano.vae_bytes < 1.1 * GIB
     assert nano.layers == 36 and nano.mlp_mats == 3
 
 
@@ -104,3 +108,30 @@ def test_bad_budgets_are_refused(text):
     """Unreadable or non-positive budgets say how to write one."""
     with pytest.raises(InputError, match="write it like 8GiB"):
         parse_budget(text)
+
+
+def test_decode_cost_trades_memory_for_work(nano):
+    """More tiles or fewer frames a pass: less device memory, more work; one 4-frame tile is the untiled decode."""
+    cost = {
+        (r, c, f): decode_cost(nano, TileGrid(rows=r, cols=c, frames=f), 45, 80)
+        for r, c in ((1, 1), (2, 2), (3, 4))
+        for f in (1, 4)
+    }
+    assert cost[1, 1, 4][1] == pytest.approx(1.0)
+    for f in (1, 4):
+        assert cost[1, 1, f][0] > cost[2, 2, f][0] > cost[3, 4, f][0]
+        assert cost[1, 1, f][1] < cost[2, 2, f][1] < cost[3, 4, f][1]
+    for tiles in ((1, 1), (2, 2), (3, 4)):
+        assert cost[(*tiles, 1)][0] < cost[(*tiles, 4)][0] and cost[(*tiles, 1)][1] > cost[(*tiles, 4)][1]
+
+
+def test_decode_grid_for_a_budget(nano):
+    """A smaller budget gets a grid with less memory and more work; every pick fits; too little is refused."""
+    picks = [decode_grid_for(nano, 720, 1280, int(gib * GIB), PROFILE) for gib in (16, 4, 3, 2)]
+    costs = [decode_cost(nano, grid, 45, 80) for grid in picks]
+    assert picks[0] == TileGrid()  # untiled, diffusers' chunks
+    assert all(a[0] >= b[0] and a[1] <= b[1] for a, b in zip(costs, costs[1:]))
+    for gib, (nbytes, _) in zip((16, 4, 3, 2), costs):
+        assert nano.vae_bytes + nbytes <= gib * GIB * PROFILE.headroom
+    with pytest.raises(InputError, match="no tile grid fits"):
+        decode_grid_for(nano, 720, 1280, GIB, PROFILE)

@@ -11,7 +11,7 @@ import torch
 from cosmos3_offload import loading
 from cosmos3_offload.config import GenerationConfig
 from cosmos3_offload.errors import InputError
-from cosmos3_offload.groups import PHASES, check_offload_groups
+from cosmos3_offload.groups import PHASE_ORDER, PHASES, check_offload_groups
 from cosmos3_offload.loading import load_components
 from cosmos3_offload.plan import Plan
 from cosmos3_offload.runner import check_single_process, generate_video
@@ -23,7 +23,12 @@ ALL = frozenset(PHASES)
 
 
 def roots(components):
-    return {"reasoner": components.transformer, "generator": components.transformer, "vae": components.vae}
+    return {
+        "reasoner": components.transformer,
+        "generator": components.transformer,
+        "vae": components.vae,
+        "vae_encoder": components.vae,
+    }
 
 
 def inside(tensor, buffer):
@@ -41,9 +46,9 @@ def test_staged_weights_round_trip_exactly_over_many_cycles():
     """Over repeated stage/unstage cycles each weight stays bit-identical: in the arena staged, in its slab after."""
     components = load_components(None, CPU, torch.float32, Plan.from_stages(ALL))
     engine = components.engine
-    originals = {g: {n: t.clone() for n, t in group_tensors(components, g).items()} for g in PHASES}
+    originals = {g: {n: t.clone() for n, t in group_tensors(components, g).items()} for g in PHASE_ORDER}
     for _ in range(3):
-        for group in PHASES:
+        for group in PHASE_ORDER:
             slab = engine.placements[group].slab.buffer
             with engine.phase(group):
                 for name, tensor in group_tensors(components, group).items():
@@ -122,3 +127,20 @@ def test_unknown_stage_and_multi_process_are_refused(monkeypatch):
     with pytest.raises(InputError, match="WORLD_SIZE=2"):
         check_single_process(Plan.from_stages({"generator"}))
     check_single_process(Plan())
+
+
+def test_encoder_and_decoder_sides_are_staged_apart():
+    """The decode holds the decoder side only and the encode the encoder side only."""
+    components = load_components(None, CPU, torch.float32, Plan.from_stages({"vae"}))
+    engine, vae = components.engine, components.vae
+    decoder = engine.placements["vae"].layout.nbytes
+    encoder = engine.placements["vae_encoder"].layout.nbytes
+    with engine.phase("vae"):
+        assert engine.arena.nbytes == decoder
+        assert inside(vae.decoder.conv_in.weight, engine.arena.buffer)
+        assert not inside(vae.encoder.conv_in.weight, engine.arena.buffer)
+    with engine.phase("vae_encoder"):
+        assert inside(vae.encoder.conv_in.weight, engine.arena.buffer)
+        assert not inside(vae.decoder.conv_in.weight, engine.arena.buffer)
+    payload = engine.placements["vae"].payload_bytes + engine.placements["vae_encoder"].payload_bytes
+    assert payload == sum(p.numel() * p.element_size() for p in vae.parameters()) and 0 < encoder < decoder

@@ -1,64 +1,241 @@
-"""VAE decode within a budget: spatial tiles, frames leaving the device as they are decoded.
+"""VAE decode within a budget: exact spatial tiles, frames leaving the device as they are decoded.
 
-It drives diffusers' own `AutoencoderKLWan` modules the way its `_decode` does (the causal decoder
-one latent frame at a time with its feature cache), but over spatial tiles of the latent and
-without keeping the video on the device: each decoded chunk of frames is clamped, moved to the
-host and added into a float32 accumulator with a feathered weight, so the device holds the
-weights and one tile's working set only. One tile covering the frame is exactly diffusers'
-untiled decode. Overlapping tiles blend linearly across `overlap` latent pixels.
+It drives diffusers' own `AutoencoderKLWan` decoder modules in two passes:
+
+1. Low resolution, whole frame: `post_quant_conv`, the decoder's `conv_in` and mid block (whose
+   attention spans the frame) for each latent frame in turn with the causal cache, as diffusers'
+   `_decode` does. The results wait on the host (1024 x h x w values a latent frame: 7 MiB at 720p).
+2. Per tile: the up blocks and the output head over one tile of the frame plus a halo as wide as
+   the spatial reach of the convolutions still ahead, cropped after every block to what the rest
+   needs. Every pixel is computed from the same inputs as in the untiled decode: no seams and
+   nothing to blend; tiles differ from the untiled decode only by convolution rounding. Frames go
+   through each up block `grid.frames` at a time (4: diffusers' chunks; fewer, the same computation
+   thanks to the causal caches, with less memory and more time), so the device holds the weights,
+   one tile's caches and a few frames of one tile.
+
+Decoded tiles become bytes on the device and leave through pinned buffers without stopping the
+decode (`HostLanding`; plain copies on the CPU).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import product
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+from diffusers.models.autoencoders.autoencoder_kl_wan import CACHE_T, WanResample, WanResidualBlock, unpatchify
+from torch import nn
+
+from .streams import HostLanding
 
 
 @dataclass(frozen=True, kw_only=True)
 class TileGrid:
-    """rows x cols tiles over the latent frame, neighbours overlapping by `overlap` latent pixels."""
+    """rows x cols tiles partitioning the latent frame; each is decoded with its own halo."""
 
     rows: int = 1
     cols: int = 1
-    overlap: int = 4
+    frames: int = 4  # frames taken through an up block at once (4: diffusers' chunks, fastest; 1: least memory)
 
-    def spans(self, size: int, count: int) -> list[tuple[int, int]]:
-        """(start, stop) of `count` overlapping tiles covering [0, size)."""
-        if count == 1:
-            return [(0, size)]
-        length = math.ceil((size + (count - 1) * self.overlap) / count)
-        starts = [min(i * (length - self.overlap), size - length) for i in range(count)]
-        return [(start, start + length) for start in starts]
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.cols < 1 or self.frames < 1:
+            raise ValueError(f"a tile grid needs a row, a column and a frame, got {self}")
 
-    def tile_fraction(self, height: int, width: int) -> float:
-        """Largest tile's area over the frame's (latent units): what the decode working set scales with."""
-        rows, cols = self.spans(height, self.rows), self.spans(width, self.cols)
-        return (rows[0][1] - rows[0][0]) * (cols[0][1] - cols[0][0]) / (height * width)
+    @staticmethod
+    def spans(size: int, count: int) -> list[tuple[int, int]]:
+        """(start, stop) of `count` near-equal, disjoint spans covering [0, size)."""
+        return [(size * i // count, size * (i + 1) // count) for i in range(count)]
 
-    def work_fraction(self, height: int, width: int) -> float:
-        """All tiles' area over the frame's: the decode time relative to untiled."""
-        rows, cols = self.spans(height, self.rows), self.spans(width, self.cols)
-        area = sum(b - a for a, b in rows) * sum(b - a for a, b in cols)
-        return area / (height * width)
+    def tiles(self, height: int, width: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """((top, bottom), (left, right)) of every tile, in latent pixels, row by row."""
+        return list(product(self.spans(height, self.rows), self.spans(width, self.cols)))
 
 
 UNTILED = TileGrid()
 
 
-def _ramp(length: int, start: int, stop: int, size: int, overlap: int, scale: int) -> torch.Tensor:
-    """Feathering weights of a tile along one axis (pixels): rising over overlaps with neighbours."""
-    weight = torch.ones(length * scale)
-    fade = overlap * scale
-    if start > 0 and fade:
-        weight[:fade] = (torch.arange(fade) + 0.5) / fade
-    if stop < size and fade:
-        weight[-fade:] = torch.minimum(weight[-fade:], (torch.arange(fade, 0, -1) - 0.5) / fade)
-    return weight
+@dataclass(frozen=True)
+class Stage:
+    """One up block of the decoder (or its output head), as the tiling sees it."""
+
+    scale: int  # its input's resolution over the latent's
+    halo: int  # context pixels (at that resolution) its input needs around a tile
+    upsample: int  # spatial factor from its input to its output
+    frames: int  # frames its input has per latent frame (past the first)
+    macs: float  # multiply-adds per latent pixel and latent frame (what its time scales with)
+    in_channels: int  # channels of its input
+    cache_channels: int  # channels its causal caches keep, two frames each, per input-resolution pixel
+
+
+def _reach(module: nn.Module) -> int:
+    """How far (pixels) the spatial convolutions inside `module` see, chained."""
+    return sum(m.kernel_size[-1] // 2 for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+
+
+def _upsampler(block: nn.Module) -> WanResample | None:
+    """The block's resampler (diffusers names it `upsampler` in residual blocks, `upsamplers` otherwise)."""
+    up = getattr(block, "upsampler", None)
+    if up is None and getattr(block, "upsamplers", None) is not None:
+        up = block.upsamplers[0]
+    return up if up is not None and up.mode.startswith("upsample") else None
+
+
+def cache_slots(module: nn.Module) -> int:
+    """Causal-cache entries the module's convolutions use, in diffusers' feat_idx counting."""
+    resnets = sum(2 for m in module.modules() if isinstance(m, WanResidualBlock))
+    return resnets + sum(1 for m in module.modules() if isinstance(m, WanResample) and m.mode == "upsample3d")
+
+
+def decoder_stages(decoder: nn.Module) -> tuple[Stage, ...]:
+    """The up blocks and the head with their scales and halos (a pure function of the structure:
+    works on `meta`). A halo is the reach of the block's convolutions plus what the stages after
+    it need, brought down through its upsampler (nearest 2x, then a convolution)."""
+    blocks = list(decoder.up_blocks)
+    scales, frames, scale, frame = [], [], 1, 1
+    for block in blocks + [None]:
+        scales.append(scale)
+        frames.append(frame)
+        up = _upsampler(block) if block is not None else None
+        scale *= 2 if up is not None else 1
+        frame *= 2 if up is not None and up.mode == "upsample3d" else 1
+    need = _reach(decoder.conv_out)
+    halos = [need]
+    for block in reversed(blocks):
+        up = _upsampler(block)
+        if up is not None:
+            need = math.ceil((need + _reach(up.resample)) / 2)
+        need += _reach(block.resnets)
+        halos.insert(0, need)
+    stages = []
+    for block, s, f, halo in zip(blocks + [None], scales, frames, halos):
+        up = _upsampler(block) if block is not None else None
+        module = block if block is not None else decoder.conv_out
+        macs = 0.0
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                after_up = up is not None and any(m is c for c in up.resample.modules())
+                spatial = (2 * s) ** 2 if after_up else s**2
+                moved = 2 * f if after_up and up.mode == "upsample3d" else f
+                macs += m.weight[0].numel() * m.out_channels * spatial * moved
+        convs = [m for m in module.modules() if isinstance(m, WanResidualBlock)]
+        cached = sum(r.conv1.in_channels + r.conv2.in_channels for r in convs)
+        if block is None:
+            cached = decoder.conv_out.in_channels
+        elif up is not None and up.mode == "upsample3d":
+            cached += up.dim
+        channels = block.resnets[0].in_dim if block is not None else decoder.conv_out.in_channels
+        stages.append(Stage(s, halo, 2 if up is not None else 1, f, macs, channels, cached))
+    return tuple(stages)
+
+
+def stage_region(stage: Stage, tile, frame_size: tuple[int, int], halo: int | None = None) -> tuple[int, ...]:
+    """(top, bottom, left, right) at the stage's input resolution that a tile ((top, bottom), (left, right)
+    in latent pixels) needs there: the tile scaled up plus the halo, clipped to the frame."""
+    (top, bottom), (left, right) = tile
+    s, h = stage.scale, stage.halo if halo is None else halo
+    height, width = frame_size
+    return max(0, s * top - h), min(s * height, s * bottom + h), max(0, s * left - h), min(s * width, s * right + h)
+
+
+def _cached_conv(conv: nn.Module, x: torch.Tensor, cache: list, idx: list[int]) -> torch.Tensor:
+    """`conv` over x with the causal cache entry idx[0], as diffusers' decoder runs conv_in and conv_out."""
+    slot = idx[0]
+    keep = x[:, :, -CACHE_T:].clone()
+    if keep.shape[2] < 2 and cache[slot] is not None:
+        keep = torch.cat([cache[slot][:, :, -1:].to(keep.device), keep], dim=2)
+    out = conv(x, cache[slot])
+    cache[slot] = keep
+    idx[0] += 1
+    return out
+
+
+def low_resolution_pass(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+    """post_quant_conv, conv_in and the mid block over whole frames -> [latent frames, C, h, w] on the host."""
+    decoder = vae.decoder
+    x = vae.post_quant_conv(z)
+    cache: list = [None] * (1 + cache_slots(decoder.mid_block))
+    pin = z.device.type == "cuda"
+    channels = decoder.conv_in.out_channels
+    host = torch.empty(z.shape[2], channels, *z.shape[-2:], dtype=x.dtype, pin_memory=pin)
+    for t in range(z.shape[2]):
+        idx = [0]
+        y = _cached_conv(decoder.conv_in, x[:, :, t : t + 1], cache, idx)
+        y = decoder.mid_block(y, feat_cache=cache, feat_idx=idx)
+        host[t].copy_(y[0, :, 0], non_blocking=pin)  # stream-ordered before the tiles read it back
+    return host
+
+
+class _TileDecoder:
+    """The up blocks and the head over one tile, frame by frame, with the tile's own causal caches."""
+
+    def __init__(self, vae: AutoencoderKLWan, stages: tuple[Stage, ...], tile, frame_size, frames: int, emit):
+        self.vae, self.decoder, self.stages, self.frames, self.emit = vae, vae.decoder, stages, frames, emit
+        self.tile = tile
+        (self.top, self.bottom), (self.left, self.right) = tile
+        self.height, self.width = frame_size
+        blocks = list(self.decoder.up_blocks)
+        first = 1 + cache_slots(self.decoder.mid_block)
+        self.starts = [first + sum(cache_slots(b) for b in blocks[:i]) for i in range(len(blocks) + 1)]
+        self.cache: list = [None] * (self.starts[-1] + 1)
+        self.frame = 0
+
+    def region(self, stage: int, halo: int | None = None) -> tuple[int, int, int, int]:
+        return stage_region(self.stages[stage], self.tile, (self.height, self.width), halo)
+
+    @staticmethod
+    def crop(x: torch.Tensor, origin: tuple[int, int], region: tuple[int, int, int, int]) -> torch.Tensor:
+        top, bottom, left, right = region
+        return x[..., top - origin[0] : bottom - origin[0], left - origin[1] : right - origin[1]]
+
+    def latent_frame(self, x: torch.Tensor, first_chunk: bool) -> None:
+        """x: one whole low-resolution frame [1, C, 1, h, w] on the device."""
+        region = self.region(0)
+        self.through(0, self.crop(x, (0, 0), region), region[::2], first_chunk)
+
+    def through(self, i: int, x: torch.Tensor, origin: tuple[int, int], first_chunk: bool) -> None:
+        """Stage i onwards, depth first, `frames` frames at a time (the causal caches carry the rest)."""
+        if i == len(self.stages) - 1:
+            return self.head(x, origin)
+        block, up = self.decoder.up_blocks[i], self.stages[i].upsample
+        for t in range(0, x.shape[2], self.frames):
+            piece = x[:, :, t : t + self.frames]
+            y = block(piece, feat_cache=self.cache, feat_idx=[self.starts[i]], first_chunk=first_chunk)
+            region = self.region(i + 1)
+            self.through(i + 1, self.crop(y, (origin[0] * up, origin[1] * up), region), region[::2], first_chunk)
+
+    def head(self, x: torch.Tensor, origin: tuple[int, int]) -> None:
+        x = self.decoder.nonlinearity(self.decoder.norm_out(x))
+        x = _cached_conv(self.decoder.conv_out, x, self.cache, [self.starts[-1]])
+        x = self.crop(x, origin, self.region(-1, halo=0))
+        if self.vae.config.patch_size is not None:
+            x = unpatchify(x, patch_size=self.vae.config.patch_size)
+        x = torch.clamp(x, min=-1.0, max=1.0)[0].permute(1, 2, 3, 0)  # [frames, H_tile, W_tile, 3]
+        pixel = self.vae.spatial_compression_ratio
+        rows = slice(self.top * pixel, self.bottom * pixel)
+        cols = slice(self.left * pixel, self.right * pixel)
+        self.emit(slice(self.frame, self.frame + x.shape[0]), rows, cols, x)
+        self.frame += x.shape[0]
+
+
+@torch.no_grad()
+def decode_tiles(vae: AutoencoderKLWan, z: torch.Tensor, grid: TileGrid, emit) -> None:
+    """Decode raw latents z [1, C, T, h, w] tile by tile: emit(frames, rows, cols, pixels) receives
+    each decoded piece, pixels [frames, H_tile, W_tile, 3] in [-1, 1] on the device."""
+    stages = decoder_stages(vae.decoder)
+    low = low_resolution_pass(vae, z)
+    height, width = z.shape[-2:]
+    for tile in grid.tiles(height, width):
+        decoder = _TileDecoder(vae, stages, tile, (height, width), grid.frames, emit)
+        for t in range(low.shape[0]):
+            decoder.latent_frame(low[t].to(z.device, non_blocking=True)[None, :, None], first_chunk=t == 0)
+
+
+def to_bytes(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] pixels -> uint8, rounding as the video writer expects."""
+    return ((pixels.float() * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 @torch.no_grad()
@@ -66,35 +243,9 @@ def decode_to_host(vae: AutoencoderKLWan, z: torch.Tensor, grid: TileGrid = UNTI
     """Raw latents z [1, C, T, h, w] -> uint8 frames [frames, H, W, 3] on the host."""
     _, _, latent_frames, height, width = z.shape
     scale = vae.spatial_compression_ratio
-    frames = 1 + 4 * (latent_frames - 1)
-    video = torch.zeros(frames, height * scale, width * scale, 3)  # host float32 accumulator
-    total = torch.zeros(height * scale, width * scale, 1)
-    x = vae.post_quant_conv(z)  # pointwise, so tiles may slice its output
-    for top, bottom in grid.spans(height, grid.rows):
-        for left, right in grid.spans(width, grid.cols):
-            weight = _ramp(bottom - top, top, bottom, height, grid.overlap, scale)[:, None]
-            weight = weight * _ramp(right - left, left, right, width, grid.overlap, scale)[None, :]
-            weight = weight[..., None]  # [H_tile, W_tile, 1]
-            rows, cols = slice(top * scale, bottom * scale), slice(left * scale, right * scale)
-            total[rows, cols] += weight
-            _decode_tile(vae, x[:, :, :, top:bottom, left:right], video, rows, cols, weight)
-    video /= total
-    return ((video * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
-def _decode_tile(vae, x, video, rows, cols, weight) -> None:
-    """The decoder over one tile, a latent frame at a time with its causal cache, as `_decode` does."""
-    vae.clear_cache()
-    frame = 0
-    for index in range(x.shape[2]):
-        vae._conv_idx = [0]
-        out = vae.decoder(
-            x[:, :, index : index + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=index == 0
-        )
-        if vae.config.patch_size is not None:
-            out = unpatchify(out, patch_size=vae.config.patch_size)
-        out = torch.clamp(out, min=-1.0, max=1.0)[0].permute(1, 2, 3, 0)  # [frames, H_tile, W_tile, 3]
-        # Leaves the device here: the video is assembled on the host.
-        video[frame : frame + out.shape[0], rows, cols] += out.float().cpu() * weight
-        frame += out.shape[0]
-    vae.clear_cache()
+    frames = 1 + vae.config.scale_factor_temporal * (latent_frames - 1)
+    video = torch.empty(frames, height * scale, width * scale, 3, dtype=torch.uint8)
+    landing = HostLanding()
+    decode_tiles(vae, z, grid, lambda f, r, c, pixels: landing.put(video[f, r, c], to_bytes(pixels)))
+    landing.drain()
+    return video.numpy()

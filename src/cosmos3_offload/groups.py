@@ -5,7 +5,10 @@ transformer and the VAE is put in one of:
 
 - `reasoner`: what `prefill` reads, except the embedding table;
 - `generator`: what `denoise` reads;
-- `vae`: the VAE;
+- `vae`: the VAE's decoder side (`decoder`, `post_quant_conv`): what the decode reads;
+- `vae_encoder`: the VAE's encoder side (`encoder`, `quant_conv`): what encoding conditioning
+  frames reads. It is placed as the plan places `vae` but staged in its own phase, so the decode
+  never holds the encoder's weights (0.28 GiB of Wan2.2's 1.31) and the encode not the decoder's;
 - `embedding`: `embed_tokens`, which stays on the host when the reasoner is offloaded (prefill
   looks up only the prompt's rows there) and goes with the reasoner otherwise;
 - `unused`: what the split never reads (`lm_head`, the final `norm`, and the last layer's
@@ -20,10 +23,20 @@ from .towers import GENERATOR, tower_of
 
 REASONER = "reasoner"
 VAE = "vae"
+VAE_ENCODER = "vae_encoder"
 EMBEDDING = "embedding"
 UNUSED = "unused"
-# Groups that can be staged, in the order a request runs their phases.
+# Groups a plan places (the names of `--offload-stages`), in the order a request runs them.
 PHASES: tuple[str, ...] = (REASONER, GENERATOR, VAE)
+# Groups placed as another group is.
+PLACED_LIKE = {VAE_ENCODER: VAE}
+# Every group with a phase, in the order a request runs them (the encode of conditioning comes first).
+PHASE_ORDER: tuple[str, ...] = (VAE_ENCODER, REASONER, GENERATOR, VAE)
+
+
+def vae_group_of(name: str) -> str:
+    """The group of one `AutoencoderKLWan` weight name."""
+    return VAE_ENCODER if name.startswith(("encoder.", "quant_conv.")) else VAE
 
 
 def transformer_group_of(name: str, num_layers: int) -> str:

@@ -24,7 +24,17 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import InputError
-from .groups import EMBEDDING, GENERATOR, PHASES, REASONER, UNUSED, VAE, transformer_group_of
+from .groups import (
+    EMBEDDING,
+    GENERATOR,
+    PHASE_ORDER,
+    REASONER,
+    UNUSED,
+    VAE,
+    VAE_ENCODER,
+    transformer_group_of,
+    vae_group_of,
+)
 from .materialize import (
     CheckpointValues,
     RandomValues,
@@ -100,7 +110,7 @@ def load_components(
         transformer, _transformer_grouping(plan, layers), keep_fp32_dtype(Cosmos3OmniTransformer, dtype)
     )
     transformer_targets = placer.place(transformer, transformer_layouts)
-    vae_targets = placer.place(vae, group_layouts(vae, lambda name: VAE, keep_fp32_dtype(AutoencoderKLWan, dtype)))
+    vae_targets = placer.place(vae, group_layouts(vae, vae_group_of, keep_fp32_dtype(AutoencoderKLWan, dtype)))
     if checkpoint is None:
         RandomValues(seed).fill(transformer_targets + vae_targets)
     else:
@@ -119,7 +129,7 @@ def load_components(
         scheduler_config=_scheduler_config(checkpoint),
         source=f"{random_model} model (random weights)" if checkpoint is None else str(checkpoint),
         random_weights=checkpoint is None,
-        engine=StagingEngine(device, {g: placer.placements[g] for g in PHASES}, PHASES),
+        engine=StagingEngine(device, {g: placer.placements[g] for g in PHASE_ORDER}, PHASE_ORDER),
         plan=plan,
     )
 
@@ -189,7 +199,7 @@ class _Placer:
                 heads[group] = layout
             bind_views(root, layout, view)
             targets += [(entry, view(entry)) for entry in layout.entries]
-        for tower in (REASONER, GENERATOR, VAE):
+        for tower in (REASONER, GENERATOR, VAE, VAE_ENCODER):
             if tower in self.placements or (tower not in heads and not streamed.get(tower)):
                 continue  # staged above, or a tower of another root
             head = heads.get(tower, SlabLayout.pack([]))

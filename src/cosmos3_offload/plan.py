@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .decode import TileGrid
 from .errors import InputError
-from .groups import PHASES, check_offload_groups
+from .groups import PHASES, PLACED_LIKE, check_offload_groups
 
 MODES = ("resident", "staged", "streamed")
 
@@ -63,7 +63,7 @@ class Plan:
         return cls(**{g: GroupPlan(mode="staged" if g in staged else "resident") for g in PHASES})
 
     def group(self, name: str) -> GroupPlan:
-        return getattr(self, name)
+        return getattr(self, PLACED_LIKE.get(name, name))
 
     @property
     def moves_weights(self) -> bool:
@@ -73,6 +73,7 @@ class Plan:
         parts = [f"{g} {self.group(g).describe()}" for g in PHASES]
         if self.mlp_chunk:
             parts.append(f"MLP in chunks of {self.mlp_chunk} tokens")
-        if (self.decode_grid.rows, self.decode_grid.cols) != (1, 1):
-            parts.append(f"decode in {self.decode_grid.rows}x{self.decode_grid.cols} tiles")
+        grid = self.decode_grid
+        if (grid.rows, grid.cols, grid.frames) != (1, 1, TileGrid().frames):
+            parts.append(f"decode in {grid.rows}x{grid.cols} tiles, {grid.frames} frame(s) a pass")
         return "; ".join(parts)

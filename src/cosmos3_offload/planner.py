@@ -14,6 +14,7 @@ predictions, and the streaming benchmark compares them with measurements.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass, replace
@@ -21,19 +22,31 @@ from dataclasses import dataclass, replace
 import torch
 from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer
 
-from .decode import TileGrid
+from .decode import Stage, TileGrid, decoder_stages, stage_region
 from .errors import InputError
-from .groups import EMBEDDING, GENERATOR, REASONER, UNUSED, VAE, transformer_group_of
+from .groups import EMBEDDING, GENERATOR, PHASES, REASONER, UNUSED, VAE, VAE_ENCODER, transformer_group_of, vae_group_of
 from .materialize import build_on_meta, group_layouts, keep_fp32_dtype
 from .plan import GroupPlan, Plan
 from .towers import tower_of
 
 GIB = 1024**3
 ACTIVATION_HIDDENS = 7.5  # live [tokens, hidden] tensors in a generator layer, besides the MLP's (fitted)
-DECODE_BYTES_PER_PIXEL = 12 * 1024  # decode working set per output pixel of one tile (fitted, untiled)
-DECODE_SECONDS_PER_PIXEL_FRAME = 9.7 / (1280 * 720 * 189)  # untiled 720p x 189f on the H200
+# Tiled decode, fitted to Nano's VAE on the H200 (benchmarks/results/decode-H200-2026-11-26.json):
+# live activations = (DECODE_LIVE_BASE + DECODE_LIVE_PER_FRAME * frames a pass) one-frame tensors of
+# the largest stage input of a tile, plus a fixed DECODE_FIXED_BYTES; time = untiled time x the
+# halo work x a slowdown for taking fewer frames through a block at once.
+DECODE_LIVE_BASE = 8.0
+DECODE_LIVE_PER_FRAME = 7.5
+DECODE_FIXED_BYTES = 100 * 1024**2
+DECODE_SLACK = 1.1  # the allocator's rounding and caching on top of the decode's tensors (from budget runs)
+DECODE_FRAME_SLOWDOWN = {1: 1.33, 2: 1.13, 4: 1.0}
+DECODE_SECONDS_PER_PIXEL_FRAME = 9.6 / (1280 * 720 * 189)  # our untiled 720p x 189f on the H200
 MLP_CHUNKS = (None, 8192, 2048)
-DECODE_GRIDS = tuple(TileGrid(rows=r, cols=c) for r, c in ((1, 1), (1, 2), (2, 2), (2, 3), (3, 4), (4, 6)))
+DECODE_GRIDS = tuple(
+    TileGrid(rows=r, cols=c, frames=f)
+    for r, c in ((1, 1), (1, 2), (2, 2), (2, 3), (3, 3), (3, 4), (4, 6), (6, 8))
+    for f in DECODE_FRAME_SLOWDOWN
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,8 +102,10 @@ class ModelSizes:
     layer_bytes: dict[str, int]  # per decoder layer, per tower
     head_bytes: dict[str, int]  # tower weights outside the layers
     embedding_bytes: int
-    vae_bytes: int
+    vae_bytes: int  # the decoder side (what the decode holds)
+    vae_encoder_bytes: int
     layer_matmul_params: int  # one tower's matmul weights in one layer
+    decoder_stages: tuple[Stage, ...]  # the VAE decoder's up blocks and head, as the tiled decode runs them
 
 
 def model_sizes(transformer_config: dict, vae_config: dict, dtype_bytes: int = 2) -> ModelSizes:
@@ -114,7 +129,7 @@ def model_sizes(transformer_config: dict, vae_config: dict, dtype_bytes: int = 2
         elif group != UNUSED and not name.startswith("layers."):
             head_bytes[tower_of(name)] += nbytes
     vae = build_on_meta(AutoencoderKLWan, vae_config)
-    vae_layout = group_layouts(vae, lambda name: VAE, keep_fp32_dtype(AutoencoderKLWan, dtype))[VAE]
+    vae_layouts = group_layouts(vae, vae_group_of, keep_fp32_dtype(AutoencoderKLWan, dtype))
     return ModelSizes(
         layers=config.num_hidden_layers,
         hidden=config.hidden_size,
@@ -127,8 +142,10 @@ def model_sizes(transformer_config: dict, vae_config: dict, dtype_bytes: int = 2
         layer_bytes=layer_bytes,
         head_bytes=head_bytes,
         embedding_bytes=embedding,
-        vae_bytes=vae_layout.payload_bytes,
+        vae_bytes=vae_layouts[VAE].payload_bytes,
+        vae_encoder_bytes=vae_layouts[VAE_ENCODER].payload_bytes,
         layer_matmul_params=matmul,
+        decoder_stages=decoder_stages(vae.decoder),
     )
 
 
@@ -166,7 +183,7 @@ def predict(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProf
         else:
             resident += sizes.head_bytes[tower] + len(how.resident_layers) * sizes.layer_bytes[tower]
             arena[tower] = how.ring * sizes.layer_bytes[tower]
-    resident += sizes.vae_bytes if plan.vae.mode == "resident" else 0
+    resident += sizes.vae_bytes + sizes.vae_encoder_bytes if plan.vae.mode == "resident" else 0
     arena[VAE] = sizes.vae_bytes if plan.vae.mode == "staged" else 0
     hb = sizes.hidden * sizes.dtype_bytes
     memory = 2 * sizes.layers * sizes.kv_heads * sizes.head_dim * sizes.dtype_bytes * request.prompt_tokens
@@ -177,13 +194,11 @@ def predict(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProf
         mlp = sizes.mlp_mats * mlp_tokens * sizes.intermediate * sizes.dtype_bytes
         return int((ACTIVATION_HIDDENS + request.branches - 2) * tokens * hb + mlp)
 
-    pixels = request.height * request.width
-    latent_h, latent_w = request.height // 16, request.width // 16
-    decode_work = DECODE_BYTES_PER_PIXEL * pixels * plan.decode_grid.tile_fraction(latent_h, latent_w)
+    decode_work, decode_share = decode_cost(sizes, plan.decode_grid, request.height // 16, request.width // 16)
     peaks = (
         resident + max(arena.values()) + memory + activations(request.prompt_tokens * request.branches, None),
         resident + max(arena[GENERATOR], arena[VAE]) + memory + activations(request.tokens, plan.mlp_chunk),
-        resident + arena[VAE] + int(decode_work),
+        resident + arena[VAE] + decode_work,
     )
     bandwidth = profile.h2d_GBps * 1e9
     step = _simulate(
@@ -200,10 +215,50 @@ def predict(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProf
         steps=1,
     )
     staged = sum(arena[t] for t, how in placements.items() if how.mode == "staged") + arena[VAE]
-    decode = DECODE_SECONDS_PER_PIXEL_FRAME * pixels * request.frames
-    decode *= plan.decode_grid.work_fraction(latent_h, latent_w)
+    decode = DECODE_SECONDS_PER_PIXEL_FRAME * request.height * request.width * request.frames * decode_share
     total = prefill + request.steps * step + decode + staged / bandwidth
     return Prediction(*peaks, step_s=step, prefill_s=prefill, decode_s=decode, total_s=total)
+
+
+def decode_cost(sizes: ModelSizes, grid: TileGrid, height: int, width: int) -> tuple[int, float]:
+    return _decode_cost(sizes.decoder_stages, sizes.dtype_bytes, grid, height, width)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_cost(stages: tuple[Stage, ...], nbytes: int, grid: TileGrid, height: int, width: int) -> tuple[int, float]:
+    """Device bytes of the tiled decode besides the weights (the largest tile's causal caches, two
+    frames per cached convolution, plus its live activations, plus allocator slack), and its time relative to an untiled
+    decode (every stage's multiply-adds over the areas its tiles cover, halos included, times the
+    slowdown of passing `grid.frames` frames at once)."""
+    frame = (height, width)
+    tiles = grid.tiles(height, width)
+
+    def area(stage: Stage, tile) -> int:
+        top, bottom, left, right = stage_region(stage, tile, frame)
+        return (bottom - top) * (right - left)
+
+    peak = 0
+    for tile in tiles:
+        caches = sum(2 * s.cache_channels * area(s, tile) for s in stages)
+        live = max(s.in_channels * area(s, tile) for s in stages)
+        peak = max(peak, (caches + (DECODE_LIVE_BASE + DECODE_LIVE_PER_FRAME * grid.frames) * live) * nbytes)
+    work = sum(s.macs * sum(area(s, t) for t in tiles) / (s.scale**2 * height * width) for s in stages)
+    slowdown = DECODE_FRAME_SLOWDOWN.get(grid.frames, 1.0)
+    return int((peak + DECODE_FIXED_BYTES) * DECODE_SLACK), work / sum(s.macs for s in stages) * slowdown
+
+
+def decode_grid_for(sizes: ModelSizes, height: int, width: int, budget_bytes: int, profile: DeviceProfile) -> TileGrid:
+    """The least-work tile grid whose decode (decoder weights included) fits the budget, for a
+    decode on its own; an InputError when even the finest grid does not."""
+    latent = (height // 16, width // 16)
+    fitting = []
+    for grid in DECODE_GRIDS:
+        nbytes, work = decode_cost(sizes, grid, *latent)
+        if sizes.vae_bytes + nbytes <= budget_bytes * profile.headroom:
+            fitting.append((work, grid.rows * grid.cols, grid))
+    if not fitting:
+        raise InputError(f"no tile grid fits the decode of {width}x{height} frames in {budget_bytes / GIB:.1f} GiB")
+    return min(fitting, key=lambda f: f[:2])[2]
 
 
 def _layer_seconds(sizes: ModelSizes, request: Request, profile: DeviceProfile, tokens: int) -> float:
@@ -291,11 +346,14 @@ def choose_plan(sizes: ModelSizes, request: Request, budget_bytes: int, profile:
             f"nothing fits a {budget_bytes / GIB:.1f} GiB budget for this request; it needs at least "
             f"{math.ceil(least / GIB * 10) / 10:.1f} GiB (or fewer frames or a lower resolution)"
         )
+
     # Among equally fast plans, move the fewest bytes per step (copies hidden on paper can still
-    # contend in practice), then use the least memory.
-    return min(
-        fitting, key=lambda c: (round(c.prediction.total_s, 1), streamed_bytes(c.plan, sizes), c.prediction.peak)
-    )
+    # contend in practice), then the fewest groups, then use the least memory.
+    def cost(c: Choice) -> tuple:
+        moving = sum(c.plan.group(g).mode != "resident" for g in PHASES)
+        return round(c.prediction.total_s, 1), streamed_bytes(c.plan, sizes), moving, c.prediction.peak
+
+    return min(fitting, key=cost)
 
 
 def streamed_bytes(plan: Plan, sizes: ModelSizes) -> int:

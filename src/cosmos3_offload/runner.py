@@ -28,7 +28,7 @@ from .generate import (
     prefill_branches,
     prepare_branches,
 )
-from .groups import GENERATOR, REASONER, VAE
+from .groups import GENERATOR, REASONER, VAE, VAE_ENCODER
 from .loading import Components, check_checkpoint, load_components
 from .model_specs import model_spec
 from .plan import Plan
@@ -119,7 +119,7 @@ def generate_video(
         latents = initial_noise(pipe, config, engine.device)
         indexes = () if conditioning is None else conditioning.indexes
         if conditioning is not None:
-            with recorder.stage("encode"), engine.phase(VAE):
+            with recorder.stage("encode"), engine.phase(VAE_ENCODER):
                 pixels = condition_pixels(
                     pipe,
                     image=conditioning.image,

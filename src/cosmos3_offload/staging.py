@@ -149,7 +149,7 @@ class StagingEngine:
         """One line per group and one for the arena: where weights live, sizes, copy throughput."""
         lines = []
         for p in self.placements.values():
-            line = f"{p.name:<9} {p.where:<8} {format_bytes(p.payload_bytes):>10}"
+            line = f"{p.name:<11} {p.where:<8} {format_bytes(p.payload_bytes):>10}"
             copies = getattr(p, "copies", [])
             if copies:
                 seconds = sum(c.seconds_blocking() for c in copies)
@@ -157,5 +157,7 @@ class StagingEngine:
                 rate = moved / max(seconds, 1e-9) / 1e9
                 line += f"  {format_bytes(moved)} copied in {len(copies)} copies at {rate:.1f} GB/s"
             lines.append(line)
-        lines.append(f"arena     {format_bytes(self.arena.peak_bytes)}; pinned host {format_bytes(self.pinned_bytes)}")
+        lines.append(
+            f"arena       {format_bytes(self.arena.peak_bytes)}; pinned host {format_bytes(self.pinned_bytes)}"
+        )
         return "\n".join(lines)

@@ -9,6 +9,7 @@ logic.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -92,3 +93,37 @@ def measure_h2d_GBps(device: torch.device, nbytes: int = 256 * 1024**2, repeats:
         nbytes / engine.copy_after_compute(target, slab.buffer).seconds_blocking() / 1e9 for _ in range(repeats + 1)
     ]
     return sorted(speeds[1:])[repeats // 2]
+
+
+class HostLanding:
+    """Device tensors copied into host tensors behind the compute.
+
+    Each piece goes to a pinned buffer with a non-blocking copy and is written to its destination
+    `depth` pieces later, once its copy has finished, so the device never waits for the host. On
+    the CPU a piece is copied at once.
+    """
+
+    def __init__(self, depth: int = 4):
+        self.depth = depth
+        self.pending: deque[tuple[torch.cuda.Event, torch.Tensor, torch.Tensor]] = deque()
+
+    def put(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if src.device.type != "cuda":
+            dst.copy_(src)
+            return
+        staging = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)  # the caching host allocator reuses these
+        staging.copy_(src, non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record(torch.cuda.current_stream(src.device))
+        self.pending.append((landed, staging, dst))
+        while len(self.pending) > self.depth:
+            self._land()
+
+    def drain(self) -> None:
+        while self.pending:
+            self._land()
+
+    def _land(self) -> None:
+        landed, staging, dst = self.pending.popleft()
+        landed.synchronize()
+        dst.copy_(staging)
