@@ -1,12 +1,16 @@
-"""VAE benchmark (issue 5): decode, ours untiled and in tile grids, against diffusers' decode and tiling;
-and the encode of a conditioning clip: diffusers' pipeline encodes the whole padded clip, ours only
-the frames that condition (1 for image-to-video, 5 for the default video-to-video).
+"""VAE benchmark (issue 5): decode, ours untiled, in tile grids and at device budgets, against
+diffusers' decode and its tiling; and the encode of a conditioning clip (diffusers' pipeline
+encodes the whole clip, ours only the frames that condition: 1 for i2v, 5 for the default v2v).
 
 Full-size Wan2.2 VAE with seeded random bf16 weights, random latents. Each run reports wall time
-and the device's peak allocated/reserved memory (VAE weights included); ours returns frames on
-the host, diffusers' leaves the decoded video on the device. Results:
+and the device's peak allocated/reserved memory, weights included: diffusers' runs hold the whole
+VAE (1.31 GiB) and leave the video on the device; ours hold the decoder side only (1.03 GiB, what
+the staged `vae` group holds during the decode) and return uint8 frames on the host. Budget runs
+take the grid the planner picks for that budget and run under
+`torch.cuda.set_per_process_memory_fraction` at that budget. Every run of ours is compared byte by
+byte with diffusers' untiled decode of the same latents. Results:
 benchmarks/results/decode-<gpu>-<date>.json.
-Example: python benchmarks/bench_decode.py --shapes 720x189 480x93
+Example: python benchmarks/bench_decode.py --shapes 720x189 480x93 --budgets 2 3 4
 """
 
 from __future__ import annotations
@@ -19,39 +23,64 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from bench_common import ResultsFile, gib, random_model, reset_device
+from bench_common import GIB, ResultsFile, gib, random_model
 from bench_staging import parse_shape
 from diffusers import AutoencoderKLWan
 
-from cosmos3_offload.decode import TileGrid, decode_to_host
+from cosmos3_offload.decode import TileGrid, decode_to_host, to_bytes
+from cosmos3_offload.errors import InputError
 from cosmos3_offload.model_specs import model_spec
+from cosmos3_offload.planner import (
+    DECODE_SECONDS_PER_PIXEL_FRAME,
+    DeviceProfile,
+    decode_cost,
+    decode_grid_for,
+    model_sizes,
+)
 from cosmos3_offload.tiers import frame_size
 
 CUDA = torch.device("cuda")
-GRIDS = [(1, 1), (1, 2), (2, 2), (2, 3), (3, 4)]
 
 
-def timed(fn, *args) -> dict:
-    reset_device()
+def parse_grid(text: str) -> TileGrid:
+    """ROWSxCOLS or ROWSxCOLSxFRAMES (frames taken through an up block at once)."""
+    rows, cols, *frames = (int(n) for n in text.split("x"))
+    return TileGrid(rows=rows, cols=cols, frames=frames[0] if frames else 1)
+
+
+def timed(fn, *args, cap_gib: float | None = None) -> tuple[dict, object]:
+    """Run fn(*args) from a clean allocator (under a memory cap if given): (measurements, result)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap_gib is None else min(1.0, cap_gib * GIB / total))
     start = time.perf_counter()
     try:
-        fn(*args)
+        result = fn(*args)
+        torch.cuda.synchronize()
     except torch.OutOfMemoryError as error:
-        reset_device()
-        return {"error": f"out of memory: {str(error).splitlines()[0]}"}
-    torch.cuda.synchronize()
+        return {"error": f"out of memory: {str(error).splitlines()[0]}"}, None
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
     return {
-        "decode_s": round(time.perf_counter() - start, 3),
+        "seconds": round(time.perf_counter() - start, 3),
         "peak_allocated_gib": gib(torch.cuda.max_memory_allocated()),
         "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()),
         "error": None,
-    }
+    }, result
 
 
 @torch.no_grad()
-def diffusers_decode(vae: AutoencoderKLWan, z: torch.Tensor) -> None:
-    vae.decode(z).sample.cpu()
+def diffusers_decode(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+    return vae.decode(z).sample  # left on the device, as the pipeline leaves it
+
+
+def video_bytes(sample: torch.Tensor) -> np.ndarray:
+    """[1, 3, F, H, W] on the device -> uint8 [F, H, W, 3] on the host, a frame at a time."""
+    return np.stack([to_bytes(sample[0, :, f].permute(1, 2, 0)).cpu().numpy() for f in range(sample.shape[2])])
 
 
 @torch.no_grad()
@@ -59,15 +88,28 @@ def encode(vae: AutoencoderKLWan, clip: torch.Tensor) -> None:
     vae.encode(clip).latent_dist.mode().cpu()
 
 
+def compare(ours: np.ndarray, reference: np.ndarray) -> dict:
+    difference = np.abs(ours.astype(np.int16) - reference.astype(np.int16))
+    return {
+        "max_byte_diff_vs_diffusers": int(difference.max()),
+        "mean_byte_diff_vs_diffusers": float(difference.mean()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="*", type=parse_shape, default=[(720, 189), (480, 93)])
-    parser.add_argument("--tag", default="", help="suffix of the results file name (decode-TAG-...)")
+    parser.add_argument("--grids", nargs="*", type=parse_grid, default=[parse_grid(g) for g in ("1x1", "1x2", "2x2")])
+    parser.add_argument("--budgets", nargs="*", type=float, default=[2.0, 3.0, 4.0], help="GiB")
     parser.add_argument("--encode", nargs="*", type=parse_shape, default=[(720, 189)], help="clips to encode")
+    parser.add_argument("--tag", default="", help="suffix of the results file name (decode-TAG-...)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     results = ResultsFile(args.out, f"decode-{args.tag}" if args.tag else "decode")
-    vae = random_model(AutoencoderKLWan, model_spec("nano").vae, CUDA, torch.bfloat16)
+    spec = model_spec("nano")
+    sizes = model_sizes(spec.transformer, spec.vae)
+    profile = DeviceProfile()
+    vae = random_model(AutoencoderKLWan, spec.vae, CUDA, torch.bfloat16)
     for tier, frames in args.shapes:
         width, height = frame_size(tier, "16,9")
         z = torch.randn(
@@ -77,57 +119,74 @@ def main() -> None:
         base = {"height": height, "width": width, "frames": frames, "model": "wan2.2-vae"}
 
         vae.disable_tiling()
-        results.add(
-            {
-                "name": f"diffusers-untiled-{tier}p-{frames}f",
-                "system": "diffusers",
-                **base,
-                **timed(diffusers_decode, vae, z),
-            }
-        )
+        run, sample = timed(diffusers_decode, vae, z)
+        untiled = run["seconds"] if sample is not None else None
+        reference = video_bytes(sample) if sample is not None else None
+        del sample
+        results.add({"name": f"diffusers-untiled-{tier}p-{frames}f", "system": "diffusers", **base, **run})
         vae.enable_tiling()
-        results.add(
-            {
-                "name": f"diffusers-tiling-{tier}p-{frames}f",
-                "system": "diffusers",
-                **base,
-                **timed(diffusers_decode, vae, z),
-            }
-        )
+        run, sample = timed(diffusers_decode, vae, z)
+        if sample is not None and reference is not None:
+            run |= compare(video_bytes(sample), reference)
+        del sample
+        results.add({"name": f"diffusers-tiling-{tier}p-{frames}f", "system": "diffusers", **base, **run})
         vae.disable_tiling()
-        for rows, cols in GRIDS:
-            grid = TileGrid(rows=rows, cols=cols)
-            run = timed(decode_to_host, vae, z, grid)
+
+        # Ours holds the decoder side only, as the staged `vae` group does.
+        vae.encoder.to("cpu")
+        vae.quant_conv.to("cpu")
+        chosen = {}
+        for budget in args.budgets:
+            try:
+                chosen[budget] = decode_grid_for(sizes, height, width, int(budget * GIB), profile)
+            except InputError:
+                chosen[budget] = None
+        runs = [(grid, None) for grid in args.grids] + [(g, b) for b, g in chosen.items() if g is not None]
+        for grid, budget in runs:
+            nbytes, work = decode_cost(sizes, grid, height // 16, width // 16)
+            run, frames_out = timed(decode_to_host, vae, z, grid, cap_gib=budget)
+            if frames_out is not None and reference is not None:
+                run |= compare(frames_out, reference)
+            if untiled and run.get("seconds"):
+                run["vs_diffusers_untiled"] = round(run["seconds"] / untiled, 3)
+            name = f"ours-{grid.rows}x{grid.cols}x{grid.frames}" + (f"-budget-{budget:g}gib" if budget else "")
             results.add(
                 {
-                    "name": f"ours-{rows}x{cols}-{tier}p-{frames}f",
+                    "name": f"{name}-{tier}p-{frames}f",
                     "system": "ours",
-                    "plan": f"{rows}x{cols} tiles, overlap {grid.overlap}",
+                    "plan": f"{grid.rows}x{grid.cols} tiles"
+                    + (f", the planner's pick for {budget:g} GiB" if budget else ""),
+                    "cap_gib": budget,
                     **base,
                     **run,
+                    "predicted": {
+                        "peak_allocated_gib": gib(sizes.vae_bytes + nbytes),
+                        "seconds": round(DECODE_SECONDS_PER_PIXEL_FRAME * height * width * frames * work, 2),
+                        "work_vs_untiled": round(work, 3),
+                    },
                 }
             )
+        vae.encoder.to(CUDA)
+        vae.quant_conv.to(CUDA)
     for tier, frames in args.encode:
         width, height = frame_size(tier, "16,9")
         clip = torch.rand(1, 3, frames, height, width, generator=torch.Generator().manual_seed(1)) * 2 - 1
-        clip = clip.to(CUDA, torch.bfloat16)
+        clip = clip.to(torch.bfloat16)
         base = {"height": height, "width": width, "frames": frames, "model": "wan2.2-vae"}
+        whole = clip.to(CUDA)  # the pipeline moves the whole clip to the device
         vae.disable_tiling()
-        results.add(
-            {"name": f"diffusers-encode-{tier}p-{frames}f", "system": "diffusers", **base, **timed(encode, vae, clip)}
-        )
+        run, _ = timed(encode, vae, whole)
+        results.add({"name": f"diffusers-encode-{tier}p-{frames}f", "system": "diffusers", **base, **run})
         vae.enable_tiling()
-        results.add(
-            {
-                "name": f"diffusers-encode-tiling-{tier}p-{frames}f",
-                "system": "diffusers",
-                **base,
-                **timed(encode, vae, clip),
-            }
-        )
+        run, _ = timed(encode, vae, whole)
+        results.add({"name": f"diffusers-encode-tiling-{tier}p-{frames}f", "system": "diffusers", **base, **run})
         vae.disable_tiling()
+        del whole
+        # Ours holds the encoder side only, as the staged `vae_encoder` group does.
+        vae.decoder.to("cpu")
+        vae.post_quant_conv.to("cpu")
         for needed, mode in ((1, "i2v"), (5, "v2v")):
-            run = timed(encode, vae, clip[:, :, :needed])
+            run, _ = timed(encode, vae, clip[:, :, :needed].to(CUDA))  # only these frames reach the device
             results.add(
                 {
                     "name": f"ours-encode-{mode}-{tier}p-{frames}f",
@@ -137,6 +196,8 @@ def main() -> None:
                     **run,
                 }
             )
+        vae.decoder.to(CUDA)
+        vae.post_quant_conv.to(CUDA)
     print(f"wrote {results.path}")
 
 
