@@ -112,6 +112,14 @@ def test_plan_prints_the_choice_and_predictions(capsys):
     out = capsys.readouterr().out
     assert "1280x720, 189 frames" in out and "generator streamed" in out
     assert "predicted peak:" in out and "s per step" in out
+    assert "encode" not in out  # text to video encodes nothing
+
+
+def test_plan_counts_the_encode_of_conditioning_frames(capsys):
+    """With --video (no file is read by `plan`) the encode of its first 5 frames is planned for too."""
+    args = ["plan", "--vram-budget", "8GiB", "--model", "nano", "--resolution", "720", "--frames", "189"]
+    assert main([*args, "--video", "clip.mp4"]) == 0
+    assert "predicted peak: encode " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from test_generate import diffusers_latents
 from tiny_models import relative_error, tiny_pipeline
 
 from cosmos3_offload.cli import main
-from cosmos3_offload.conditioning import condition_pixels, conditioned_noise, read_conditioning
+from cosmos3_offload.conditioning import condition_pixels, conditioned_noise, frames_to_encode, read_conditioning
 from cosmos3_offload.config import GenerationConfig
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.generate import denoise_latents, initial_noise, prefill_branches, prepare_branches
@@ -162,3 +162,15 @@ def test_read_conditioning_rejects_nothing_for_text_only():
     assert read_conditioning(None, None, (0, 1)) is None
     with pytest.raises(InputError):
         read_conditioning(None, __import__("pathlib").Path("/nonexistent.mp4"), (0,))
+
+
+@pytest.mark.parametrize("indexes", [(0,), (0, 1), (0, 2)])
+def test_frames_to_encode_matches_the_pixels_encoded(pipeline, indexes):
+    """What the planner is told the encode takes is what condition_pixels hands the encoder."""
+    clip = [Image.new("RGB", (64, 48), (i * 20, 0, 0)) for i in range(3)]
+    pixels = condition_pixels(
+        pipeline, image=None, video=clip, condition_frames=indexes, height=256, width=256, device=torch.device("cpu")
+    )
+    assert pixels.shape[2] == frames_to_encode(image=False, video=True, condition_frames=indexes)
+    assert frames_to_encode(image=True, video=False, condition_frames=indexes) == 1
+    assert frames_to_encode(image=False, video=False, condition_frames=indexes) == 0

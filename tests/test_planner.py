@@ -16,6 +16,7 @@ from cosmos3_offload.planner import (
     choose_plan,
     decode_cost,
     decode_grid_for,
+    encode_cost,
     model_sizes,
     parse_budget,
     predict,
@@ -135,3 +136,17 @@ def test_decode_grid_for_a_budget(nano):
         assert nano.vae_bytes + nbytes <= gib * GIB * PROFILE.headroom
     with pytest.raises(InputError, match="no tile grid fits"):
         decode_grid_for(nano, 720, 1280, GIB, PROFILE)
+
+
+def test_encode_of_conditioning_frames_is_planned(nano):
+    """Text to video predicts no encode; a clip's 5 frames cost more than an image's 1; plans fit with the encode."""
+    peaks = {}
+    for frames in (0, 1, 5):
+        request = Request.for_video(189, 720, 1280, encode_frames=frames)
+        choice = choose_plan(nano, request, 6 * GIB, PROFILE)
+        assert choice.prediction.peak <= 6 * GIB * PROFILE.headroom
+        peaks[frames] = predict(choice.plan, nano, request, PROFILE).encode_peak
+    assert peaks[0] == 0 < peaks[1] < peaks[5]
+    assert encode_cost(Request.for_video(189, 720, 1280, encode_frames=9)) == encode_cost(
+        Request.for_video(189, 720, 1280, encode_frames=5)
+    )  # chunks of at most 4 frames

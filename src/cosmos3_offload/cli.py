@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from .conditioning import frames_to_encode
 from .config import DTYPES, GenerationConfig, resolve_device, resolve_dtype
 from .errors import InputError
 from .loading import model_configs
@@ -34,6 +35,24 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _request_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that describe the video and the model, shared by `generate` and `plan`."""
+    parser.add_argument(
+        "--image", type=Path, default=None, help="image-to-video: this image (resized, centre-cropped) is frame 0"
+    )
+    parser.add_argument(
+        "--video",
+        type=Path,
+        default=None,
+        help="video-to-video: this clip's first frames condition the latent frames of --condition-frames",
+    )
+    parser.add_argument(
+        "--condition-frames",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        metavar="INDEX",
+        help="latent frame indexes the --video clip keeps clean; latent frame k covers pixel frames "
+        "4k-3..4k (default: 0 1, the clip's first 5 frames)",
+    )
     parser.add_argument(
         "--frames",
         type=int,
@@ -98,24 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", required=True, help="what the video shows")
     gen.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
-    gen.add_argument(
-        "--image", type=Path, default=None, help="image-to-video: this image (resized, centre-cropped) is frame 0"
-    )
-    gen.add_argument(
-        "--video",
-        type=Path,
-        default=None,
-        help="video-to-video: this clip's first frames condition the latent frames of --condition-frames",
-    )
-    gen.add_argument(
-        "--condition-frames",
-        type=int,
-        nargs="+",
-        default=[0, 1],
-        metavar="INDEX",
-        help="latent frame indexes the --video clip keeps clean; latent frame k covers pixel frames "
-        "4k-3..4k (default: 0 1, the clip's first 5 frames)",
-    )
     _request_arguments(gen)
     gen.add_argument(
         "--shift",
@@ -187,7 +188,10 @@ def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: in
     budget = parse_budget(args.vram_budget)
     bandwidth = args.h2d_gbps if args.h2d_gbps is not None else measure_h2d_GBps(device) or DeviceProfile().h2d_GBps
     sizes = model_sizes(*model_configs(args.checkpoint, args.model), dtype_bytes=dtype.itemsize)
-    request = Request.for_video(frames, height, width, cfg=args.guidance != 1.0, steps=args.steps)
+    encode = frames_to_encode(
+        image=args.image is not None, video=args.video is not None, condition_frames=tuple(args.condition_frames)
+    )
+    request = Request.for_video(frames, height, width, cfg=args.guidance != 1.0, steps=args.steps, encode_frames=encode)
     return choose_plan(sizes, request, budget, DeviceProfile(h2d_GBps=bandwidth)), budget
 
 

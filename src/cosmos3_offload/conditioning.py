@@ -53,6 +53,14 @@ def read_video(path: Path) -> list[Image.Image]:
     return [Image.fromarray(frame[..., :3]) for frame in frames]
 
 
+def frames_to_encode(*, image: bool, video: bool, condition_frames: tuple[int, ...], temporal: int = 4) -> int:
+    """Pixel frames the VAE encodes for a request: 1 for an image, through the last conditioning
+    latent frame for a clip (latent frame k covers pixel frames up to temporal * k), 0 for text."""
+    if image:
+        return 1
+    return max(condition_frames) * temporal + 1 if video else 0
+
+
 def condition_pixels(
     pipe: Cosmos3OmniPipeline,
     *,
@@ -66,7 +74,8 @@ def condition_pixels(
     """[1, 3, F, H, W] in [-1, 1]: the pixel frames the conditioning latent frames depend on."""
     if image is not None:
         return _preprocess_conditioning_image(image, height=height, width=width).unsqueeze(2).to(device)
-    needed = max(condition_frames) * pipe.vae.config.scale_factor_temporal + 1
+    temporal = pipe.vae.config.scale_factor_temporal
+    needed = frames_to_encode(image=False, video=True, condition_frames=condition_frames, temporal=temporal)
     clip = pipe.video_processor.preprocess_video(video, height=height, width=width)[:, :, :needed]
     if clip.shape[2] < needed:  # the pipeline repeats the last frame to fill the video
         clip = torch.cat([clip, clip[:, :, -1:].expand(-1, -1, needed - clip.shape[2], -1, -1)], dim=2)

@@ -40,6 +40,10 @@ DECODE_LIVE_PER_FRAME = 7.5
 DECODE_FIXED_BYTES = 100 * 1024**2
 DECODE_SLACK = 1.1  # the allocator's rounding and caching on top of the decode's tensors (from budget runs)
 DECODE_FRAME_SLOWDOWN = {1: 1.33, 2: 1.13, 4: 1.0}
+# Encode of conditioning frames, fitted to two H200 points (720p: 1 frame 1.40 GiB, 5 frames 3.68 GiB
+# peak with the encoder's 0.28 GiB; decode-H200-2026-11-26.json).
+ENCODE_BYTES_PER_PIXEL = 390
+ENCODE_BYTES_PER_PIXEL_FRAME = 900
 DECODE_SECONDS_PER_PIXEL_FRAME = 9.6 / (1280 * 720 * 189)  # our untiled 720p x 189f on the H200
 MLP_CHUNKS = (None, 8192, 2048)
 DECODE_GRIDS = tuple(
@@ -77,6 +81,7 @@ class Request:
     height: int = 720
     width: int = 1280
     steps: int = 35
+    encode_frames: int = 0  # pixel frames the VAE encodes for conditioning (0: text to video)
 
     @classmethod
     def for_video(cls, frames: int, height: int, width: int, *, cfg: bool = True, steps: int = 35, **kw) -> Request:
@@ -158,10 +163,11 @@ class Prediction:
     prefill_s: float
     decode_s: float
     total_s: float
+    encode_peak: int = 0  # 0 without conditioning frames
 
     @property
     def peak(self) -> int:
-        return max(self.prefill_peak, self.denoise_peak, self.decode_peak)
+        return max(self.encode_peak, self.prefill_peak, self.denoise_peak, self.decode_peak)
 
 
 def spread(layers: int, count: int) -> tuple[int, ...]:
@@ -185,6 +191,7 @@ def predict(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProf
             arena[tower] = how.ring * sizes.layer_bytes[tower]
     resident += sizes.vae_bytes + sizes.vae_encoder_bytes if plan.vae.mode == "resident" else 0
     arena[VAE] = sizes.vae_bytes if plan.vae.mode == "staged" else 0
+    arena[VAE_ENCODER] = sizes.vae_encoder_bytes if plan.vae.mode == "staged" else 0
     hb = sizes.hidden * sizes.dtype_bytes
     memory = 2 * sizes.layers * sizes.kv_heads * sizes.head_dim * sizes.dtype_bytes * request.prompt_tokens
     memory *= request.branches
@@ -217,7 +224,16 @@ def predict(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProf
     staged = sum(arena[t] for t, how in placements.items() if how.mode == "staged") + arena[VAE]
     decode = DECODE_SECONDS_PER_PIXEL_FRAME * request.height * request.width * request.frames * decode_share
     total = prefill + request.steps * step + decode + staged / bandwidth
-    return Prediction(*peaks, step_s=step, prefill_s=prefill, decode_s=decode, total_s=total)
+    # The encode runs first, with the arena already sized for the largest phase to come.
+    encode = resident + max(arena.values()) + encode_cost(request) if request.encode_frames else 0
+    return Prediction(*peaks, step_s=step, prefill_s=prefill, decode_s=decode, total_s=total, encode_peak=encode)
+
+
+def encode_cost(request: Request) -> int:
+    """Device bytes of encoding the conditioning frames besides the weights. The causal encoder takes
+    the first frame alone and then chunks of up to 4, so the working set follows the largest chunk."""
+    chunk = min(4, max(1, request.encode_frames - 1))
+    return int(request.height * request.width * (ENCODE_BYTES_PER_PIXEL + ENCODE_BYTES_PER_PIXEL_FRAME * chunk))
 
 
 def decode_cost(sizes: ModelSizes, grid: TileGrid, height: int, width: int) -> tuple[int, float]:
@@ -385,7 +401,9 @@ def describe_choice(choice: Choice, budget_bytes: int) -> str:
     return "\n".join(
         [
             f"plan for a {budget_bytes / GIB:.1f} GiB budget: {choice.plan.describe()}",
-            f"predicted peak: prefill {p.prefill_peak / GIB:.2f} GiB, denoise {p.denoise_peak / GIB:.2f} GiB, "
+            "predicted peak: "
+            + (f"encode {p.encode_peak / GIB:.2f} GiB, " if p.encode_peak else "")
+            + f"prefill {p.prefill_peak / GIB:.2f} GiB, denoise {p.denoise_peak / GIB:.2f} GiB, "
             f"decode {p.decode_peak / GIB:.2f} GiB",
             f"predicted time: prefill {p.prefill_s:.2f} s, {p.step_s:.3f} s per step, decode {p.decode_s:.1f} s, "
             f"total {p.total_s:.1f} s",
