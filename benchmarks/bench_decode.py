@@ -45,9 +45,9 @@ CUDA = torch.device("cuda")
 
 
 def parse_grid(text: str) -> TileGrid:
-    """ROWSxCOLS or ROWSxCOLSxFRAMES (frames taken through an up block at once)."""
+    """ROWSxCOLS or ROWSxCOLSxFRAMES (frames taken through an up block at once; default 4)."""
     rows, cols, *frames = (int(n) for n in text.split("x"))
-    return TileGrid(rows=rows, cols=cols, frames=frames[0] if frames else 1)
+    return TileGrid(rows=rows, cols=cols, frames=frames[0] if frames else TileGrid().frames)
 
 
 def timed(fn, *args, cap_gib: float | None = None) -> tuple[dict, object]:

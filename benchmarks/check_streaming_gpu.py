@@ -62,7 +62,8 @@ def main() -> int:
         reference = outputs["resident-chunked" if plan.mlp_chunk else "resident"]
         same = torch.equal(outputs[name].latents, reference.latents)
         failed |= not same
-        print(f"{name}: {'identical' if same else 'DIFFERENT'}; {components.engine.summary().splitlines()[1]}")
+        generator = next(line for line in components.engine.summary().splitlines() if line.startswith("generator"))
+        print(f"{name}: {'identical' if same else 'DIFFERENT'}; {generator}")
         del components
     a, b = outputs["resident-chunked"].latents, outputs["resident"].latents
     error = ((a - b).norm() / b.norm()).item()

@@ -150,3 +150,15 @@ def test_encode_of_conditioning_frames_is_planned(nano):
     assert encode_cost(Request.for_video(189, 720, 1280, encode_frames=9)) == encode_cost(
         Request.for_video(189, 720, 1280, encode_frames=5)
     )  # chunks of at most 4 frames
+
+
+def test_a_resident_encoder_encodes_before_any_arena(nano):
+    """With the VAE resident the encode comes before the first staged phase reserves its arena."""
+    request = Request.for_video(189, 720, 1280, encode_frames=5)
+    staged = Plan(reasoner=GroupPlan(mode="staged"), generator=GroupPlan(mode="staged"), vae=GroupPlan(mode="staged"))
+    resident_vae = Plan(reasoner=GroupPlan(mode="staged"), generator=GroupPlan(mode="staged"))
+    gap = (
+        predict(staged, nano, request, PROFILE).encode_peak - predict(resident_vae, nano, request, PROFILE).encode_peak
+    )
+    generator = nano.head_bytes["generator"] + nano.layers * nano.layer_bytes["generator"]
+    assert gap == generator - nano.vae_bytes - nano.vae_encoder_bytes  # arena in, resident VAE weights out

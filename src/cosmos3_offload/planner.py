@@ -224,8 +224,10 @@ def predict(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProf
     staged = sum(arena[t] for t, how in placements.items() if how.mode == "staged") + arena[VAE]
     decode = DECODE_SECONDS_PER_PIXEL_FRAME * request.height * request.width * request.frames * decode_share
     total = prefill + request.steps * step + decode + staged / bandwidth
-    # The encode runs first, with the arena already sized for the largest phase to come.
-    encode = resident + max(arena.values()) + encode_cost(request) if request.encode_frames else 0
+    # The encode runs first; a staged encoder enters with the arena already sized for the largest
+    # phase to come, a resident one before any arena exists.
+    arena_then = max(arena.values()) if plan.vae.mode == "staged" else 0
+    encode = resident + arena_then + encode_cost(request) if request.encode_frames else 0
     return Prediction(*peaks, step_s=step, prefill_s=prefill, decode_s=decode, total_s=total, encode_peak=encode)
 
 

@@ -98,9 +98,10 @@ def measure_h2d_GBps(device: torch.device, nbytes: int = 256 * 1024**2, repeats:
 class HostLanding:
     """Device tensors copied into host tensors behind the compute.
 
-    Each piece goes to a pinned buffer with a non-blocking copy and is written to its destination
-    `depth` pieces later, once its copy has finished, so the device never waits for the host. On
-    the CPU a piece is copied at once.
+    Each piece goes to a pinned buffer with a non-blocking copy (queued on the current stream after
+    the kernels that made it) and is written to its destination `depth` pieces later, once that
+    copy has finished, so the host keeps queueing work instead of waiting for each piece. On the
+    CPU a piece is copied at once.
     """
 
     def __init__(self, depth: int = 4):
