@@ -64,7 +64,6 @@ class Stage:
     scale: int  # its input's resolution over the latent's
     halo: int  # context pixels (at that resolution) its input needs around a tile
     upsample: int  # spatial factor from its input to its output
-    frames: int  # frames its input has per latent frame (past the first)
     macs: float  # multiply-adds per latent pixel and latent frame (what its time scales with)
     in_channels: int  # channels of its input
     cache_channels: int  # channels its causal caches keep, two frames each, per input-resolution pixel
@@ -120,14 +119,13 @@ def decoder_stages(decoder: nn.Module) -> tuple[Stage, ...]:
                 spatial = (2 * s) ** 2 if after_up else s**2
                 moved = 2 * f if after_up and up.mode == "upsample3d" else f
                 macs += m.weight[0].numel() * m.out_channels * spatial * moved
-        convs = [m for m in module.modules() if isinstance(m, WanResidualBlock)]
-        cached = sum(r.conv1.in_channels + r.conv2.in_channels for r in convs)
         if block is None:
-            cached = decoder.conv_out.in_channels
-        elif up is not None and up.mode == "upsample3d":
-            cached += up.dim
-        channels = block.resnets[0].in_dim if block is not None else decoder.conv_out.in_channels
-        stages.append(Stage(s, halo, 2 if up is not None else 1, f, macs, channels, cached))
+            channels = cached = decoder.conv_out.in_channels
+        else:
+            channels = block.resnets[0].in_dim
+            cached = sum(r.conv1.in_channels + r.conv2.in_channels for r in block.resnets)
+            cached += up.dim if up is not None and up.mode == "upsample3d" else 0
+        stages.append(Stage(s, halo, 2 if up is not None else 1, macs, channels, cached))
     return tuple(stages)
 
 
@@ -173,9 +171,7 @@ class _TileDecoder:
 
     def __init__(self, vae: AutoencoderKLWan, stages: tuple[Stage, ...], tile, frame_size, frames: int, emit):
         self.vae, self.decoder, self.stages, self.frames, self.emit = vae, vae.decoder, stages, frames, emit
-        self.tile = tile
-        (self.top, self.bottom), (self.left, self.right) = tile
-        self.height, self.width = frame_size
+        self.tile, self.frame_size = tile, frame_size
         blocks = list(self.decoder.up_blocks)
         first = 1 + cache_slots(self.decoder.mid_block)
         self.starts = [first + sum(cache_slots(b) for b in blocks[:i]) for i in range(len(blocks) + 1)]
@@ -183,7 +179,7 @@ class _TileDecoder:
         self.frame = 0
 
     def region(self, stage: int, halo: int | None = None) -> tuple[int, int, int, int]:
-        return stage_region(self.stages[stage], self.tile, (self.height, self.width), halo)
+        return stage_region(self.stages[stage], self.tile, self.frame_size, halo)
 
     @staticmethod
     def crop(x: torch.Tensor, origin: tuple[int, int], region: tuple[int, int, int, int]) -> torch.Tensor:
@@ -214,8 +210,8 @@ class _TileDecoder:
             x = unpatchify(x, patch_size=self.vae.config.patch_size)
         x = torch.clamp(x, min=-1.0, max=1.0)[0].permute(1, 2, 3, 0)  # [frames, H_tile, W_tile, 3]
         pixel = self.vae.spatial_compression_ratio
-        rows = slice(self.top * pixel, self.bottom * pixel)
-        cols = slice(self.left * pixel, self.right * pixel)
+        (top, bottom), (left, right) = self.tile
+        rows, cols = slice(top * pixel, bottom * pixel), slice(left * pixel, right * pixel)
         self.emit(slice(self.frame, self.frame + x.shape[0]), rows, cols, x)
         self.frame += x.shape[0]
 
