@@ -18,7 +18,7 @@ import diffusers
 import torch
 from torch import nn
 
-from cosmos3_offload.materialize import (
+from cosmos3_offload.offload.materialize import (
     RandomValues,
     allocate_on_device,
     build_on_meta,
@@ -26,8 +26,8 @@ from cosmos3_offload.materialize import (
     keep_fp32_dtype,
     move_buffers,
 )
-from cosmos3_offload.staging import bind_views
-from cosmos3_offload.streams import measure_h2d_GBps
+from cosmos3_offload.offload.placements import bind_views
+from cosmos3_offload.offload.streams import measure_h2d_GBps
 
 GIB = 1024**3
 PROMPT = "A red fox trots through fresh snow at the edge of a pine forest at dawn, steam rising from its breath."

@@ -29,17 +29,17 @@ from bench_common import GIB, ResultsFile, gib, random_model
 from bench_staging import parse_shape
 from diffusers import AutoencoderKLWan
 
-from cosmos3_offload.decode import TileGrid, decode_to_host, to_bytes
+from cosmos3_offload.vae.decode import TileGrid, decode_to_host, to_bytes
 from cosmos3_offload.errors import InputError
-from cosmos3_offload.model_specs import model_spec
-from cosmos3_offload.planner import (
+from cosmos3_offload.model.specs import model_spec
+from cosmos3_offload.planning.search import (
     DECODE_SECONDS_PER_PIXEL_FRAME,
     DeviceProfile,
     decode_cost,
     decode_grid_for,
     model_sizes,
 )
-from cosmos3_offload.tiers import frame_size
+from cosmos3_offload.model.tiers import frame_size
 
 CUDA = torch.device("cuda")
 

@@ -38,15 +38,15 @@ from bench_common import (
 from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer
 from diffusers.hooks import apply_group_offloading
 
-from cosmos3_offload.config import GenerationConfig
-from cosmos3_offload.generate import flow_scheduler
-from cosmos3_offload.groups import PHASES
-from cosmos3_offload.loading import load_components
-from cosmos3_offload.model_specs import model_spec
-from cosmos3_offload.plan import Plan
-from cosmos3_offload.runner import generate_video
-from cosmos3_offload.stages import StageRecorder
-from cosmos3_offload.tiny_tokenizer import build_tiny_tokenizer
+from cosmos3_offload.app.config import GenerationConfig
+from cosmos3_offload.app.generate import flow_scheduler
+from cosmos3_offload.model.groups import PLANNED_GROUPS
+from cosmos3_offload.loading.components import load_components
+from cosmos3_offload.model.specs import model_spec
+from cosmos3_offload.planning.plan import Plan
+from cosmos3_offload.app.runner import generate_video
+from cosmos3_offload.app.timer import PhaseTimer
+from cosmos3_offload.model.tiny_tokenizer import build_tiny_tokenizer
 
 CUDA = torch.device("cuda")
 OURS_PLANS = [(), ("generator",), ("reasoner", "vae"), ("reasoner", "generator", "vae")]
@@ -64,7 +64,7 @@ def measure_ours(components, tier: int, frames: int, steps: int, cap_gib: float 
     config = GenerationConfig(
         prompt=PROMPT, frames=frames, resolution=tier, steps=steps, output=Path("/tmp/cosmos3-bench.mp4")
     )
-    recorder = StageRecorder(CUDA)
+    recorder = PhaseTimer(CUDA)
     stamps: list[float] = []
 
     def on_step(index: int) -> None:
@@ -129,7 +129,7 @@ def load_ours(model: str, plan: Plan):
 
 def part_ours(args, results: ResultsFile) -> None:
     for offload in OURS_PLANS:
-        components, info = load_ours(args.model, Plan.from_stages(offload))
+        components, info = load_ours(args.model, Plan.from_offload(offload))
         for tier, frames in args.shapes:
             name = f"ours-{'+'.join(offload) or 'resident'}-{tier}p-{frames}f"
             results.add({"name": name, **info, **measure_ours(components, tier, frames, args.steps, None)})
@@ -229,7 +229,7 @@ def measure_peer(pipe, tier: int, frames: int, steps: int) -> dict:
 
 
 def part_caps(args, results: ResultsFile) -> None:
-    components, info = load_ours(args.model, Plan.from_stages(PHASES))
+    components, info = load_ours(args.model, Plan.from_offload(PLANNED_GROUPS))
     for cap in args.caps:
         for tier, ladder in CAP_LADDERS.items():
             for frames in ladder:

@@ -23,10 +23,10 @@ from pathlib import Path
 from bench_common import ResultsFile, gib, measure_pinned_h2d
 from bench_staging import load_ours, measure_ours, parse_shape, part_peer
 
-from cosmos3_offload.model_specs import model_spec
-from cosmos3_offload.plan import Plan
-from cosmos3_offload.planner import DeviceProfile, Request, choose_plan, model_sizes, predict, streamed_bytes
-from cosmos3_offload.tiers import frame_size
+from cosmos3_offload.model.specs import model_spec
+from cosmos3_offload.planning.plan import Plan
+from cosmos3_offload.planning.search import DeviceProfile, Request, choose_plan, model_sizes, predict, streamed_bytes
+from cosmos3_offload.model.tiers import frame_size
 
 GIB = 1024**3
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from bench_common import ResultsFile
 
-from cosmos3_offload.config import GenerationConfig
-from cosmos3_offload.loading import load_components
-from cosmos3_offload.plan import GroupPlan, Plan
-from cosmos3_offload.planner import spread
-from cosmos3_offload.runner import generate_video
-from cosmos3_offload.stages import StageRecorder
+from cosmos3_offload.app.config import GenerationConfig
+from cosmos3_offload.loading.components import load_components
+from cosmos3_offload.planning.plan import GroupPlan, Plan
+from cosmos3_offload.planning.search import spread
+from cosmos3_offload.app.runner import generate_video
+from cosmos3_offload.app.timer import PhaseTimer
 
 CUDA = torch.device("cuda")
 
@@ -43,7 +43,7 @@ def main() -> int:
     streamed = {"reasoner": GroupPlan(mode="streamed"), "generator": GroupPlan(mode="streamed")}
     plans = {
         "resident": Plan(),
-        "staged": Plan.from_stages(("reasoner", "generator", "vae")),
+        "staged": Plan.from_offload(("reasoner", "generator", "vae")),
         "streamed": Plan(**streamed, vae=GroupPlan(mode="staged")),
         "streamed-ring3-resident": Plan(
             reasoner=GroupPlan(mode="streamed", ring=3, prefetch=2),
@@ -58,7 +58,7 @@ def main() -> int:
     failed = False
     for name, plan in plans.items():
         components = load_components(None, CUDA, torch.bfloat16, plan, random_model=args.model)
-        outputs[name] = generate_video(config, components, StageRecorder(CUDA), progress=False)
+        outputs[name] = generate_video(config, components, PhaseTimer(CUDA), progress=False)
         reference = outputs["resident-chunked" if plan.mlp_chunk else "resident"]
         same = torch.equal(outputs[name].latents, reference.latents)
         failed |= not same

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers import Cosmos3OmniPipeline
 
-from cosmos3_offload.denoise import GeneratorInputs, GeneratorLayout
+from cosmos3_offload.split.denoise import GeneratorInputs, GeneratorLayout
 
 LONG_PROMPT = " ".join(["A slow aerial shot over a misty pine forest at dawn, with a river winding below."] * 12)
 

@@ -6,10 +6,10 @@ import torch
 from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer, UniPCMultistepScheduler
 from torch import nn
 
-from cosmos3_offload.model_specs import model_spec
-from cosmos3_offload.random_weights import fill_random_
-from cosmos3_offload.tiny_tokenizer import build_tiny_tokenizer
-from cosmos3_offload.towers import tower_of
+from cosmos3_offload.model.specs import model_spec
+from cosmos3_offload.loading.random_weights import fill_random_
+from cosmos3_offload.model.tiny_tokenizer import build_tiny_tokenizer
+from cosmos3_offload.model.towers import tower_of
 
 # Structural variants of the tiny transformer: Qwen-style (QK-norm on text), the
 # `k_norm_und_for_gen` variant, the Edge-style relu^2 / Nemotron-norm variant, and sound + action heads.

@@ -2,23 +2,42 @@
 
 The public API: `GenerationConfig` says what to generate, `run` does it and returns a report;
 `prefill` and `denoise` are the split halves of diffusers' `Cosmos3OmniTransformer.forward`.
+
+The package is layered, and imports only go down (tests/test_layering.py checks it):
+
+- `errors`, `units`: the base every layer may use;
+- `model`: facts about Cosmos3 (towers, weight groups, sizes, tiers, latent geometry, tokenizer);
+- `planning`: the plan value and the planner, pure arithmetic (no torch);
+- `offload`: the generic engine (host slabs, arena, streams, placements), no Cosmos3;
+- `split`: the prefill/denoise math, no devices;
+- `vae`: the tiled decode and the conditioning encode;
+- `loading`: checkpoints and weights into the engine's homes;
+- `app`: the request, the run, inputs and outputs, the CLI.
+
+Names are resolved on first use, so importing a lower layer (say `planning`) does not load torch.
 """
 
-from .config import GenerationConfig
-from .denoise import GeneratorInputs, GeneratorLayout, GeneratorPrediction, denoise
-from .errors import InputError
-from .prefill import ReasonerMemory, prefill
-from .runner import RunReport, run
+from __future__ import annotations
 
-__all__ = [
-    "GenerationConfig",
-    "GeneratorInputs",
-    "GeneratorLayout",
-    "GeneratorPrediction",
-    "InputError",
-    "ReasonerMemory",
-    "RunReport",
-    "denoise",
-    "prefill",
-    "run",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GenerationConfig": "app.config",
+    "GeneratorInputs": "split.denoise",
+    "GeneratorLayout": "split.denoise",
+    "GeneratorPrediction": "split.denoise",
+    "InputError": "errors",
+    "ReasonerMemory": "split.prefill",
+    "RunReport": "app.runner",
+    "denoise": "split.denoise",
+    "prefill": "split.prefill",
+    "run": "app.runner",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

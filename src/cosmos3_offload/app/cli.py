@@ -1,0 +1,274 @@
+"""`cosmos3-offload`: parse flags, build a config, call the library, print the report.
+
+Bad input ends in one line on stderr, exit status 2 and no output file; an interrupt (Ctrl-C or
+SIGTERM) in one line, exit status 130 (143 for SIGTERM) and no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from ..loading.components import model_configs
+from ..loading.sizes import model_sizes
+from ..model.geometry import frames_to_encode
+from ..model.specs import MODEL_SPECS
+from ..model.tiers import ASPECT_RATIOS, DEFAULT_SHIFT, RESOLUTION_TIERS, frame_size
+from ..offload.streams import measure_h2d_GBps
+from ..planning.plan import Plan
+from ..planning.request import DeviceProfile, Request, parse_budget
+from ..planning.search import choose_plan, describe_choice
+from .config import DTYPES, GenerationConfig, check_request, resolve_device, resolve_dtype
+from .runner import run
+
+# Without a checkpoint the embedded tiny model runs on any CPU; Cosmos3's 720p x 189-frame
+# default would take it minutes, so it defaults to the smallest tier and a short clip.
+TINY_DEFAULTS = {"resolution": 256, "frames": 17}
+CHECKPOINT_DEFAULTS = {"resolution": 720, "frames": 189}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _request_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that describe the video and the model, shared by `generate` and `plan`."""
+    parser.add_argument(
+        "--image", type=Path, default=None, help="image-to-video: this image (resized, centre-cropped) is frame 0"
+    )
+    parser.add_argument(
+        "--video",
+        type=Path,
+        default=None,
+        help="video-to-video: this clip's first frames condition the latent frames of --condition-frames",
+    )
+    parser.add_argument(
+        "--condition-frames",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        metavar="INDEX",
+        help="latent frame indexes the --video clip keeps clean; latent frame k covers pixel frames "
+        "4k-3..4k (default: 0 1, the clip's first 5 frames)",
+    )
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="frame count: 1 (an image) or 4k+1, e.g. 93 or 189; other counts are refused "
+        "(default: 189, or 17 with the embedded tiny model)",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help=f"resolution tier, one of {', '.join(map(str, RESOLUTION_TIERS))} "
+        "(default: 720, or 256 with the embedded tiny model)",
+    )
+    parser.add_argument("--aspect-ratio", default="16,9", help=f"one of {' '.join(ASPECT_RATIOS)} (default: 16,9)")
+    parser.add_argument("--steps", type=int, default=35, help="denoising steps (default: 35)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=6.0,
+        help="classifier-free guidance scale; 1 skips the unconditional pass (default: 6)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a diffusers-layout Cosmos3 folder (model_index.json, transformer/, vae/, text_tokenizer/); "
+        "without it, random weights of --model",
+    )
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help=f"model size for random weights when no --checkpoint is given: {', '.join(MODEL_SPECS)} (default: tiny)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help=f"one of {', '.join(DTYPES)} (default: bfloat16 on a GPU, float32 on the CPU)",
+    )
+    parser.add_argument(
+        "--vram-budget",
+        default=None,
+        metavar="SIZE",
+        help="device memory to plan for, e.g. 8GiB: the planner picks the fastest placement that fits",
+    )
+    parser.add_argument(
+        "--h2d-gbps",
+        type=float,
+        default=None,
+        help="host-to-device bandwidth for the planner (default: measured on a GPU, 55 otherwise)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="cosmos3-offload", description="Run Cosmos3 omni video models on small GPUs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    gen = commands.add_parser(
+        "generate",
+        help="text-to-video (or text-to-image with --frames 1)",
+        description="Generate a video (mp4) or, with --frames 1, an image (jpg/png) from a prompt.",
+    )
+    gen.add_argument("--prompt", required=True, help="what the video shows")
+    gen.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
+    _request_arguments(gen)
+    gen.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="flow shift of the UniPC schedule (default by tier: "
+        + ", ".join(f"{t}: {s:g}" for t, s in DEFAULT_SHIFT.items())
+        + ")",
+    )
+    gen.add_argument("--fps", type=float, default=24.0, help="frames per second of the video (default: 24)")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video on any device")
+    gen.add_argument(
+        "--output", type=Path, default=None, help="output file: .mp4, or .jpg/.png for one frame (default: output.mp4)"
+    )
+    gen.add_argument(
+        "--offload-stages",
+        nargs="*",
+        default=[],
+        metavar="STAGE",
+        help="groups whose weights live in pinned host memory and are copied to the GPU only for their phase: "
+        "any of reasoner, generator, vae (default: none, everything resident; not with --vram-budget)",
+    )
+    gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    gen.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and where")
+    plan = commands.add_parser(
+        "plan",
+        help="print the plan --vram-budget would pick, with predicted memory and time, without running",
+        description="Predict peak memory and time of candidate placements and print the fastest that fits.",
+    )
+    _request_arguments(plan)
+    plan.set_defaults(verbose=False)
+    return parser
+
+
+def _defaults(args: argparse.Namespace) -> dict:
+    tiny = args.checkpoint is None and args.model.startswith("tiny")
+    defaults = TINY_DEFAULTS if tiny else CHECKPOINT_DEFAULTS
+    return {
+        "frames": defaults["frames"] if args.frames is None else args.frames,
+        "resolution": defaults["resolution"] if args.resolution is None else args.resolution,
+    }
+
+
+def _config_from_args(args: argparse.Namespace) -> GenerationConfig:
+    shape = _defaults(args)
+    output = args.output if args.output is not None else Path("output.jpg" if shape["frames"] == 1 else "output.mp4")
+    return GenerationConfig(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        aspect_ratio=args.aspect_ratio,
+        steps=args.steps,
+        guidance=args.guidance,
+        shift=args.shift,
+        fps=args.fps,
+        seed=args.seed,
+        output=output,
+        image=args.image,
+        video=args.video,
+        condition_frames=tuple(args.condition_frames),
+        **shape,
+    )
+
+
+def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: int):
+    """The planner's pick for this request under --vram-budget."""
+    device = resolve_device(args.device)
+    # Plans are for a GPU: without --dtype they assume the GPU default (bfloat16), even when run on a CPU.
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if args.command == "plan" else None), device)
+    budget = parse_budget(args.vram_budget)
+    if args.h2d_gbps is not None:
+        DeviceProfile(h2d_GBps=args.h2d_gbps)  # refuse a bad bandwidth before measuring anything
+    bandwidth = args.h2d_gbps if args.h2d_gbps is not None else measure_h2d_GBps(device) or DeviceProfile().h2d_GBps
+    sizes = model_sizes(*model_configs(args.checkpoint, args.model), dtype_bytes=dtype.itemsize)
+    encode = frames_to_encode(
+        image=args.image is not None, video=args.video is not None, condition_frames=tuple(args.condition_frames)
+    )
+    request = Request.for_video(frames, height, width, cfg=args.guidance != 1.0, steps=args.steps, encode_frames=encode)
+    return choose_plan(sizes, request, budget, DeviceProfile(h2d_GBps=bandwidth)), budget
+
+
+def _plan_command(args: argparse.Namespace) -> None:
+    if args.vram_budget is None:
+        raise InputError("plan needs --vram-budget, e.g. --vram-budget 8GiB")
+    shape = _defaults(args)
+    check_request(
+        **shape,
+        aspect_ratio=args.aspect_ratio,
+        steps=args.steps,
+        guidance=args.guidance,
+        image=args.image,
+        video=args.video,
+        condition_frames=tuple(args.condition_frames),
+    )
+    width, height = frame_size(shape["resolution"], args.aspect_ratio)
+    choice, budget = _budget_choice(args, shape["frames"], width, height)
+    print(f"request: {width}x{height}, {shape['frames']} frames, {args.steps} steps")
+    print(describe_choice(choice, budget))
+
+
+def _generate_command(args: argparse.Namespace) -> None:
+    config = _config_from_args(args)
+    if args.vram_budget is not None and args.offload_stages:
+        raise InputError("pass either --vram-budget or --offload-stages, not both")
+    plan = Plan.from_offload(args.offload_stages)
+    if args.vram_budget is not None:
+        choice, budget = _budget_choice(args, config.frames, config.width, config.height)
+        print(describe_choice(choice, budget))
+        plan = choice.plan
+    report = run(
+        config,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        plan=plan,
+        model=args.model,
+        progress=not args.no_progress,
+        budgeted=args.vram_budget is not None,
+    )
+    print(report.summary())
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `finally` (temporary files, the lock) runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Growable segments fragment less under a tight budget; read when CUDA starts, so set it first.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        _plan_command(args) if args.command == "plan" else _generate_command(args)
+    except InputError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted; nothing was written\n")
+    except _Terminated:
+        parser.exit(143, f"{parser.prog}: terminated; nothing was written\n")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

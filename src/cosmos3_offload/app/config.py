@@ -1,0 +1,194 @@
+"""The validated request: what to generate and where to run it.
+
+Every check that depends only on the user's input happens here, before anything is loaded, with
+a message that says how to fix it: numbers must be finite and within bounds, text valid UTF-8,
+files present, the output writable. `check_request` is the one validator of a request's shape that
+`generate` (through `GenerationConfig`) and `plan` share. The CLI turns an InputError into a
+one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..model.geometry import latent_frames
+from ..model.tiers import DEFAULT_SHIFT, check_frame_count, frame_size
+from .outputs import check_output
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+# Upper bounds: far beyond any sensible request, low enough that a typo cannot hang or exhaust the machine.
+MAX_FRAMES = 1025  # 4 x 256 + 1: 43 s at 24 fps (Cosmos3's default is 189)
+MAX_STEPS = 1000  # the flow schedule's training timesteps
+MAX_GUIDANCE = 100.0
+MAX_SHIFT = 1000.0
+MIN_FPS, MAX_FPS = 0.1, 240.0
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_PROMPT_CHARS = 20_000
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`None` picks CUDA when present, else the CPU; anything else must name a usable device."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r} requested but this torch sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """`None` picks bfloat16 on a GPU and float32 on the CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_integer(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InputError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+
+
+def check_number(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
+    """A finite real in [low, high] (or (low, high] with `low_open`)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise InputError(f"{name} must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}")
+
+
+def check_text(name: str, value: object, *, required: bool) -> None:
+    """Text that is valid UTF-8 (no undecodable bytes from the command line) and not too long."""
+    if not isinstance(value, str):
+        raise InputError(f"{name} must be text, got {type(value).__name__}")
+    if required and not value.strip():
+        raise InputError(f"the {name} is empty; pass --{name.replace(' ', '-')} 'what the video shows'")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"the {name} is not valid UTF-8; pass it in UTF-8") from None
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InputError(f"the {name} has {len(value)} characters; keep it under {MAX_PROMPT_CHARS}")
+
+
+def check_request(
+    *,
+    frames: int,
+    resolution: int,
+    aspect_ratio: str,
+    steps: int,
+    guidance: float,
+    image: Path | None,
+    video: Path | None,
+    condition_frames: tuple[int, ...],
+) -> None:
+    """The shape of a request, as `generate` and `plan` both take it."""
+    check_integer("frames", frames, 1, MAX_FRAMES)
+    check_frame_count(frames)
+    if not isinstance(resolution, int) or isinstance(resolution, bool):
+        raise InputError(f"resolution must be a tier number, got {resolution!r}")
+    frame_size(resolution, aspect_ratio)
+    check_integer("steps", steps, 1, MAX_STEPS)
+    check_number("guidance", guidance, 0.0, MAX_GUIDANCE)
+    if image is not None and video is not None:
+        raise InputError("pass either --image (image-to-video) or --video (video-to-video), not both")
+    if (image is not None or video is not None) and frames == 1:
+        raise InputError("--image and --video condition a video: use --frames 5 or more")
+    count = latent_frames(frames)
+    if video is not None:
+        if not condition_frames or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in condition_frames
+        ):
+            raise InputError(
+                f"condition frames {list(condition_frames)} must be latent frame indexes in 0..{count - 1} "
+                f"for {frames} frames"
+            )
+    for kind, path in (("image", image), ("video", video)):
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{kind} {str(path)!r} does not exist or is not a file")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """One text-to-video (or text-to-image, frames=1) request.
+
+    `shift=None` takes the tier's default; `negative_prompt=None` is the empty prompt, as in
+    diffusers' pipeline; `guidance=1` runs the conditional branch only. `image` conditions latent
+    frame 0 (image-to-video); `video` conditions the latent frames `condition_frames`
+    (video-to-video, by default the first two: 5 pixel frames).
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    frames: int = 189
+    resolution: int = 720
+    aspect_ratio: str = "16,9"
+    steps: int = 35
+    guidance: float = 6.0
+    shift: float | None = None
+    fps: float = 24.0
+    seed: int = 0
+    output: Path = Path("output.mp4")
+    image: Path | None = None
+    video: Path | None = None
+    condition_frames: tuple[int, ...] = (0, 1)
+
+    def __post_init__(self) -> None:
+        check_text("prompt", self.prompt, required=True)
+        if self.negative_prompt is not None:
+            check_text("negative prompt", self.negative_prompt, required=False)
+        object.__setattr__(self, "condition_frames", tuple(self.condition_frames))
+        check_request(
+            frames=self.frames,
+            resolution=self.resolution,
+            aspect_ratio=self.aspect_ratio,
+            steps=self.steps,
+            guidance=self.guidance,
+            image=self.image,
+            video=self.video,
+            condition_frames=self.condition_frames,
+        )
+        if self.shift is not None:
+            check_number("shift", self.shift, 0.0, MAX_SHIFT, low_open=True)
+        check_number("fps", self.fps, MIN_FPS, MAX_FPS)
+        check_integer("seed", self.seed, 0, MAX_SEED)
+        object.__setattr__(self, "output", Path(self.output))
+        check_output(self.output, self.frames)
+
+    @property
+    def width(self) -> int:
+        return frame_size(self.resolution, self.aspect_ratio)[0]
+
+    @property
+    def height(self) -> int:
+        return frame_size(self.resolution, self.aspect_ratio)[1]
+
+    @property
+    def flow_shift(self) -> float:
+        return DEFAULT_SHIFT[self.resolution] if self.shift is None else self.shift
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance != 1.0

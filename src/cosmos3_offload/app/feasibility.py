@@ -1,0 +1,83 @@
+"""Can this request run here at all? The planner's prediction against the machine's memory.
+
+Asked before anything loads when no `--vram-budget` is given (with a budget the planner has
+already picked a plan that fits it): the plan's predicted device peak must fit the device's free
+memory, and the host slabs (plus, on the CPU, everything) the host's available memory. Predictions
+were fitted on a GPU, so on the CPU they are a bound on what is possible, not a promise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..loading.components import model_configs
+from ..loading.sizes import model_sizes
+from ..model.geometry import frames_to_encode
+from ..planning.memory import weight_bytes
+from ..planning.plan import Plan
+from ..planning.request import DeviceProfile, Request
+from ..planning.search import predict
+from ..units import GIB
+from .config import GenerationConfig
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device (None for the CPU, whose memory is the host's)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
+
+
+def request_of(config: GenerationConfig) -> Request:
+    encode = frames_to_encode(
+        image=config.image is not None, video=config.video is not None, condition_frames=config.condition_frames
+    )
+    return Request.for_video(
+        config.frames, config.height, config.width, cfg=config.uses_guidance, steps=config.steps, encode_frames=encode
+    )
+
+
+def check_fits(
+    config: GenerationConfig,
+    plan: Plan,
+    *,
+    checkpoint: Path | None,
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """An InputError, before anything loads, when the request cannot fit this machine's memory."""
+    sizes = model_sizes(*model_configs(checkpoint, model), dtype_bytes=4 if dtype == torch.float32 else 2)
+    request = request_of(config)
+    peak = predict(plan, sizes, request, DeviceProfile()).peak
+    weights = weight_bytes(plan, sizes)
+    host_need = weights.pinned + weights.host + (peak if device.type == "cpu" else 0)
+    free = device_free_bytes(device)
+    if free is not None and peak > free:
+        raise InputError(
+            f"this request needs about {peak / GIB:.1f} GiB on {device} with this placement, which has "
+            f"{free / GIB:.1f} GiB free: pass --vram-budget {max(free / GIB, 0.1):.1f}GiB to let the planner fit it, "
+            "or lower --frames or --resolution"
+        )
+    available = host_available_bytes()
+    if available is not None and host_need > available:
+        raise InputError(
+            f"this request needs about {host_need / GIB:.1f} GiB of host memory, and {available / GIB:.1f} GiB "
+            "is available: lower --frames or --resolution, or use a smaller model"
+        )

@@ -1,0 +1,96 @@
+"""Reading the user's conditioning files, bounded, before anything is loaded.
+
+An image is checked for its pixel count from its header, before a single pixel is decoded; a clip
+is read frame by frame and only as far as the frames that condition (its header's frame size is
+checked first), so a long or huge file costs no more than what is used. A file that cannot be used
+is an InputError naming it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InputError
+from ..model.geometry import frames_to_encode
+
+MAX_INPUT_PIXELS = 8192 * 8192  # per image or clip frame; every tier is resized down from this
+
+
+def _check_pixels(kind: str, path: Path, width: int, height: int) -> None:
+    if width <= 0 or height <= 0:
+        raise InputError(f"{kind} {str(path)!r} has no pixels")
+    if width * height > MAX_INPUT_PIXELS:
+        raise InputError(
+            f"{kind} {str(path)!r} is {width}x{height}; the largest accepted is {MAX_INPUT_PIXELS} pixels "
+            "(8192x8192): scale it down first"
+        )
+
+
+def read_image(path: Path) -> Image.Image:
+    """The conditioning image as RGB; missing, unreadable, empty or oversized files are refused."""
+    if not path.is_file():
+        raise InputError(f"image {str(path)!r} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_pixels("image", path, *image.size)  # from the header: nothing decoded yet
+                image.load()
+                return image.convert("RGB")
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning):
+        raise InputError(f"image {str(path)!r} cannot be read as an image") from None
+
+
+def read_video(path: Path, frames: int) -> list[Image.Image]:
+    """The clip's first `frames` frames as RGB (fewer when it is shorter); missing, unreadable,
+    frameless or oversized files are refused. Reads no frame past those."""
+    if not path.is_file():
+        raise InputError(f"video {str(path)!r} does not exist")
+    kept: list[Image.Image] = []
+    try:
+        with imageio.get_reader(path, format="FFMPEG") as reader:
+            width, height = reader.get_meta_data().get("size", (0, 0))
+            _check_pixels("video", path, int(width), int(height))
+            for frame in reader:
+                frame = np.asarray(frame)
+                if frame.ndim != 3 or 0 in frame.shape[:2]:
+                    break
+                kept.append(Image.fromarray(frame[..., :3]))
+                if len(kept) == frames:
+                    break
+    except InputError:
+        raise
+    except Exception:  # imageio and ffmpeg raise many kinds of errors for a file they cannot decode
+        raise InputError(f"video {str(path)!r} cannot be read as a video") from None
+    if not kept:
+        raise InputError(f"video {str(path)!r} has no frames")
+    return kept
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What conditions a generation: one image (latent frame 0) or a clip (latent frames `indexes`)."""
+
+    image: Image.Image | None
+    video: list[Image.Image] | None
+    indexes: tuple[int, ...]
+
+
+def read_conditioning(image: Path | None, video: Path | None, condition_frames: tuple[int, ...]) -> Conditioning | None:
+    """Read the request's conditioning files (before anything is loaded); None for text-only."""
+    if image is not None:
+        return Conditioning(read_image(image), None, (0,))
+    if video is not None:
+        indexes = tuple(sorted(set(condition_frames)))
+        needed = frames_to_encode(image=False, video=True, condition_frames=indexes)
+        return Conditioning(None, read_video(video, needed), indexes)
+    return None

@@ -1,0 +1,94 @@
+"""The offload engine: every group's placement, and moving a group in for the part that uses it.
+
+Generic over `nn.Module` groups (see placements.py). `OffloadEngine.use(name)` wraps the part of
+a request that uses group `name`; groups are used in the engine's `use_order`. The arena is sized
+for the largest need among the groups still to be used, and released as soon as the rest of the
+request needs less, so the transformer's arena is gone before the VAE decodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..units import format_bytes
+from .arena import DeviceArena
+from .placements import Placement
+from .streams import CopyEngine
+
+logger = logging.getLogger(__name__)
+
+
+class OffloadEngine:
+    """Runs each part of a request with its group's weights on the device."""
+
+    def __init__(self, device: torch.device, placements: dict[str, Placement], use_order: tuple[str, ...]):
+        assert set(use_order) <= set(placements), (use_order, list(placements))
+        self.device = device
+        self.placements = placements
+        self.use_order = use_order
+        self.arena = DeviceArena(device)
+        self.copier = CopyEngine(device)
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        """Make group `name` usable on the device for the body of the `with`."""
+        placement = self.placements[name]
+        if placement.arena_bytes:
+            self._fit_arena(self._needed_from(name))
+        placement.enter(self.arena, self.copier)
+        try:
+            yield
+        finally:
+            placement.exit()
+            later = self.use_order[self.use_order.index(name) + 1 :]
+            self._fit_arena(self._needed_from(later[0]) if later else 0, grow=False)
+
+    def layers(self, name: str) -> Iterator[nn.Module] | None:
+        """The layer sequence a part should run: streamed groups yield layers as they arrive."""
+        return self.placements[name].layers_ready()
+
+    def _needed_from(self, name: str) -> int:
+        remaining = self.use_order[self.use_order.index(name) :]
+        return max([self.placements[n].arena_bytes for n in remaining] + [0])
+
+    def _fit_arena(self, needed: int, *, grow: bool = True) -> None:
+        """Release the arena when it holds more than the rest of the request needs, then (re)reserve."""
+        if self.arena.nbytes > needed:
+            self.arena.release()
+        if grow and needed:
+            self.arena.reserve(needed)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Device bytes of weights held for the whole run."""
+        return sum(p.resident_bytes for p in self.placements.values())
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of every host slab, pinned or not."""
+        return sum(s.layout.nbytes for p in self.placements.values() for s in p.host_slabs)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(s.layout.nbytes for p in self.placements.values() for s in p.host_slabs if s.pinned)
+
+    def summary(self) -> str:
+        """One line per group and one for the arena: where weights live, sizes, copy throughput."""
+        lines = []
+        for p in self.placements.values():
+            line = f"{p.name:<11} {p.where:<8} {format_bytes(p.payload_bytes):>10}"
+            if p.copies:
+                seconds = sum(c.seconds_blocking() for c in p.copies)
+                moved = sum(c.nbytes for c in p.copies)
+                rate = moved / max(seconds, 1e-9) / 1e9
+                line += f"  {format_bytes(moved)} copied in {len(p.copies)} copies at {rate:.1f} GB/s"
+            lines.append(line)
+        lines.append(
+            f"arena       {format_bytes(self.arena.peak_bytes)}; pinned host {format_bytes(self.pinned_bytes)}"
+        )
+        return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""Device memory of a plan: where its weights sit, and each part of the request's peak.
+
+Weight bytes are exact (they come from the loader's own slab packing, see `sizes`): the engine
+allocates what `weight_bytes` says, which the tests check on the CPU. Activation, decode and
+encode working sets are models fitted on an H200 (2026-11-26):
+
+- generator layer: `ACTIVATION_HIDDENS` live [tokens, hidden] tensors besides the MLP's
+  (benchmarks/results/staging-ours-H200-2026-11-26.json and the resident rows of
+  streaming-H200-2026-11-26.json);
+- tiled decode: (DECODE_LIVE_BASE + DECODE_LIVE_PER_FRAME x frames a pass) one-frame tensors of the
+  largest block input of a tile, the tile's causal caches, DECODE_FIXED_BYTES, x DECODE_SLACK
+  (decode-H200-2026-11-26.json);
+- encode of conditioning frames: two points, 1 and 5 frames at 720p (same file).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..model.geometry import latent_size
+from ..model.groups import EMBEDDING, GENERATOR, REASONER, VAE, VAE_ENCODER
+from ..units import MIB
+from .plan import Mode, Plan
+from .request import Request
+from .sizes import ModelSizes
+from .tiles import DecoderBlock, TileGrid, block_region
+
+ACTIVATION_HIDDENS = 7.5
+DECODE_LIVE_BASE = 8.0
+DECODE_LIVE_PER_FRAME = 7.5
+DECODE_FIXED_BYTES = 100 * MIB
+DECODE_SLACK = 1.1  # the allocator's rounding and caching on top of the decode's tensors (from budget runs)
+# Fewer frames through an up block at once: the same work in smaller pieces (fitted on the H200).
+DECODE_FRAME_SLOWDOWN = {1: 1.33, 2: 1.13, 4: 1.0}
+ENCODE_BYTES_PER_PIXEL = 390
+ENCODE_BYTES_PER_PIXEL_FRAME = 900
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Where a plan puts the weights, in bytes: exactly what the engine allocates for them."""
+
+    resident: int  # device bytes held for the whole run
+    arena: dict[str, int]  # arena bytes each group needs while it is in use
+    pinned: int  # page-locked host slabs: staged groups and streamed layers
+    host: int  # host slabs never copied (the embedding table when the reasoner is offloaded)
+
+    @property
+    def arena_peak(self) -> int:
+        return max(self.arena.values(), default=0)
+
+
+def weight_bytes(plan: Plan, sizes: ModelSizes) -> WeightBytes:
+    """Resident, arena and host bytes of the weights under `plan`."""
+    resident = pinned = host = 0
+    arena: dict[str, int] = {}
+    for name, tower in sizes.towers.items():
+        how = plan.group(name)
+        if how.mode is Mode.RESIDENT:
+            resident += tower.whole.payload
+            arena[name] = 0
+        elif how.mode is Mode.STAGED:
+            arena[name] = tower.whole.packed
+            pinned += tower.whole.packed
+        else:
+            kept = [tower.layers[i] for i in how.resident_layers]
+            streamed = [g for i, g in enumerate(tower.layers) if i not in set(how.resident_layers)]
+            resident += tower.head.payload + sum(g.payload for g in kept)
+            arena[name] = how.ring * max((g.slot for g in streamed), default=0)
+            pinned += sum(g.packed for g in streamed)
+    if plan.reasoner.mode is Mode.RESIDENT:
+        resident += sizes.embedding.payload
+    else:
+        host += sizes.embedding.packed
+    for name, group in ((VAE, sizes.vae), (VAE_ENCODER, sizes.vae_encoder)):
+        staged = plan.group(name).mode is Mode.STAGED
+        resident += 0 if staged else group.payload
+        arena[name] = group.packed if staged else 0
+        pinned += group.packed if staged else 0
+    assert EMBEDDING not in arena
+    return WeightBytes(resident=resident, arena=arena, pinned=pinned, host=host)
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """Peak device bytes of each part of a request (encode is 0 without conditioning frames)."""
+
+    encode: int
+    prefill: int
+    denoise: int
+    decode: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.encode, self.prefill, self.denoise, self.decode)
+
+
+def peaks(plan: Plan, sizes: ModelSizes, request: Request) -> Peaks:
+    """Resident weights + the arena the remaining parts need + the reasoner memory + activations."""
+    weights = weight_bytes(plan, sizes)
+    arena = weights.arena
+    memory = reasoner_memory_bytes(sizes, request)
+    later_than_prefill = max(arena[GENERATOR], arena[VAE])
+    prefill = max(arena[REASONER], later_than_prefill)
+    decode_work, _ = decode_cost(sizes, plan.decode_grid, request.height, request.width)
+    # The encode runs first; a staged encoder enters with the arena already sized for the largest
+    # part to come, a resident one before any arena exists.
+    arena_then = max(arena[VAE_ENCODER], prefill) if plan.vae.mode is Mode.STAGED else 0
+    encode = weights.resident + arena_then + encode_cost(request) if request.encode_frames else 0
+    return Peaks(
+        encode=encode,
+        prefill=weights.resident + prefill + memory + activation_bytes(sizes, request, prompt=True, chunk=None),
+        denoise=weights.resident + later_than_prefill + memory + activation_bytes(sizes, request, chunk=plan.mlp_chunk),
+        decode=weights.resident + arena[VAE] + decode_work,
+    )
+
+
+def reasoner_memory_bytes(sizes: ModelSizes, request: Request) -> int:
+    """The prefill's keys and values, every layer, every branch."""
+    per_token = 2 * sizes.layers * sizes.kv_heads * sizes.head_dim * sizes.dtype_bytes
+    return per_token * request.prompt_tokens * request.branches
+
+
+def activation_bytes(sizes: ModelSizes, request: Request, *, prompt: bool = False, chunk: int | None = None) -> int:
+    """Live activations of one layer: the prompts of all branches (prefill) or the video tokens (denoise)."""
+    tokens = request.prompt_tokens * request.branches if prompt else request.tokens
+    mlp_tokens = tokens if chunk is None else min(tokens, chunk)
+    mlp = sizes.mlp_mats * mlp_tokens * sizes.intermediate * sizes.dtype_bytes
+    return int((ACTIVATION_HIDDENS + request.branches - 2) * tokens * sizes.hidden * sizes.dtype_bytes + mlp)
+
+
+def encode_cost(request: Request) -> int:
+    """Device bytes of encoding the conditioning frames besides the weights. The causal encoder takes
+    the first frame alone and then chunks of up to 4, so the working set follows the largest chunk."""
+    chunk = min(4, max(1, request.encode_frames - 1))
+    return int(request.height * request.width * (ENCODE_BYTES_PER_PIXEL + ENCODE_BYTES_PER_PIXEL_FRAME * chunk))
+
+
+def decode_cost(sizes: ModelSizes, grid: TileGrid, height: int, width: int) -> tuple[int, float]:
+    """(device bytes besides the weights, time relative to an untiled decode) of decoding
+    `height` x `width` pixel frames in `grid`."""
+    return _decode_cost(sizes.decoder_blocks, sizes.dtype_bytes, grid, *latent_size(height, width))
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_cost(
+    blocks: tuple[DecoderBlock, ...], nbytes: int, grid: TileGrid, height: int, width: int
+) -> tuple[int, float]:
+    """The largest tile's causal caches (two frames per cached convolution) plus its live activations
+    plus allocator slack; work = every block's multiply-adds over the areas its tiles cover, halos
+    included, times the slowdown of passing `grid.frames` frames at once. Sizes in latent pixels."""
+    frame = (height, width)
+    tiles = grid.tiles(height, width)
+
+    def area(block: DecoderBlock, tile) -> int:
+        top, bottom, left, right = block_region(block, tile, frame)
+        return (bottom - top) * (right - left)
+
+    peak = 0.0
+    for tile in tiles:
+        caches = sum(2 * b.cache_channels * area(b, tile) for b in blocks)
+        live = max(b.in_channels * area(b, tile) for b in blocks)
+        peak = max(peak, (caches + (DECODE_LIVE_BASE + DECODE_LIVE_PER_FRAME * grid.frames) * live) * nbytes)
+    work = sum(b.macs * sum(area(b, t) for t in tiles) / (b.scale**2 * height * width) for b in blocks)
+    slowdown = DECODE_FRAME_SLOWDOWN.get(grid.frames, 1.0)
+    return int((peak + DECODE_FIXED_BYTES) * DECODE_SLACK), work / sum(b.macs for b in blocks) * slowdown

@@ -1,0 +1,127 @@
+"""Time of a plan: each layer's compute over the profile's rates, and a small event simulation of
+streamed copies on the ring of slots against that compute.
+
+Compute rates and the decode's seconds per pixel were measured on an H200 (2026-11-26,
+benchmarks/results/streaming-H200-2026-11-26.json, decode-H200-2026-11-26.json); on another GPU
+the times are estimates until recalibrated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..model.groups import GENERATOR, REASONER, VAE_ENCODER
+from .memory import decode_cost, weight_bytes
+from .plan import GroupPlan, Mode, Plan
+from .request import DeviceProfile, Request
+from .sizes import ModelSizes
+
+DECODE_SECONDS_PER_PIXEL_FRAME = 9.6 / (1280 * 720 * 189)  # our untiled 720p x 189f on the H200
+# Copies hidden behind compute still share the device's memory bandwidth: each second of streamed
+# copies slows the compute it overlaps by this much. From the H200 runs of 720p x 189f under an
+# 8 GiB cap (about 12 GB streamed a step): steps 1.003x and 1.008x the resident step, that is
+# 0.08 and 0.24 s of slowdown per second of copies (streaming-720p-8gib- and streaming-H200-2026-11-26.json).
+STREAM_CONTENTION = 0.1
+
+
+@dataclass(frozen=True)
+class Times:
+    step: float  # one denoising step, every branch
+    prefill: float
+    decode: float
+    total: float  # prefill + steps + decode + copies of staged groups
+
+
+def times(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfile) -> Times:
+    bandwidth = profile.h2d_GBps * 1e9
+
+    def copy_seconds(tower: str) -> list[float]:
+        return [layer.packed / bandwidth for layer in sizes.towers[tower].layers]
+
+    step = simulate_ring(
+        plan.generator, copy_seconds(GENERATOR), layer_seconds(sizes, request, profile, request.tokens)
+    )
+    step += STREAM_CONTENTION * streamed_bytes(plan, sizes, GENERATOR) / bandwidth
+    prefill = simulate_ring(
+        plan.reasoner, copy_seconds(REASONER), layer_seconds(sizes, request, profile, request.prompt_tokens), passes=1
+    )
+    prefill += STREAM_CONTENTION * streamed_bytes(plan, sizes, REASONER) / bandwidth
+    _, decode_share = decode_cost(sizes, plan.decode_grid, request.height, request.width)
+    decode = DECODE_SECONDS_PER_PIXEL_FRAME * request.height * request.width * request.frames * decode_share
+    total = prefill + request.steps * step + decode + staged_bytes(plan, sizes, request) / bandwidth
+    return Times(step=step, prefill=prefill, decode=decode, total=total)
+
+
+def staged_bytes(plan: Plan, sizes: ModelSizes, request: Request) -> int:
+    """Bytes of the whole-group copies one request makes (each staged group once, the encoder only
+    when there are frames to encode)."""
+    arena = weight_bytes(plan, sizes).arena
+    used = [g for g in arena if g != VAE_ENCODER or request.encode_frames]
+    return sum(arena[g] for g in used if plan.group(g).mode is Mode.STAGED)
+
+
+def streamed_bytes(plan: Plan, sizes: ModelSizes, tower: str = GENERATOR) -> int:
+    """Bytes one pass over a tower's layers copies to the device (for the generator: one step)."""
+    how = plan.group(tower)
+    if how.mode is not Mode.STREAMED:
+        return 0
+    kept = set(how.resident_layers)
+    return sum(g.packed for i, g in enumerate(sizes.towers[tower].layers) if i not in kept)
+
+
+def moved_bytes(plan: Plan, sizes: ModelSizes, request: Request) -> int:
+    """Bytes one request copies to the device: staged groups once, the streamed reasoner once,
+    the streamed generator every step."""
+    streamed = streamed_bytes(plan, sizes, REASONER) + request.steps * streamed_bytes(plan, sizes, GENERATOR)
+    return staged_bytes(plan, sizes, request) + streamed
+
+
+def layer_seconds(sizes: ModelSizes, request: Request, profile: DeviceProfile, tokens: int) -> float:
+    """One tower layer for all branches: matmuls plus attention over [prompt ; tokens]."""
+    linear = 2 * tokens * sizes.layer_matmul_params / (profile.linear_TFLOPs * 1e12)
+    keys = tokens + request.prompt_tokens
+    attention = 4 * tokens * keys * sizes.heads * sizes.head_dim / (profile.attention_TFLOPs * 1e12)
+    return request.branches * (linear + attention)
+
+
+def simulate_ring(how: GroupPlan, copy_s: Sequence[float], layer_s: float, passes: int = 2) -> float:
+    """Seconds of the last of `passes` passes over the layers, mirroring the streamed placement's ring.
+
+    The host runs ahead of the GPU, so a copy starts when the copy engine and its slot are free;
+    a streamed layer computes once its copy is done and the previous layer has finished.
+    copy_s[i]: seconds to copy layer i.
+    """
+    layers = len(copy_s)
+    streamed = [i for i in range(layers) if i not in set(how.resident_layers)]
+    if how.mode is not Mode.STREAMED or not streamed:
+        return layers * layer_s
+    free = deque((slot, 0.0) for slot in range(how.ring))  # (slot, time its last reader finished)
+    loaded: deque[tuple[int, int, float]] = deque()  # (position in the cyclic copy order, slot, copy done)
+    engine = clock = start = 0.0
+    issued = 0
+
+    def issue() -> None:
+        nonlocal engine, issued
+        slot, reader_done = free.popleft()
+        engine = max(engine, reader_done) + copy_s[streamed[issued % len(streamed)]]
+        loaded.append((issued, slot, engine))
+        issued += 1
+
+    for step in range(passes):
+        start = clock
+        for position, layer in enumerate(streamed):
+            previous = streamed[position - 1] if position else -1
+            clock += (layer - previous - 1) * layer_s  # resident layers before this one
+            target = step * len(streamed) + position
+            while not any(p == target for p, _, _ in loaded):
+                issue()
+            ready = next(done for p, _, done in loaded if p == target)
+            while free and len(loaded) <= how.prefetch:
+                issue()
+            clock = max(clock, ready) + layer_s
+            _, slot, _ = loaded.popleft()
+            free.append((slot, clock))
+        clock += (layers - 1 - streamed[-1]) * layer_s
+    return clock - start

@@ -1,0 +1,155 @@
+"""The command line: bad input is one line on stderr, exit 2, no output; the installed script works."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import pytest
+
+from cosmos3_offload.app.cli import main
+
+
+def run_cli(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--prompt", "a fox", "--no-progress", *args])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--frames", "20"], "use 17 or 21"),
+        (["--frames", "0"], "frames must be a whole number from 1"),
+        (["--resolution", "1080"], "resolution tier"),
+        (["--aspect-ratio", "2,1"], "aspect ratio"),
+        (["--steps", "0"], "steps must be a whole number from 1"),
+        (["--guidance", "-2"], "guidance must be a finite number"),
+        (["--dtype", "int8"], "unknown dtype"),
+        (["--device", "tpu"], "device"),
+        (["--frames", "abc"], "invalid int value"),
+        (["--frames", "1", "--output", "{tmp}/still.mp4"], "suffixes .jpg"),
+        (["--output", "{tmp}/missing/out.mp4"], "does not exist"),
+        (["--checkpoint", "{tmp}"], "no model_index.json"),
+        (["--checkpoint", "{tmp}/nowhere"], "is not a folder"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_output(capsys, tmp_path, monkeypatch, args, message):
+    """Each bad flag ends with a single error line naming the problem, status 2, and an untouched folder."""
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_output_folder(capsys, tmp_path):
+    """An output folder that refuses new files is refused before anything runs."""
+    code, _, err = run_cli(capsys, "--output", "/sys/out.mp4")
+    assert code == 2 and "not writable" in err
+
+
+def test_checkpoint_of_another_pipeline(capsys, tmp_path):
+    """A diffusers folder of another model is refused by name."""
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    code, _, err = run_cli(capsys, "--checkpoint", str(tmp_path), "--output", str(tmp_path / "o.mp4"))
+    assert code == 2 and "'WanPipeline', not a Cosmos3OmniPipeline" in err
+
+
+def test_missing_prompt_is_a_usage_error(capsys):
+    """--prompt is required."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate"])
+    assert exit_info.value.code == 2 and "--prompt" in capsys.readouterr().err
+
+
+def test_text_to_image_writes_a_jpg(capsys, tmp_path):
+    """--frames 1 writes one image of the tier's size and reports the stages."""
+    out = tmp_path / "still.jpg"
+    assert main(["generate", "--prompt", "a fox", "--frames", "1", "--steps", "2", "--output", str(out)]) == 0
+    assert iio.imread(out).shape == (192, 320, 3)
+    report = capsys.readouterr().out
+    for stage in ("load", "prefill", "denoise", "decode", "write"):
+        assert f"\n{stage} " in report
+    assert "random weights produce noise" in report
+
+
+def test_installed_script_writes_the_default_mp4(tmp_path):
+    """The console script from the README, run as a user would, writes output.mp4 with 17 frames at 320x192."""
+    script = shutil.which("cosmos3-offload") or str(sys.exec_prefix + "/bin/cosmos3-offload")
+    result = subprocess.run(
+        [script, "generate", "--prompt", "a red fox in the snow", "--steps", "3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote output.mp4 (17 frames, 320x192" in result.stdout
+    assert iio.imread(tmp_path / "output.mp4").shape == (17, 192, 320, 3)
+
+
+def test_installed_script_refuses_bad_input(tmp_path):
+    """Through the real script too: exit 2, one line, nothing written."""
+    script = shutil.which("cosmos3-offload") or str(sys.exec_prefix + "/bin/cosmos3-offload")
+    result = subprocess.run(
+        [script, "generate", "--prompt", "x", "--frames", "8"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "use 5 or 9" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_prints_the_choice_and_predictions(capsys):
+    """`plan` prints the request, the chosen placement and predicted peaks and times, and runs nothing."""
+    assert main(["plan", "--vram-budget", "8GiB", "--model", "nano", "--resolution", "720", "--frames", "189"]) == 0
+    out = capsys.readouterr().out
+    assert "1280x720, 189 frames" in out and "generator streamed" in out
+    assert "predicted peak:" in out and "s per step" in out
+    assert "encode" not in out  # text to video encodes nothing
+
+
+def test_plan_counts_the_encode_of_conditioning_frames(capsys, tmp_path):
+    """With --video (`plan` checks that the file exists, reads none of it) the encode of its first 5
+    frames is planned for too."""
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"never decoded by plan")
+    args = ["plan", "--vram-budget", "8GiB", "--model", "nano", "--resolution", "720", "--frames", "189"]
+    assert main([*args, "--video", str(clip)]) == 0
+    assert "predicted peak: encode " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["plan", "--model", "nano"], "needs --vram-budget"),
+        (["plan", "--vram-budget", "2GiB", "--model", "nano"], "needs at least"),
+        (["plan", "--vram-budget", "lots", "--model", "nano"], "write it like 8GiB"),
+        (["plan", "--vram-budget", "8GiB", "--model", "giant"], "unknown model 'giant'"),
+        (["plan", "--vram-budget", "8GiB", "--model", "nano", "--h2d-gbps", "-5"], "h2d_GBps must be a finite number"),
+        (["generate", "--prompt", "x", "--vram-budget", "8GiB", "--offload-stages", "vae"], "not both"),
+    ],
+)
+def test_plan_and_budget_errors(capsys, tmp_path, monkeypatch, args, message):
+    """Planner refusals and conflicting flags are one-line errors with exit status 2."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_with_a_budget_follows_the_plan(capsys, tmp_path):
+    """--vram-budget prints the chosen plan, runs it, and reports it in the summary."""
+    out = tmp_path / "o.mp4"
+    args = ["generate", "--prompt", "a fox", "--steps", "2", "--frames", "5", "--vram-budget", "1GiB"]
+    assert main([*args, "--no-progress", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("plan for a 1.0 GiB budget") == 1 and "\nplan: " in printed and out.is_file()
