@@ -32,7 +32,7 @@ def test_every_weight_has_a_tower(variant):
     ],
 )
 def test_known_names(name, tower):
-    """The split follows DESIGN.md's list, `k_norm_und_for_gen` on the reasoner side."""
+    """The split follows the tower lists in model/towers.py, `k_norm_und_for_gen` on the reasoner side."""
     assert tower_of(name) == tower
 
 

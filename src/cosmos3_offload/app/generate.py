@@ -171,7 +171,7 @@ def decode_frames(pipe: Cosmos3OmniPipeline, latents: torch.Tensor, *, grid: Til
     """Normalized latents [1, C, T, H, W] -> uint8 frames [T, H, W, 3] on the host.
 
     Decoded in the tiles of `grid` (one tile: diffusers' untiled decode); frames leave the device
-    as they are decoded (see decode.py).
+    as they are decoded (see vae/decode.py).
     """
     vae = pipe.vae
     mean = pipe._vae_latents_mean.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)

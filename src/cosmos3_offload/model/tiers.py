@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InputError
+from .geometry import TEMPORAL_COMPRESSION
 
 # tier -> aspect ratio -> (width, height), as Cosmos3's own tools define them.
 RESOLUTION_TIERS: dict[int, dict[str, tuple[int, int]]] = {
@@ -28,9 +29,10 @@ def frame_size(tier: int, aspect_ratio: str) -> tuple[int, int]:
 
 def check_frame_count(frames: int) -> None:
     """Frame counts are 1 (an image) or 4k+1 (the VAE's 4x temporal compression plus the first frame)."""
-    if frames == 1 or (frames >= 5 and frames % 4 == 1):
+    step = TEMPORAL_COMPRESSION
+    if frames == 1 or (frames > step and frames % step == 1):
         return
     if frames < 1:
         raise InputError(f"frame count must be 1 or 4k+1 (5, 9, ..., 189), got {frames}")
-    lower = (frames - 1) // 4 * 4 + 1
-    raise InputError(f"frame count must be 1 or 4k+1, got {frames}; use {lower} or {lower + 4}")
+    lower = (frames - 1) // step * step + 1
+    raise InputError(f"frame count must be 1 or 4k+1, got {frames}; use {lower} or {lower + step}")

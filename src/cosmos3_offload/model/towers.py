@@ -5,7 +5,7 @@ The reasoner owns the text path (`embed_tokens`, each layer's `to_q/to_k/to_v/to
 the final `norm` and `lm_head`); the generator owns everything that touches latent tokens (the
 `*_moe_gen`, `add_*`, `norm_added_*`, `to_add_out` weights, `proj_in/proj_out`, the time embedding,
 `norm_moe_gen`, and the sound/action heads). Unknown names raise, so a diffusers change that adds
-a weight cannot slip into the wrong phase unnoticed.
+a weight cannot slip into the wrong tower unnoticed.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from ..units import format_bytes
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,7 +30,7 @@ class DeviceArena:
     def reserve(self, nbytes: int) -> torch.Tensor:
         if self.buffer is None or self.buffer.numel() < nbytes:
             self.release()
-            logger.info("allocating a %.2f GiB device arena", nbytes / 1024**3)
+            logger.info("allocating a %s device arena", format_bytes(nbytes))
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             self.peak_bytes = max(self.peak_bytes, nbytes)
         return self.buffer

@@ -1,4 +1,4 @@
-"""Every stream and event the staging engine uses, in one place.
+"""Every stream and event the offload engine uses, in one place.
 
 Copies run on one side stream. Each waits for an event marking the last compute that read its
 destination, and compute waits for the copy's end event before using what it wrote: the host
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..units import MIB
 from .slabs import HostSlab, SlabLayout
 
 
@@ -79,8 +80,8 @@ class CopyEngine:
             torch.cuda.current_stream(self.device).wait_event(record.end)
 
 
-def measure_h2d_GBps(device: torch.device, nbytes: int = 256 * 1024**2, repeats: int = 3) -> float | None:
-    """Bandwidth of one bulk copy from an exact-size pinned slab, as staging does it (median of
+def measure_h2d_GBps(device: torch.device, nbytes: int = 256 * MIB, repeats: int = 3) -> float | None:
+    """Bandwidth of one bulk copy from an exact-size pinned slab, as a staged group makes it (median of
     `repeats` after a warm-up; None on the CPU). Blocks for the copies."""
     if device.type != "cuda":
         return None
@@ -112,11 +113,11 @@ class HostLanding:
         if src.device.type != "cuda":
             dst.copy_(src)
             return
-        staging = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)  # the caching host allocator reuses these
-        staging.copy_(src, non_blocking=True)
+        bounce = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)  # the caching host allocator reuses these
+        bounce.copy_(src, non_blocking=True)
         landed = torch.cuda.Event()
         landed.record(torch.cuda.current_stream(src.device))
-        self.pending.append((landed, staging, dst))
+        self.pending.append((landed, bounce, dst))
         while len(self.pending) > self.depth:
             self._land()
 
@@ -125,6 +126,6 @@ class HostLanding:
             self._land()
 
     def _land(self) -> None:
-        landed, staging, dst = self.pending.popleft()
+        landed, bounce, dst = self.pending.popleft()
         landed.synchronize()
-        dst.copy_(staging)
+        dst.copy_(bounce)
