@@ -5,13 +5,16 @@ The folder is what `Cosmos3OmniPipeline.save_pretrained` writes: `model_index.js
 `config.json` and either one `*.safetensors` file or shards listed by a
 `*.safetensors.index.json`. Before a single weight is allocated, every file's header is read and
 checked: every shard the index names exists and is whole, no stray weight file sits beside the
-shards, no weight appears twice, every weight the model needs is there with the shape its config
-implies, and nothing is there that the model does not have. Any failure is an InputError that
-names the file.
+shards, no weight appears twice, every weight is a floating-point tensor, every weight the model
+needs is there with the shape its config implies, and nothing is there that the model does not
+have. The JSON files (the pipeline index, the model configs, the shard indexes, the scheduler and
+tokenizer files) are read too, and each config must build its model. Any failure is an InputError
+that names the file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,21 +24,22 @@ import torch
 from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer
 from safetensors import safe_open
 
-from ..errors import InputError
+from ..errors import InputError, first_line
+from ..offload.materialize import build_on_meta
 from ..offload.slabs import SlabEntry
 
 PIPELINE_CLASS = "Cosmos3OmniPipeline"
 REQUIRED_PARTS = ("transformer", "vae", "text_tokenizer")
 
 
-def read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str, *, object_only: bool = True) -> dict:
     if not path.is_file():
         raise InputError(f"{what} {str(path)!r} is missing")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raise InputError(f"{what} {str(path)!r} cannot be read as JSON") from None
-    if not isinstance(value, dict):
+    if object_only and not isinstance(value, dict):
         raise InputError(f"{what} {str(path)!r} is not a JSON object")
     return value
 
@@ -54,18 +58,60 @@ def check_checkpoint(path: Path) -> None:
         raise InputError(f"checkpoint {str(path)!r} lacks the folder(s) {', '.join(missing)}")
     for part in ("transformer", "vae"):
         read_json(path / part / "config.json", f"{part} config")
+    # Read only at the end of a load: checked here, before any weight is allocated.
+    if (path / "scheduler" / "scheduler_config.json").exists():
+        read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
+    for file in sorted((path / "text_tokenizer").glob("*.json")):
+        read_json(file, "tokenizer file", object_only=False)
 
 
 def model_configs_of(path: Path) -> tuple[dict, dict]:
-    """(transformer config, VAE config) of a checked checkpoint folder."""
+    """(transformer config, VAE config) of a checked checkpoint folder; each must build its model."""
     check_checkpoint(path)
     configs = []
     for part, cls in (("transformer", Cosmos3OmniTransformer), ("vae", AutoencoderKLWan)):
+        file = path / part / "config.json"
         try:
-            configs.append(cls.load_config(path / part))
+            config = cls.load_config(path / part)
         except (OSError, ValueError, TypeError):
-            raise InputError(f"{part} config {str(path / part / 'config.json')!r} cannot be used") from None
+            raise InputError(f"{part} config {str(file)!r} cannot be used") from None
+        problem = _config_problem(config) if cls is Cosmos3OmniTransformer else None
+        if problem is None:
+            problem = _build_problem(cls, json.dumps(config, sort_keys=True))
+        if problem is not None:
+            raise InputError(f"{part} config {str(file)!r} cannot build a {cls.__name__}: {problem}")
+        configs.append(config)
     return configs[0], configs[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _build_problem(cls: type, config_text: str) -> str | None:
+    """Why `cls` cannot be built on meta from this config (None: it can); a run asks more than once."""
+    try:
+        build_on_meta(cls, json.loads(config_text))
+    except Exception as error:  # whatever the constructor raises for values it cannot use
+        return first_line(error)
+    return None
+
+
+def _config_problem(config: dict) -> str | None:
+    """What the transformer's constructor accepts but the split cannot run (None: nothing)."""
+    layers = config.get("num_hidden_layers")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        return f"num_hidden_layers must be a whole number from 1, got {layers!r}"
+    head_dim, axes = config.get("head_dim"), config.get("rope_axes_dim")
+    if axes is not None and isinstance(head_dim, int):
+        if (
+            not isinstance(axes, list | tuple)
+            or len(axes) != 3
+            or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in axes)
+            or sum(axes) != head_dim // 2
+        ):
+            return (
+                f"rope_axes_dim must be 3 positive whole numbers adding up to head_dim / 2 ({head_dim // 2}), "
+                f"got {axes!r}"
+            )
+    return None
 
 
 @dataclass(frozen=True)
@@ -109,8 +155,8 @@ class CheckpointWeights:
                 raise InputError(f"{str(self.folder)!r} has no .safetensors weights")
             if len(found) > 1:
                 raise InputError(
-                    f"{str(self.folder)!r} holds {len(found)} .safetensors files and no shard index; "
-                    "keep the model's one file or add its *.safetensors.index.json"
+                    f"{str(self.folder)!r} holds {len(found)} .safetensors files ({', '.join(f.name for f in found)}) "
+                    "and no shard index; keep the model's one file or add its *.safetensors.index.json"
                 )
             return found
         index_file, weight_map = index
@@ -136,24 +182,36 @@ class CheckpointWeights:
                 raise InputError(f"{stored.file.name} holds {key!r}, which {index_file.name} puts elsewhere")
         absent = sorted(set(weight_map) - set(self.tensors))
         if absent:
-            raise InputError(f"{index_file.name} names {absent[0]!r}, which no shard holds ({len(absent)} missing)")
+            raise InputError(
+                f"{index_file.name} in {str(self.folder)!r} puts {absent[0]!r} in {weight_map[absent[0]]}, "
+                f"which does not hold it ({len(absent)} such weight(s))"
+            )
 
-    def check_against(self, expected: list[tuple[tuple[str, ...], tuple[int, ...]]], skip: Callable[[str], bool]) -> None:
+    def check_against(
+        self, expected: list[tuple[tuple[str, ...], tuple[int, ...]]], skip: Callable[[str], bool]
+    ) -> None:
         """Every expected tensor (its names: tied weights have several, one stored is enough) present
         with its shape; no stored weight the model lacks, unless `skip` says the model ignores it."""
         shapes = {name: shape for names, shape in expected for name in names}
+        config = str(self.folder / "config.json")
         for key, stored in self.tensors.items():
             if key in shapes:
                 if tuple(stored.shape) != tuple(shapes[key]):
                     raise InputError(
-                        f"{stored.file.name}: {key!r} has shape {list(stored.shape)} but the config in "
-                        f"{str(self.folder)!r} implies {list(shapes[key])}; the config does not match the weights"
+                        f"{stored.file.name}: {key!r} has shape {list(stored.shape)} but the config "
+                        f"{config!r} implies {list(shapes[key])}; the config does not match the weights"
                     )
-            elif not skip(key):
-                raise InputError(f"{stored.file.name} holds {key!r}, which this model does not have")
+            elif not _skipped(skip, key):
+                raise InputError(
+                    f"{stored.file.name} in {str(self.folder)!r} holds {key!r}, which the model of the config "
+                    f"{config!r} does not have; the config does not match the weights"
+                )
         missing = [names[0] for names, _ in expected if not any(n in self.tensors for n in names)]
         if missing:
-            raise InputError(f"{str(self.folder)!r} lacks {len(missing)} weight(s), e.g. {missing[0]!r}")
+            raise InputError(
+                f"{str(self.folder)!r} lacks {len(missing)} weight(s) that its config {config!r} implies, "
+                f"e.g. {missing[0]!r}"
+            )
 
     def fill(self, targets: list[tuple[SlabEntry, torch.Tensor]]) -> None:
         """Copy each stored weight into its home, one file open at a time."""
@@ -167,18 +225,33 @@ class CheckpointWeights:
                     for name, home in pairs:
                         home.copy_(weights.get_tensor(name))
             except Exception as error:  # safetensors raises its own error types for damaged files
-                raise InputError(f"{file.name} in {str(self.folder)!r} cannot be read: {_reason(error)}") from None
+                raise InputError(f"{file.name} in {str(self.folder)!r} cannot be read: {first_line(error)}") from None
+
+
+def _skipped(skip: Callable[[str], bool], key: str) -> bool:
+    """`skip(key)`, false for a name the rule cannot even place (it raises for names unknown to the model)."""
+    try:
+        return skip(key)
+    except (ValueError, KeyError):
+        return False
 
 
 def _header(file: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes from a safetensors header; damaged or truncated files are refused."""
+    """Names and shapes from a safetensors header; damaged or truncated files, and weights that are not
+    floating point (they would be cast silently into their homes), are refused."""
     try:
         with safe_open(file, framework="pt") as weights:
-            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+            slices = {key: weights.get_slice(key) for key in weights.keys()}
+            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+            dtypes = {key: s.get_dtype() for key, s in slices.items()}
     except Exception as error:  # safetensors raises its own error types for damaged files
-        raise InputError(f"{file.name} in {str(file.parent)!r} is not a whole safetensors file: {_reason(error)}") from None
+        raise InputError(
+            f"{file.name} in {str(file.parent)!r} is not a whole safetensors file: {first_line(error)}"
+        ) from None
+    for key, dtype in sorted(dtypes.items()):
+        if not dtype.startswith(("F", "BF")):
+            raise InputError(
+                f"{file.name} in {str(file.parent)!r} stores {key!r} as {dtype}, which is no weight's dtype; "
+                "weights are floating point"
+            )
     return shapes
-
-
-def _reason(error: Exception) -> str:
-    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__

@@ -20,7 +20,7 @@ import torch
 from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..model.groups import UNUSED, USE_ORDER, transformer_group_of, vae_group_of
 from ..model.specs import model_spec
 from ..model.tiny_tokenizer import build_tiny_tokenizer
@@ -84,6 +84,8 @@ def load_components(
         vae_weights = CheckpointWeights(checkpoint / "vae")
         transformer_weights.check_against(_shapes(transformer_layouts, skip=UNUSED), skip_unused)
         vae_weights.check_against(_shapes(vae_layouts), lambda key: False)
+    # The tokenizer is cheap: load it before any weight memory exists, so a broken one costs nothing.
+    tokenizer = build_tiny_tokenizer() if checkpoint is None else _checkpoint_tokenizer(checkpoint)
     placer = Placer(device, plan)
     transformer_targets = placer.place(transformer, transformer_layouts)
     vae_targets = placer.place(vae, vae_layouts)
@@ -99,7 +101,7 @@ def load_components(
     return Components(
         transformer=transformer,
         vae=vae,
-        tokenizer=build_tiny_tokenizer() if checkpoint is None else _checkpoint_tokenizer(checkpoint),
+        tokenizer=tokenizer,
         scheduler_config=_scheduler_config(checkpoint),
         source=f"{random_model} model (random weights)" if checkpoint is None else str(checkpoint),
         random_weights=checkpoint is None,
@@ -112,7 +114,7 @@ def _build(model_cls: type, config: dict):
     try:
         return build_on_meta(model_cls, config)
     except (ValueError, TypeError, KeyError, AssertionError, RuntimeError) as error:
-        raise InputError(f"the {model_cls.__name__} config cannot build a model: {error}") from None
+        raise InputError(f"the {model_cls.__name__} config cannot build a model: {first_line(error)}") from None
 
 
 def _shapes(layouts: dict[str, SlabLayout], skip: str | None = None) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
@@ -123,8 +125,10 @@ def _shapes(layouts: dict[str, SlabLayout], skip: str | None = None) -> list[tup
 def _checkpoint_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(path / "text_tokenizer")
-    except (OSError, ValueError, TypeError) as error:
-        raise InputError(f"the tokenizer in {str(path / 'text_tokenizer')!r} cannot be loaded: {error}") from None
+    except Exception as error:  # transformers raises many kinds of errors for a folder it cannot use
+        raise InputError(
+            f"the tokenizer in {str(path / 'text_tokenizer')!r} cannot be loaded: {first_line(error)}"
+        ) from None
 
 
 def _scheduler_config(path: Path | None) -> dict[str, Any]:
