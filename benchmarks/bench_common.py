@@ -18,8 +18,8 @@ import diffusers
 import torch
 from torch import nn
 
+from cosmos3_offload.loading.random_weights import RandomValues
 from cosmos3_offload.offload.materialize import (
-    RandomValues,
     allocate_on_device,
     build_on_meta,
     group_layouts,
@@ -28,8 +28,8 @@ from cosmos3_offload.offload.materialize import (
 )
 from cosmos3_offload.offload.placements import bind_views
 from cosmos3_offload.offload.streams import measure_h2d_GBps
+from cosmos3_offload.units import GIB
 
-GIB = 1024**3
 PROMPT = "A red fox trots through fresh snow at the edge of a pine forest at dawn, steam rising from its breath."
 
 

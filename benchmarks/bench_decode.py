@@ -29,17 +29,18 @@ from bench_common import GIB, ResultsFile, gib, random_model
 from bench_staging import parse_shape
 from diffusers import AutoencoderKLWan
 
-from cosmos3_offload.vae.decode import TileGrid, decode_to_host, to_bytes
 from cosmos3_offload.errors import InputError
+from cosmos3_offload.loading.sizes import model_sizes
+from cosmos3_offload.model.geometry import latent_frames, latent_size
 from cosmos3_offload.model.specs import model_spec
-from cosmos3_offload.planning.search import (
-    DECODE_SECONDS_PER_PIXEL_FRAME,
-    DeviceProfile,
-    decode_cost,
-    decode_grid_for,
-    model_sizes,
-)
 from cosmos3_offload.model.tiers import frame_size
+from cosmos3_offload.planning.memory import decode_cost
+from cosmos3_offload.planning.request import DeviceProfile
+from cosmos3_offload.planning.search import DECODE_GRIDS
+from cosmos3_offload.planning.sizes import ModelSizes
+from cosmos3_offload.planning.tiles import TileGrid
+from cosmos3_offload.planning.timing import DECODE_SECONDS_PER_PIXEL_FRAME
+from cosmos3_offload.vae.decode import decode_to_host, to_bytes
 
 CUDA = torch.device("cuda")
 
@@ -48,6 +49,20 @@ def parse_grid(text: str) -> TileGrid:
     """ROWSxCOLS or ROWSxCOLSxFRAMES (frames taken through an up block at once; default 4)."""
     rows, cols, *frames = (int(n) for n in text.split("x"))
     return TileGrid(rows=rows, cols=cols, frames=frames[0] if frames else TileGrid().frames)
+
+
+def decode_grid_for(sizes: ModelSizes, height: int, width: int, budget_bytes: int, profile: DeviceProfile) -> TileGrid:
+    """The least-work grid of the planner's `DECODE_GRIDS` whose decode of `height` x `width` pixel
+    frames, decoder weights included, fits the budget, for a decode on its own (the planner itself
+    picks the grid with the rest of the plan); an InputError when even the finest grid does not."""
+    fitting = []
+    for grid in DECODE_GRIDS:
+        nbytes, work = decode_cost(sizes, grid, height, width)
+        if sizes.vae.payload + nbytes <= budget_bytes * profile.headroom:
+            fitting.append((work, grid.rows * grid.cols, grid))
+    if not fitting:
+        raise InputError(f"no tile grid fits the decode of {width}x{height} frames in {budget_bytes / GIB:.1f} GiB")
+    return min(fitting, key=lambda f: f[:2])[2]
 
 
 def timed(fn, *args, cap_gib: float | None = None) -> tuple[dict, object]:
@@ -113,7 +128,7 @@ def main() -> None:
     for tier, frames in args.shapes:
         width, height = frame_size(tier, "16,9")
         z = torch.randn(
-            1, 48, (frames - 1) // 4 + 1, height // 16, width // 16, generator=torch.Generator().manual_seed(0)
+            1, 48, latent_frames(frames), *latent_size(height, width), generator=torch.Generator().manual_seed(0)
         )
         z = z.to(CUDA, torch.bfloat16)
         base = {"height": height, "width": width, "frames": frames, "model": "wan2.2-vae"}
@@ -143,7 +158,7 @@ def main() -> None:
                 chosen[budget] = None
         runs = [(grid, None) for grid in args.grids] + [(g, b) for b, g in chosen.items() if g is not None]
         for grid, budget in runs:
-            nbytes, work = decode_cost(sizes, grid, height // 16, width // 16)
+            nbytes, work = decode_cost(sizes, grid, height, width)  # pixel sizes
             run, frames_out = timed(decode_to_host, vae, z, grid, cap_gib=budget)
             if frames_out is not None and reference is not None:
                 run |= compare(frames_out, reference)
@@ -160,7 +175,7 @@ def main() -> None:
                     **base,
                     **run,
                     "predicted": {
-                        "peak_allocated_gib": gib(sizes.vae_bytes + nbytes),
+                        "peak_allocated_gib": gib(sizes.vae.payload + nbytes),
                         "seconds": round(DECODE_SECONDS_PER_PIXEL_FRAME * height * width * frames * work, 2),
                         "work_vs_untiled": round(work, 3),
                     },

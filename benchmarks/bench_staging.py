@@ -40,13 +40,13 @@ from diffusers.hooks import apply_group_offloading
 
 from cosmos3_offload.app.config import GenerationConfig
 from cosmos3_offload.app.generate import flow_scheduler
-from cosmos3_offload.model.groups import PLANNED_GROUPS
-from cosmos3_offload.loading.components import load_components
-from cosmos3_offload.model.specs import model_spec
-from cosmos3_offload.planning.plan import Plan
 from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.timer import PhaseTimer
+from cosmos3_offload.loading.components import load_components
+from cosmos3_offload.model.groups import PLANNED_GROUPS
+from cosmos3_offload.model.specs import model_spec
 from cosmos3_offload.model.tiny_tokenizer import build_tiny_tokenizer
+from cosmos3_offload.planning.plan import Plan
 
 CUDA = torch.device("cuda")
 OURS_PLANS = [(), ("generator",), ("reasoner", "vae"), ("reasoner", "generator", "vae")]
@@ -59,49 +59,53 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def measure_ours(components, tier: int, frames: int, steps: int, cap_gib: float | None) -> dict:
-    """One generation (prefill, steps, decode) with per-step times, phase peaks and staging throughput."""
+    """One generation (prefill, steps, decode) with per-step times, per-phase peaks and staging throughput."""
     set_cap(cap_gib)
     config = GenerationConfig(
         prompt=PROMPT, frames=frames, resolution=tier, steps=steps, output=Path("/tmp/cosmos3-bench.mp4")
     )
-    recorder = PhaseTimer(CUDA)
+    timer = PhaseTimer(CUDA)
     stamps: list[float] = []
 
     def on_step(index: int) -> None:
         torch.cuda.synchronize()  # benchmark only: make each step's wall time real
         stamps.append(time.perf_counter())
 
-    copies_before = {p.name: len(getattr(p, "copies", [])) for p in components.engine.placements.values()}
+    placements = components.engine.placements
+    copies_before = {name: len(p.copies) for name, p in placements.items()}
     run = {"height": config.height, "width": config.width, "frames": frames, "steps": steps, "cap_gib": cap_gib}
     try:
-        generate_video(config, components, recorder, progress=False, on_step=on_step)
+        generate_video(config, components, timer, progress=False, on_step=on_step)
     except torch.OutOfMemoryError as error:
-        done = {s.name: round(s.seconds, 3) for s in recorder.stages}
-        peaks = {s.name: gib(s.device_peak_bytes) for s in recorder.stages}
+        # The JSON keeps its field names ("stages") so results from before and after the rename read alike.
+        done = {s.name: round(s.seconds, 3) for s in timer.phases}
+        peaks = {s.name: gib(s.device_peak_bytes) for s in timer.phases}
         reset_device()
         message = f"out of memory after stages {list(done)}: {str(error).splitlines()[0]}"
         return {**run, "completed_stages_s": done, "completed_stage_peaks_gib": peaks, "error": message}
-    stages = {s.name: s for s in recorder.stages}
+    phases = {s.name: s for s in timer.phases}
     rest = [b - a for a, b in zip(stamps, stamps[1:])]
     staging = {}
-    for placement in components.engine.staged():
-        new = placement.copies[copies_before[placement.name] :]
+    for name, placement in placements.items():
+        if not placement.arena_bytes:
+            continue  # weights that never move (resident groups, the host-side embedding table)
+        new = placement.copies[copies_before[name] :]
         if not new:
-            continue  # a group whose phase did not run (the encoder without conditioning)
+            continue  # a group that was not used (the encoder without conditioning)
         seconds = sum(c.seconds_blocking() for c in new)
         moved = sum(c.nbytes for c in new)
-        staging[placement.name] = {"GiB": gib(moved), "s": round(seconds, 4), "GBps": round(moved / seconds / 1e9, 2)}
+        staging[name] = {"GiB": gib(moved), "s": round(seconds, 4), "GBps": round(moved / seconds / 1e9, 2)}
     moved_total = sum(v["GiB"] for v in staging.values()) * 1024**3
     seconds_total = sum(v["s"] for v in staging.values())
     return {
         **run,
-        "prefill_s": round(stages["prefill"].seconds, 3),
-        "step_s": [round(stages["denoise"].seconds - sum(rest), 3)] + [round(r, 3) for r in rest],
-        "decode_s": round(stages["decode"].seconds, 3),
-        "peak_allocated_gib": gib(max(s.device_peak_bytes for s in stages.values())),
-        "peak_reserved_gib": gib(max(s.device_reserved_peak_bytes for s in stages.values())),
-        "peak_allocated_no_decode_gib": gib(max(stages[n].device_peak_bytes for n in ("prefill", "denoise"))),
-        "decode_peak_allocated_gib": gib(stages["decode"].device_peak_bytes),
+        "prefill_s": round(phases["prefill"].seconds, 3),
+        "step_s": [round(phases["denoise"].seconds - sum(rest), 3)] + [round(r, 3) for r in rest],
+        "decode_s": round(phases["decode"].seconds, 3),
+        "peak_allocated_gib": gib(max(s.device_peak_bytes for s in phases.values())),
+        "peak_reserved_gib": gib(max(s.device_reserved_peak_bytes for s in phases.values())),
+        "peak_allocated_no_decode_gib": gib(max(phases[n].device_peak_bytes for n in ("prefill", "denoise"))),
+        "decode_peak_allocated_gib": gib(phases["decode"].device_peak_bytes),
         "staging": staging,
         "h2d_GBps": round(moved_total / seconds_total / 1e9, 2) if seconds_total else None,
         "error": None,

@@ -23,12 +23,15 @@ from pathlib import Path
 from bench_common import ResultsFile, gib, measure_pinned_h2d
 from bench_staging import load_ours, measure_ours, parse_shape, part_peer
 
+from cosmos3_offload.loading.sizes import model_sizes
+from cosmos3_offload.model.groups import GENERATOR
 from cosmos3_offload.model.specs import model_spec
-from cosmos3_offload.planning.plan import Plan
-from cosmos3_offload.planning.search import DeviceProfile, Request, choose_plan, model_sizes, predict, streamed_bytes
 from cosmos3_offload.model.tiers import frame_size
-
-GIB = 1024**3
+from cosmos3_offload.planning.plan import Plan
+from cosmos3_offload.planning.request import DeviceProfile, Request
+from cosmos3_offload.planning.search import Prediction, choose_plan, predict
+from cosmos3_offload.planning.timing import streamed_bytes
+from cosmos3_offload.units import GIB
 
 
 def request_for(tier: int, frames: int, steps: int) -> Request:
@@ -36,26 +39,27 @@ def request_for(tier: int, frames: int, steps: int) -> Request:
     return Request.for_video(frames, height, width, steps=steps)
 
 
-def measured_vs_predicted(run: dict, prediction) -> dict:
+def measured_vs_predicted(run: dict, prediction: Prediction) -> dict:
     steps = run.get("step_s") or []
     rest = steps[1:] or steps
     median = round(statistics.median(rest), 4) if rest else None
+    peaks = prediction.peaks
     return {
         "predicted": {
             "peak_allocated_gib": gib(prediction.peak),
-            "peak_allocated_no_decode_gib": gib(max(prediction.prefill_peak, prediction.denoise_peak)),
-            "decode_peak_allocated_gib": gib(prediction.decode_peak),
-            "step_s": round(prediction.step_s, 3),
+            "peak_allocated_no_decode_gib": gib(max(peaks.prefill, peaks.denoise)),
+            "decode_peak_allocated_gib": gib(peaks.decode),
+            "step_s": round(prediction.times.step, 3),
         },
         "step_s_median_rest": median,
     }
 
 
-def run_plan(args, results, sizes, tier, frames, cap, plan: Plan, prediction, label: str) -> None:
+def run_plan(args, results, sizes, tier, frames, cap, plan: Plan, prediction: Prediction, label: str) -> None:
     components, info = load_ours(args.model, plan)
     run = measure_ours(components, tier, frames, args.steps, cap)
     extra = measured_vs_predicted(run, prediction)
-    moved = streamed_bytes(plan, sizes)
+    moved = streamed_bytes(plan, sizes, GENERATOR)  # one denoising step's copies
     if run.get("error") is None and extra["step_s_median_rest"]:
         extra["streamed_GiB_per_step"] = gib(moved)
         extra["streamed_GBps_over_step"] = round(moved / extra["step_s_median_rest"] / 1e9, 2)

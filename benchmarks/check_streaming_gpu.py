@@ -15,11 +15,11 @@ import torch
 from bench_common import ResultsFile
 
 from cosmos3_offload.app.config import GenerationConfig
-from cosmos3_offload.loading.components import load_components
-from cosmos3_offload.planning.plan import GroupPlan, Plan
-from cosmos3_offload.planning.search import spread
 from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.timer import PhaseTimer
+from cosmos3_offload.loading.components import load_components
+from cosmos3_offload.planning.plan import GroupPlan, Mode, Plan
+from cosmos3_offload.planning.search import spread
 
 CUDA = torch.device("cuda")
 
@@ -40,19 +40,19 @@ def main() -> int:
         output=Path("/tmp/check.mp4"),
     )
     layers = 36 if args.model == "nano" else 6
-    streamed = {"reasoner": GroupPlan(mode="streamed"), "generator": GroupPlan(mode="streamed")}
+    streamed = {"reasoner": GroupPlan(mode=Mode.STREAMED), "generator": GroupPlan(mode=Mode.STREAMED)}
     plans = {
         "resident": Plan(),
         "staged": Plan.from_offload(("reasoner", "generator", "vae")),
-        "streamed": Plan(**streamed, vae=GroupPlan(mode="staged")),
+        "streamed": Plan(**streamed, vae=GroupPlan(mode=Mode.STAGED)),
         "streamed-ring3-resident": Plan(
-            reasoner=GroupPlan(mode="streamed", ring=3, prefetch=2),
-            generator=GroupPlan(mode="streamed", resident_layers=spread(layers, 5), ring=3, prefetch=2),
-            vae=GroupPlan(mode="staged"),
+            reasoner=GroupPlan(mode=Mode.STREAMED, ring=3, prefetch=2),
+            generator=GroupPlan(mode=Mode.STREAMED, resident_layers=spread(layers, 5), ring=3, prefetch=2),
+            vae=GroupPlan(mode=Mode.STAGED),
         ),
         # Chunking changes GEMM shapes, so it is compared with resident-and-chunked, bit for bit.
         "resident-chunked": Plan(mlp_chunk=64),
-        "streamed-chunked": Plan(**streamed, vae=GroupPlan(mode="staged"), mlp_chunk=64),
+        "streamed-chunked": Plan(**streamed, vae=GroupPlan(mode=Mode.STAGED), mlp_chunk=64),
     }
     outputs = {}
     failed = False

@@ -10,7 +10,7 @@ from cosmos3_offload.model.specs import model_spec
 from cosmos3_offload.planning.memory import decode_cost, encode_cost, weight_bytes
 from cosmos3_offload.planning.plan import GroupPlan, Mode, Plan
 from cosmos3_offload.planning.request import DeviceProfile, Request, parse_budget
-from cosmos3_offload.planning.search import TIME_TOLERANCE, candidates, choose_plan, decode_grid_for, predict, spread
+from cosmos3_offload.planning.search import TIME_TOLERANCE, candidates, choose_plan, predict, spread
 from cosmos3_offload.planning.tiles import TileGrid
 from cosmos3_offload.planning.timing import moved_bytes, simulate_ring
 from cosmos3_offload.units import GIB
@@ -126,18 +126,6 @@ def test_decode_cost_trades_memory_for_work(nano):
         assert cost[1, 1, f][1] < cost[2, 2, f][1] < cost[3, 4, f][1]
     for tiles in ((1, 1), (2, 2), (3, 4)):
         assert cost[(*tiles, 1)][0] < cost[(*tiles, 4)][0] and cost[(*tiles, 1)][1] > cost[(*tiles, 4)][1]
-
-
-def test_decode_grid_for_a_budget(nano):
-    """A smaller budget gets a grid with less memory and more work; every pick fits; too little is refused."""
-    picks = [decode_grid_for(nano, 720, 1280, int(gib * GIB), PROFILE) for gib in (16, 4, 3, 2)]
-    costs = [decode_cost(nano, grid, 720, 1280) for grid in picks]
-    assert picks[0] == TileGrid()  # untiled, diffusers' chunks
-    assert all(a[0] >= b[0] and a[1] <= b[1] for a, b in zip(costs, costs[1:]))
-    for gib, (nbytes, _) in zip((16, 4, 3, 2), costs):
-        assert nano.vae.payload + nbytes <= gib * GIB * PROFILE.headroom
-    with pytest.raises(InputError, match="no tile grid fits"):
-        decode_grid_for(nano, 720, 1280, GIB, PROFILE)
 
 
 def test_encode_of_conditioning_frames_is_planned(nano):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import InputError
 from ..units import GIB
-from .memory import DECODE_FRAME_SLOWDOWN, Peaks, decode_cost, peaks
+from .memory import DECODE_FRAME_SLOWDOWN, Peaks, peaks
 from .plan import GroupPlan, Mode, Plan
 from .request import DeviceProfile, Request
 from .sizes import ModelSizes
@@ -98,19 +98,6 @@ def choose_plan(sizes: ModelSizes, request: Request, budget_bytes: int, profile:
 def least_budget(sizes: ModelSizes, request: Request, profile: DeviceProfile) -> int:
     """The smallest budget any candidate fits (bytes), headroom included."""
     return math.ceil(min(predict(p, sizes, request, profile).peak for p in candidates(sizes)) / profile.headroom)
-
-
-def decode_grid_for(sizes: ModelSizes, height: int, width: int, budget_bytes: int, profile: DeviceProfile) -> TileGrid:
-    """The least-work tile grid whose decode (decoder weights included) fits the budget, for a
-    decode on its own; an InputError when even the finest grid does not."""
-    fitting = []
-    for grid in DECODE_GRIDS:
-        nbytes, work = decode_cost(sizes, grid, height, width)
-        if sizes.vae.payload + nbytes <= budget_bytes * profile.headroom:
-            fitting.append((work, grid.rows * grid.cols, grid))
-    if not fitting:
-        raise InputError(f"no tile grid fits the decode of {width}x{height} frames in {budget_bytes / GIB:.1f} GiB")
-    return min(fitting, key=lambda f: f[:2])[2]
 
 
 def describe_choice(choice: Choice, budget_bytes: int) -> str:
