@@ -3,14 +3,40 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
 
 from cosmos3_offload.app.cli import main
+
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "cosmos3_offload"
+
+
+@pytest.fixture(scope="module")
+def script() -> Path:
+    """The console script of the environment running the tests, checked to import this tree's package."""
+    folder = Path(sys.executable).parent
+    path = folder / "cosmos3-offload"
+    assert path.is_file(), f"{path} is missing: install this tree with pip install -e ."
+    # pip names the interpreter on the first line, or (long paths) in a /bin/sh trampoline on the second.
+    head = "\n".join(path.read_text(encoding="utf-8").splitlines()[:2])
+    assert head.startswith("#!") and str(folder) in head, f"{path} runs another interpreter: {head!r}"
+    # The import the script makes, by this environment's interpreter, from the script's folder (sys.path[0]).
+    found = subprocess.run(
+        [str(folder / "python"), "-c", "import cosmos3_offload; print(cosmos3_offload.__file__)"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()).resolve() == PACKAGE / "__init__.py", (
+        f"{path} imports {found.stdout.strip()}, not this tree's {PACKAGE}: reinstall with pip install -e ."
+    )
+    return path
 
 
 def run_cli(capsys, *args):
@@ -80,9 +106,8 @@ def test_text_to_image_writes_a_jpg(capsys, tmp_path):
     assert "random weights produce noise" in report
 
 
-def test_installed_script_writes_the_default_mp4(tmp_path):
-    """The console script from the README, run as a user would, writes output.mp4 with 17 frames at 320x192."""
-    script = shutil.which("cosmos3-offload") or str(sys.exec_prefix + "/bin/cosmos3-offload")
+def test_installed_script_writes_the_default_mp4(tmp_path, script):
+    """Fails when this tree's console script, run as the README says, does not write the 17-frame 320x192 mp4."""
     result = subprocess.run(
         [script, "generate", "--prompt", "a red fox in the snow", "--steps", "3"],
         cwd=tmp_path,
@@ -95,9 +120,8 @@ def test_installed_script_writes_the_default_mp4(tmp_path):
     assert iio.imread(tmp_path / "output.mp4").shape == (17, 192, 320, 3)
 
 
-def test_installed_script_refuses_bad_input(tmp_path):
-    """Through the real script too: exit 2, one line, nothing written."""
-    script = shutil.which("cosmos3-offload") or str(sys.exec_prefix + "/bin/cosmos3-offload")
+def test_installed_script_refuses_bad_input(tmp_path, script):
+    """Fails when this tree's real script refuses bad input otherwise than exit 2, one line, nothing written."""
     result = subprocess.run(
         [script, "generate", "--prompt", "x", "--frames", "8"], cwd=tmp_path, capture_output=True, text=True
     )
@@ -132,7 +156,7 @@ def test_plan_counts_the_encode_of_conditioning_frames(capsys, tmp_path):
         (["plan", "--vram-budget", "2GiB", "--model", "nano"], "needs at least"),
         (["plan", "--vram-budget", "lots", "--model", "nano"], "write it like 8GiB"),
         (["plan", "--vram-budget", "8GiB", "--model", "giant"], "unknown model 'giant'"),
-        (["plan", "--vram-budget", "8GiB", "--model", "nano", "--h2d-gbps", "-5"], "h2d_GBps must be a finite number"),
+        (["plan", "--vram-budget", "8GiB", "--model", "nano", "--h2d-gbps", "-5"], "h2d-gbps must be a finite number"),
         (["generate", "--prompt", "x", "--vram-budget", "8GiB", "--offload-stages", "vae"], "not both"),
     ],
 )

@@ -1,7 +1,10 @@
 """`cosmos3-offload`: parse flags, build a config, call the library, print the report.
 
 Bad input ends in one line on stderr, exit status 2 and no output file; an interrupt (Ctrl-C or
-SIGTERM) in one line, exit status 130 (143 for SIGTERM) and no output file.
+SIGTERM) in one line, exit status 130 (143 for SIGTERM) and no output file. Every flag (and
+WORLD_SIZE) is checked before anything is measured or loaded, whichever command reads it. What the
+user typed is quoted back escaped: an error stays one line, and bytes that are not UTF-8 (which
+Python hands over as surrogates) are printed as escapes instead of failing the print.
 """
 
 from __future__ import annotations
@@ -14,27 +17,61 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
+from ..loading.checkpoint import check_checkpoint
 from ..loading.components import model_configs
 from ..loading.sizes import model_sizes
 from ..model.geometry import frames_to_encode
-from ..model.specs import MODEL_SPECS
+from ..model.specs import MODEL_SPECS, model_spec
 from ..model.tiers import ASPECT_RATIOS, DEFAULT_SHIFT, RESOLUTION_TIERS, frame_size
 from ..offload.streams import measure_h2d_GBps
 from ..planning.plan import Plan
 from ..planning.request import DeviceProfile, Request, parse_budget
 from ..planning.search import choose_plan, describe_choice
-from .config import DTYPES, GenerationConfig, check_request, resolve_device, resolve_dtype
-from .runner import run
+from .config import (
+    DTYPES,
+    MAX_H2D_GBPS,
+    MIN_H2D_GBPS,
+    GenerationConfig,
+    check_input_folder,
+    check_number,
+    check_request,
+    resolve_device,
+    resolve_dtype,
+)
+from .runner import check_single_process, run
 
 # Without a checkpoint the embedded tiny model runs on any CPU; Cosmos3's 720p x 189-frame
 # default would take it minutes, so it defaults to the smallest tier and a short clip.
 TINY_DEFAULTS = {"resolution": 256, "frames": 17}
 CHECKPOINT_DEFAULTS = {"resolution": 720, "frames": 189}
+DEFAULT_CONDITION_FRAMES = (0, 1)
+
+
+def _printable(text: str, stream: object, *, one_line: bool) -> str:
+    """`text` as `stream` can print it: characters its encoding lacks (and surrogates, the undecodable
+    bytes of a path or an argument) as backslash escapes; with `one_line`, every other non-printable
+    character too (newlines, tabs, line separators), so a message stays one line."""
+    if one_line:
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:  # a stream that names an encoding Python does not know
+        return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _say(text: str) -> None:
+    """Print a report on stdout, whatever bytes the user's paths hold."""
+    print(_printable(text, sys.stdout, one_line=False))
 
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit status 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.fail(2, f"error: {message}")
+
+    def fail(self, status: int, message: str) -> None:
+        """Exit with `status` after one line on stderr: the program's name and `message`, escaped."""
+        self.exit(status, _printable(f"{self.prog}: {message}", sys.stderr, one_line=True) + "\n")
 
 
 def _request_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,9 +89,9 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         "--condition-frames",
         type=int,
         nargs="+",
-        default=[0, 1],
+        default=None,
         metavar="INDEX",
-        help="latent frame indexes the --video clip keeps clean; latent frame k covers pixel frames "
+        help="with --video: latent frame indexes the clip keeps clean; latent frame k covers pixel frames "
         "4k-3..4k (default: 0 1, the clip's first 5 frames)",
     )
     parser.add_argument(
@@ -164,6 +201,29 @@ def _defaults(args: argparse.Namespace) -> dict:
     }
 
 
+def _condition_frames(args: argparse.Namespace) -> tuple[int, ...]:
+    return DEFAULT_CONDITION_FRAMES if args.condition_frames is None else tuple(args.condition_frames)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """The flags `generate` and `plan` share that no shape check covers, before anything is measured or
+    loaded: a flag that is read is checked, and one that would be ignored is refused."""
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    model_spec(args.model)  # --checkpoint overrides it, but a name that means nothing is still a typo
+    if args.checkpoint is not None:
+        check_input_folder("checkpoint", args.checkpoint, "pass a diffusers-layout Cosmos3 folder")
+        try:
+            check_checkpoint(args.checkpoint)
+        except OSError as error:  # a file inside it we may not read, a name too long
+            raise InputError(f"checkpoint {str(args.checkpoint)!r} cannot be read: {error.strerror}") from None
+    if args.vram_budget is not None:
+        parse_budget(args.vram_budget)
+    if args.h2d_gbps is not None:
+        check_number("h2d-gbps", args.h2d_gbps, MIN_H2D_GBPS, MAX_H2D_GBPS)
+    if args.condition_frames is not None and args.video is None:
+        raise InputError("--condition-frames picks latent frames of a --video clip; pass --video too, or drop it")
+
+
 def _config_from_args(args: argparse.Namespace) -> GenerationConfig:
     shape = _defaults(args)
     output = args.output if args.output is not None else Path("output.jpg" if shape["frames"] == 1 else "output.mp4")
@@ -179,25 +239,24 @@ def _config_from_args(args: argparse.Namespace) -> GenerationConfig:
         output=output,
         image=args.image,
         video=args.video,
-        condition_frames=tuple(args.condition_frames),
+        condition_frames=_condition_frames(args),
         **shape,
     )
 
 
 def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: int):
-    """The planner's pick for this request under --vram-budget."""
+    """The planner's pick for this request under --vram-budget (flags checked already)."""
     device = resolve_device(args.device)
     # Plans are for a GPU: without --dtype they assume the GPU default (bfloat16), even when run on a CPU.
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.command == "plan" else None), device)
     budget = parse_budget(args.vram_budget)
-    if args.h2d_gbps is not None:
-        DeviceProfile(h2d_GBps=args.h2d_gbps)  # refuse a bad bandwidth before measuring anything
-    bandwidth = args.h2d_gbps if args.h2d_gbps is not None else measure_h2d_GBps(device) or DeviceProfile().h2d_GBps
     sizes = model_sizes(*model_configs(args.checkpoint, args.model), dtype_bytes=dtype.itemsize)
     encode = frames_to_encode(
-        image=args.image is not None, video=args.video is not None, condition_frames=tuple(args.condition_frames)
+        image=args.image is not None, video=args.video is not None, condition_frames=_condition_frames(args)
     )
     request = Request.for_video(frames, height, width, cfg=args.guidance != 1.0, steps=args.steps, encode_frames=encode)
+    # Measured last: the copies it times are the first thing that touches the GPU.
+    bandwidth = args.h2d_gbps if args.h2d_gbps is not None else measure_h2d_GBps(device) or DeviceProfile().h2d_GBps
     return choose_plan(sizes, request, budget, DeviceProfile(h2d_GBps=bandwidth)), budget
 
 
@@ -212,22 +271,25 @@ def _plan_command(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         image=args.image,
         video=args.video,
-        condition_frames=tuple(args.condition_frames),
+        condition_frames=_condition_frames(args),
     )
+    _check_flags(args)
     width, height = frame_size(shape["resolution"], args.aspect_ratio)
     choice, budget = _budget_choice(args, shape["frames"], width, height)
-    print(f"request: {width}x{height}, {shape['frames']} frames, {args.steps} steps")
-    print(describe_choice(choice, budget))
+    _say(f"request: {width}x{height}, {shape['frames']} frames, {args.steps} steps")
+    _say(describe_choice(choice, budget))
 
 
 def _generate_command(args: argparse.Namespace) -> None:
     config = _config_from_args(args)
+    _check_flags(args)
     if args.vram_budget is not None and args.offload_stages:
         raise InputError("pass either --vram-budget or --offload-stages, not both")
     plan = Plan.from_offload(args.offload_stages)
+    check_single_process(plan)  # WORLD_SIZE, before a budget's bandwidth is measured
     if args.vram_budget is not None:
         choice, budget = _budget_choice(args, config.frames, config.width, config.height)
-        print(describe_choice(choice, budget))
+        _say(describe_choice(choice, budget))
         plan = choice.plan
     report = run(
         config,
@@ -239,7 +301,7 @@ def _generate_command(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
         budgeted=args.vram_budget is not None,
     )
-    print(report.summary())
+    _say(report.summary())
 
 
 class _Terminated(BaseException):
@@ -260,11 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _plan_command(args) if args.command == "plan" else _generate_command(args)
     except InputError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        parser.fail(2, f"error: {error}")
     except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted; nothing was written\n")
+        parser.fail(130, "interrupted; nothing was written")
     except _Terminated:
-        parser.exit(143, f"{parser.prog}: terminated; nothing was written\n")
+        parser.fail(143, "terminated; nothing was written")
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0

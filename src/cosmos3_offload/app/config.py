@@ -10,6 +10,8 @@ one-line error and exit status 2.
 from __future__ import annotations
 
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +34,13 @@ DTYPES: dict[str, torch.dtype] = {
 MAX_FRAMES = 1025  # 4 x 256 + 1: 43 s at 24 fps (Cosmos3's default is 189)
 MAX_STEPS = 1000  # the flow schedule's training timesteps
 MAX_GUIDANCE = 100.0
+MIN_SHIFT = 0.01  # below about 1e-15 the flow schedule divides 0 by 0; every tier's default is 3 to 10
 MAX_SHIFT = 1000.0
 MIN_FPS, MAX_FPS = 0.1, 240.0
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_PROMPT_CHARS = 20_000
+MIN_H2D_GBPS, MAX_H2D_GBPS = 0.1, 10_000.0  # --h2d-gbps: below PCIe 1.0 x1, ten times NVLink-C2C
+MAX_SHOWN_CHARS = 80  # of a refused value quoted back in an error message
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -48,6 +53,8 @@ def resolve_device(name: str | None) -> torch.device:
         raise InputError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise InputError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise InputError(f"device {name!r}: the CPU takes no index; use --device cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"device {name!r} requested but this torch sees no CUDA GPU; use --device cpu")
@@ -65,9 +72,17 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def shown(value: object) -> str:
+    """`value` as an error message quotes it: its repr, cut to MAX_SHOWN_CHARS (a huge int has no repr)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**MAX_SHOWN_CHARS:
+        return f"a {len(hex(value)) - 2}-hex-digit number"
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
+
+
 def check_integer(name: str, value: object, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise InputError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+        raise InputError(f"{name} must be a whole number from {low} to {high}, got {shown(value)}")
 
 
 def check_number(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
@@ -76,7 +91,7 @@ def check_number(name: str, value: object, low: float, high: float, *, low_open:
     ok = ok and (low < value if low_open else low <= value) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
-        raise InputError(f"{name} must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}")
+        raise InputError(f"{name} must be a finite number in {bracket}{low:g}, {high:g}], got {shown(value)}")
 
 
 def check_text(name: str, value: object, *, required: bool) -> None:
@@ -90,7 +105,33 @@ def check_text(name: str, value: object, *, required: bool) -> None:
     except UnicodeEncodeError:
         raise InputError(f"the {name} is not valid UTF-8; pass it in UTF-8") from None
     if len(value) > MAX_PROMPT_CHARS:
-        raise InputError(f"the {name} has {len(value)} characters; keep it under {MAX_PROMPT_CHARS}")
+        raise InputError(f"the {name} has {len(value)} characters; keep it to at most {MAX_PROMPT_CHARS}")
+
+
+def _stat(kind: str, path: Path) -> os.stat_result | None:
+    """`os.stat(path)`, None where nothing is there; a name no file can have is an InputError."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:  # a NUL byte, which only the Python API can pass
+        raise InputError(f"{kind} {str(path)!r} is not a usable path (it holds a NUL byte)") from None
+    except OSError as error:  # too long, a symlink loop, a folder we may not enter
+        raise InputError(f"{kind} {str(path)!r} cannot be used: {error.strerror}") from None
+
+
+def check_input_file(kind: str, path: Path) -> None:
+    """An existing regular file (through symlinks), or an InputError naming it."""
+    status = _stat(kind, Path(path))
+    if status is None or not stat.S_ISREG(status.st_mode):
+        raise InputError(f"{kind} {str(path)!r} does not exist or is not a file")
+
+
+def check_input_folder(kind: str, path: Path, fix: str) -> None:
+    """An existing folder (through symlinks), or an InputError naming it and saying `fix`."""
+    status = _stat(kind, Path(path))
+    if status is None or not stat.S_ISDIR(status.st_mode):
+        raise InputError(f"{kind} {str(path)!r} is not a folder; {fix}")
 
 
 def check_request(
@@ -118,16 +159,15 @@ def check_request(
         raise InputError("--image and --video condition a video: use --frames 5 or more")
     count = latent_frames(frames)
     if video is not None:
-        if not condition_frames or not all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in condition_frames
-        ):
+        bad = [i for i in condition_frames if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count)]
+        if not condition_frames or bad:
+            listed = ", ".join(shown(i) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
             raise InputError(
-                f"condition frames {list(condition_frames)} must be latent frame indexes in 0..{count - 1} "
-                f"for {frames} frames"
+                f"condition frames [{listed}] must be latent frame indexes in 0..{count - 1} for {frames} frames"
             )
     for kind, path in (("image", image), ("video", video)):
-        if path is not None and not Path(path).is_file():
-            raise InputError(f"{kind} {str(path)!r} does not exist or is not a file")
+        if path is not None:
+            check_input_file(kind, path)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,10 +212,24 @@ class GenerationConfig:
         )
         if self.shift is not None:
             check_number("shift", self.shift, 0.0, MAX_SHIFT, low_open=True)
+            if self.shift < MIN_SHIFT:
+                raise InputError(
+                    f"shift {self.shift!r} is too small for the flow schedule; use at least {MIN_SHIFT:g} "
+                    f"(this tier's default is {DEFAULT_SHIFT[self.resolution]:g})"
+                )
         check_number("fps", self.fps, MIN_FPS, MAX_FPS)
         check_integer("seed", self.seed, 0, MAX_SEED)
         object.__setattr__(self, "output", Path(self.output))
-        check_output(self.output, self.frames)
+        try:
+            check_output(self.output, self.frames)
+        except InputError:
+            raise
+        except ValueError:  # a NUL byte, which only the Python API can pass
+            raise InputError(f"output {str(self.output)!r} is not a usable path (it holds a NUL byte)") from None
+        except OSError as error:  # too long, a symlink loop, a folder we may not enter
+            raise InputError(
+                f"output {str(self.output)!r} cannot be used: {error.strerror}; choose another --output"
+            ) from None
 
     @property
     def width(self) -> int:
