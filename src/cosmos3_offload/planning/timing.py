@@ -8,6 +8,7 @@ the times are estimates until recalibrated.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,8 +38,8 @@ class Times:
 def times(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfile) -> Times:
     bandwidth = profile.h2d_GBps * 1e9
 
-    def copy_seconds(tower: str) -> list[float]:
-        return [layer.packed / bandwidth for layer in sizes.towers[tower].layers]
+    def copy_seconds(tower: str) -> tuple[float, ...]:
+        return tuple(layer.packed / bandwidth for layer in sizes.towers[tower].layers)
 
     step = simulate_ring(
         plan.generator, copy_seconds(GENERATOR), layer_seconds(sizes, request, profile, request.tokens)
@@ -87,6 +88,12 @@ def layer_seconds(sizes: ModelSizes, request: Request, profile: DeviceProfile, t
 
 
 def simulate_ring(how: GroupPlan, copy_s: Sequence[float], layer_s: float, passes: int = 2) -> float:
+    """See `_simulate_ring`; the planner asks the same question for many candidates, so answers are kept."""
+    return _simulate_ring(how, tuple(copy_s), layer_s, passes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _simulate_ring(how: GroupPlan, copy_s: tuple[float, ...], layer_s: float, passes: int) -> float:
     """Seconds of the last of `passes` passes over the layers, mirroring the streamed placement's ring.
 
     The host runs ahead of the GPU, so a copy starts when the copy engine and its slot are free;
