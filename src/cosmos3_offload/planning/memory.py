@@ -64,8 +64,9 @@ def weight_bytes(plan: Plan, sizes: ModelSizes) -> WeightBytes:
             arena[name] = tower.whole.packed
             pinned += tower.whole.packed
         else:
+            kept_layers = set(how.resident_layers)
             kept = [tower.layers[i] for i in how.resident_layers]
-            streamed = [g for i, g in enumerate(tower.layers) if i not in set(how.resident_layers)]
+            streamed = [g for i, g in enumerate(tower.layers) if i not in kept_layers]
             resident += tower.head.payload + sum(g.payload for g in kept)
             arena[name] = how.ring * max((g.slot for g in streamed), default=0)
             pinned += sum(g.packed for g in streamed)
