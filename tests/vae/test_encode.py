@@ -1,4 +1,6 @@
-"""Image- and video-to-video equal diffusers' pipeline; the encoder runs under staging; bad files are refused."""
+"""Image- and video-to-video equal diffusers' pipeline; the encoder runs under staging.
+
+(Reading the conditioning files, and refusing bad ones, is tested in tests/app/test_inputs.py.)"""
 
 from __future__ import annotations
 
@@ -11,16 +13,15 @@ from test_generate import diffusers_latents
 from tiny_models import relative_error, tiny_pipeline
 
 from cosmos3_offload.app.cli import main
-from cosmos3_offload.app.inputs import read_conditioning
-from cosmos3_offload.model.geometry import frames_to_encode
-from cosmos3_offload.vae.encode import condition_pixels, conditioned_noise
 from cosmos3_offload.app.config import GenerationConfig
-from cosmos3_offload.errors import InputError
 from cosmos3_offload.app.generate import denoise_latents, initial_noise, prefill_branches, prepare_branches
-from cosmos3_offload.loading.components import load_components
-from cosmos3_offload.planning.plan import Plan
+from cosmos3_offload.app.inputs import read_conditioning
 from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.timer import PhaseTimer
+from cosmos3_offload.loading.components import load_components
+from cosmos3_offload.model.geometry import frames_to_encode
+from cosmos3_offload.planning.plan import Plan
+from cosmos3_offload.vae.encode import condition_pixels, conditioned_noise
 
 CPU = torch.device("cpu")
 
@@ -109,30 +110,6 @@ def test_encoding_only_the_conditioning_frames_is_exact(picture):
     assert relative_error(pipe._encode_video(one)[:, :, :1], pipe._encode_video(full)[:, :, :1]) <= 1e-6
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--image", "{tmp}/none.png"], "does not exist"),
-        (["--image", "{tmp}/empty.png"], "cannot be read as an image"),
-        (["--video", "{tmp}/garbage.mp4"], "cannot be read as a video"),
-        (["--image", "{tmp}/empty.png", "--video", "{tmp}/garbage.mp4"], "not both"),
-        (["--image", "{tmp}/empty.png", "--frames", "1", "--output", "{tmp}/o.jpg"], "--frames 5 or more"),
-        (["--video", "{tmp}/garbage.mp4", "--condition-frames", "9"], "latent frame indexes in 0..4"),
-    ],
-)
-def test_bad_conditioning_files_are_refused(capsys, tmp_path, args, message):
-    """Missing, empty or undecodable files and impossible conditioning end in one line, exit 2, no output."""
-    (tmp_path / "empty.png").write_bytes(b"")
-    (tmp_path / "garbage.mp4").write_bytes(b"not a video at all")
-    before = sorted(p.name for p in tmp_path.iterdir())
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--prompt", "x", "--no-progress", "--output", str(tmp_path / "o.mp4"), *args])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
-
-
 def test_image_to_video_from_the_command_line(capsys, tmp_path, picture):
     """--image writes a video of the requested size whose first frame resembles the image's crop."""
     out = tmp_path / "i2v.mp4"
@@ -157,13 +134,6 @@ def test_image_to_video_from_the_command_line(capsys, tmp_path, picture):
     )
     assert iio.imread(out).shape == (9, 192, 320, 3)
     assert "\nencode " in capsys.readouterr().out
-
-
-def test_read_conditioning_rejects_nothing_for_text_only():
-    """Without files there is nothing to condition on."""
-    assert read_conditioning(None, None, (0, 1)) is None
-    with pytest.raises(InputError):
-        read_conditioning(None, __import__("pathlib").Path("/nonexistent.mp4"), (0,))
 
 
 @pytest.mark.parametrize("indexes", [(0,), (0, 1), (0, 2)])

@@ -327,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.fail(130, "interrupted; nothing was written")
     except _Terminated:
         parser.fail(143, "terminated; nothing was written")
+    except OSError as error:  # the disk, not the request: the output is still whole or absent
+        parser.fail(1, f"error: {error.strerror or error}; nothing was written")
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0

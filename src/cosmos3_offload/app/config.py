@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..model.geometry import latent_frames
 from ..model.tiers import DEFAULT_SHIFT, check_frame_count, frame_size
 from .outputs import check_output
+from .schedule import check_schedule
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -217,6 +218,7 @@ class GenerationConfig:
                     f"shift {self.shift!r} is too small for the flow schedule; use at least {MIN_SHIFT:g} "
                     f"(this tier's default is {DEFAULT_SHIFT[self.resolution]:g})"
                 )
+        check_schedule(self.steps, self.flow_shift)
         check_number("fps", self.fps, MIN_FPS, MAX_FPS)
         check_integer("seed", self.seed, 0, MAX_SEED)
         object.__setattr__(self, "output", Path(self.output))

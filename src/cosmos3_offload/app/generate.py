@@ -47,12 +47,6 @@ def helper_pipeline(components: Components, scheduler: UniPCMultistepScheduler) 
     )
 
 
-def flow_scheduler(shift: float, base_config: dict | None = None) -> UniPCMultistepScheduler:
-    """UniPC in flow-matching mode with the request's shift, over a checkpoint's other settings."""
-    overrides = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": shift}
-    return UniPCMultistepScheduler.from_config({**(base_config or {}), **overrides, "use_karras_sigmas": False})
-
-
 def initial_noise(pipe: Cosmos3OmniPipeline, config: GenerationConfig, device: torch.device) -> torch.Tensor:
     """[1, C, T, H, W] float32 noise drawn from a CPU generator, so a seed gives the same video on any device.
 

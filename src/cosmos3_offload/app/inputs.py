@@ -2,8 +2,9 @@
 
 An image is checked for its pixel count from its header, before a single pixel is decoded; a clip
 is read frame by frame and only as far as the frames that condition (its header's frame size is
-checked first), so a long or huge file costs no more than what is used. A file that cannot be used
-is an InputError naming it.
+checked first, and ffmpeg's decoder is told to refuse frames past twice the bound, padding
+included, so a lying header cannot make it allocate more), so a long or huge file costs no more
+than what is used. A file that cannot be used is an InputError naming it.
 """
 
 from __future__ import annotations
@@ -22,20 +23,30 @@ from ..model.geometry import frames_to_encode
 MAX_INPUT_PIXELS = 8192 * 8192  # per image or clip frame; every tier is resized down from this
 
 
+def _too_large(kind: str, path: Path, size: str | None) -> InputError:
+    """The refusal of an oversized image or clip; `size` is WxH when known."""
+    said = f"is {size}; the largest accepted is" if size else "is larger than the largest accepted,"
+    return InputError(f"{kind} {str(path)!r} {said} {MAX_INPUT_PIXELS} pixels (8192x8192): scale it down first")
+
+
 def _check_pixels(kind: str, path: Path, width: int, height: int) -> None:
     if width <= 0 or height <= 0:
         raise InputError(f"{kind} {str(path)!r} has no pixels")
     if width * height > MAX_INPUT_PIXELS:
-        raise InputError(
-            f"{kind} {str(path)!r} is {width}x{height}; the largest accepted is {MAX_INPUT_PIXELS} pixels "
-            "(8192x8192): scale it down first"
-        )
+        raise _too_large(kind, path, f"{width}x{height}")
+
+
+def _check_file(kind: str, path: Path) -> None:
+    """Refuse a path that is not a regular file (a folder, a FIFO that would block, a device)."""
+    if not path.exists():
+        raise InputError(f"{kind} {str(path)!r} does not exist")
+    if not path.is_file():
+        raise InputError(f"{kind} {str(path)!r} is not a regular file")
 
 
 def read_image(path: Path) -> Image.Image:
     """The conditioning image as RGB; missing, unreadable, empty or oversized files are refused."""
-    if not path.is_file():
-        raise InputError(f"image {str(path)!r} does not exist")
+    _check_file("image", path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -45,19 +56,22 @@ def read_image(path: Path) -> Image.Image:
                 return image.convert("RGB")
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own header check (above its MAX_IMAGE_PIXELS) fires inside Image.open, before ours.
+        raise _too_large("image", path, None) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InputError(f"image {str(path)!r} cannot be read as an image") from None
 
 
 def read_video(path: Path, frames: int) -> list[Image.Image]:
     """The clip's first `frames` frames as RGB (fewer when it is shorter); missing, unreadable,
     frameless or oversized files are refused. Reads no frame past those."""
-    if not path.is_file():
-        raise InputError(f"video {str(path)!r} does not exist")
+    _check_file("video", path)
     kept: list[Image.Image] = []
+    # ffmpeg checks the padded size of what it decodes (a 160x96 clip is 192x96 to it): hence twice the bound.
+    limit = ["-max_pixels", str(2 * MAX_INPUT_PIXELS)]
     try:
-        with imageio.get_reader(path, format="FFMPEG") as reader:
+        with imageio.get_reader(path, format="FFMPEG", input_params=limit) as reader:
             width, height = reader.get_meta_data().get("size", (0, 0))
             _check_pixels("video", path, int(width), int(height))
             for frame in reader:
@@ -69,7 +83,9 @@ def read_video(path: Path, frames: int) -> list[Image.Image]:
                     break
     except InputError:
         raise
-    except Exception:  # imageio and ffmpeg raise many kinds of errors for a file they cannot decode
+    except Exception as error:  # imageio and ffmpeg raise many kinds of errors for a file they cannot decode
+        if "exceeds specified max pixel count" in str(error):  # ffmpeg's refusal, with its log
+            raise _too_large("video", path, None) from None
         raise InputError(f"video {str(path)!r} cannot be read as a video") from None
     if not kept:
         raise InputError(f"video {str(path)!r} has no frames")

@@ -1,21 +1,27 @@
 """The output file: checked before anything runs, held for the run, written whole or not at all.
 
 - `check_output` refuses, before anything loads, a wrong suffix, a missing or unwritable folder,
-  a folder in the file's place and a read-only existing file (its mode is the user's word, even
-  for root, who could write it anyway).
+  a folder in the file's place, a symlink loop, a name too long for the temporary file beside it
+  and a read-only existing file (its mode is the user's word, even for root, who could write it
+  anyway; a file we may not write for want of permission is refused too).
 - A symlink is followed: the video lands in the file it points to, and the link stays.
 - `OutputLock` holds an advisory lock (`flock`) on a lock file beside the target for the whole
   run, so a second run to the same output is refused at its start instead of both reporting
-  success while one video is lost. Taking the lock also removes the temporary files of killed
-  runs for that output (nobody else can be writing them while the lock is held).
-- `write_output` encodes into a temporary file in the target's folder and renames it over the
-  target only when complete, with the existing file's mode (or the umask's for a new file).
+  success while one video is lost. Taking the lock checks the existing file again (the request
+  may have been built long before the run) and removes the temporary files of killed runs for
+  that output (nobody else can be writing them while the lock is held); only names of exactly
+  the temporary files' form are removed, whatever characters the output's name holds.
+- `write_output` encodes into a temporary file in the target's folder, flushes it to the disk
+  and renames it over the target only when complete, with the existing file's mode and owner
+  (or the umask's mode for a new file).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -27,6 +33,7 @@ from ..errors import InputError
 from .video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, encode_frames
 
 PARTIAL_MARK = ".partial"
+_TOKEN_HEX = 4  # bytes of randomness in a temporary file's name (8 hex digits)
 
 
 def resolve_target(path: Path) -> Path:
@@ -40,32 +47,69 @@ def check_output(path: Path, frames: int) -> None:
     kind = "an image (1 frame)" if frames == 1 else "a video"
     if path.suffix.lower() not in suffixes:
         raise InputError(f"output {str(path)!r} is {kind}: give it one of the suffixes {', '.join(suffixes)}")
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            pass  # a dangling link: the file it names is created
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise InputError(f"output {str(path)!r} is a symlink loop; choose another --output") from None
+            raise
     target = resolve_target(path)
     folder = target.parent
     if not folder.is_dir():
         raise InputError(f"output folder {str(folder)!r} does not exist; create it first")
+    _check_existing(path, target)
+    # Try it, with a name as long as the temporary file's: permission bits say nothing to root, and
+    # read-only mounts say nothing to os.access. Left by a kill, it is removed like a temporary file.
+    probe = _temporary_path(target)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            raise InputError(
+                f"output name {target.name!r} is too long for the temporary file written beside it; "
+                "choose a shorter --output"
+            ) from None
+        raise InputError(f"output folder {str(folder)!r} is not writable; choose another --output") from None
+    probe.unlink(missing_ok=True)
+
+
+def _check_existing(path: Path, target: Path) -> None:
+    """Refuse a target that is a folder, not a regular file, or an existing file the user may not replace."""
     if target.is_dir():
         raise InputError(f"output {str(path)!r} is a folder; give a file name")
     if target.exists():
         if not target.is_file():
             raise InputError(f"output {str(path)!r} is not a regular file; choose another --output")
-        if not target.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        # No write bit: read-only by the user's word, even for root. Else we must be let write it.
+        writable = target.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) and os.access(target, os.W_OK)
+        if not writable:
             raise InputError(f"output {str(path)!r} exists and is read-only; remove it or choose another --output")
-    # Try it: permission bits say nothing to root, and read-only mounts say nothing to os.access.
-    probe = folder / f".{target.name}.{secrets.token_hex(4)}.probe"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError:
-        raise InputError(f"output folder {str(folder)!r} is not writable; choose another --output") from None
-    probe.unlink(missing_ok=True)
 
 
 def _lock_path(target: Path) -> Path:
     return target.parent / f".{target.name}.lock"
 
 
+def _temporary_path(target: Path) -> Path:
+    """A fresh name beside `target` of the form `_partial_files` recognises: .NAME.XXXXXXXX.partial.SUFFIX"""
+    return target.parent / f".{target.name}.{secrets.token_hex(_TOKEN_HEX)}{PARTIAL_MARK}{target.suffix}"
+
+
 def _partial_files(target: Path) -> list[Path]:
-    return list(target.parent.glob(f".{target.name}.*{PARTIAL_MARK}{target.suffix}"))
+    """The temporary files of `target` in its folder. Matched literally, not as a glob: a `[` or `*` in
+    the output's name must not make another output's temporary file (being written) look like ours."""
+    pattern = re.compile(
+        rf"\.{re.escape(target.name)}\.[0-9a-f]{{{2 * _TOKEN_HEX}}}{re.escape(PARTIAL_MARK + target.suffix)}",
+        re.DOTALL,
+    )
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    return [target.parent / name for name in names if pattern.fullmatch(name)]
 
 
 class OutputLock:
@@ -98,13 +142,21 @@ class OutputLock:
                 self.fd = fd
                 break
             os.close(fd)
+        try:
+            _check_existing(self.target, self.target)  # made read-only since the request was checked?
+        except BaseException:
+            self._release()
+            raise
         for stale in _partial_files(self.target):  # left by killed runs: nobody else can be writing them
             stale.unlink(missing_ok=True)
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self._release()
+
+    def _release(self) -> None:
         assert self.fd is not None
-        self.lock_file.unlink(missing_ok=True)
+        self.lock_file.unlink(missing_ok=True)  # while still locked: a waiting opener sees it was removed
         os.close(self.fd)
         self.fd = None
 
@@ -112,14 +164,36 @@ class OutputLock:
 def write_output(frames: np.ndarray, path: Path, fps: float) -> None:
     """Write `frames` to `path` (through a symlink to its target) whole or not at all."""
     target = resolve_target(path)
-    temporary = target.parent / f".{target.name}.{secrets.token_hex(4)}{PARTIAL_MARK}{target.suffix}"
+    temporary = _temporary_path(target)
     try:
         encode_frames(frames, temporary, fps)
-        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_current_umask()
-        os.chmod(temporary, mode)
+        try:
+            existing = target.stat()
+        except FileNotFoundError:
+            existing = None
+        if existing is not None:
+            try:  # keep the owner of the file replaced (root writing a user's file); before chmod, which it resets
+                os.chown(temporary, existing.st_uid, existing.st_gid)
+            except OSError:
+                pass  # not ours to give away: the file becomes ours, as a copy would
+        os.chmod(temporary, stat.S_IMODE(existing.st_mode) if existing is not None else 0o666 & ~_current_umask())
+        _flush_to_disk(temporary)  # else a crash just after the rename can leave an empty file in its place
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
+    _flush_to_disk(target.parent, required=False)  # the rename itself
+
+
+def _flush_to_disk(path: Path, *, required: bool = True) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if required:
+            raise
 
 
 def _current_umask() -> int:

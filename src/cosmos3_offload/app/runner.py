@@ -29,7 +29,6 @@ from .feasibility import check_fits
 from .generate import (
     decode_frames,
     denoise_latents,
-    flow_scheduler,
     helper_pipeline,
     initial_noise,
     prefill_branches,
@@ -37,6 +36,7 @@ from .generate import (
 )
 from .inputs import Conditioning, read_conditioning
 from .outputs import OutputLock, write_output
+from .schedule import flow_scheduler
 from .timer import PhaseTimer
 
 logger = logging.getLogger(__name__)

@@ -19,6 +19,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 def encode_frames(frames: np.ndarray, path: Path, fps: float) -> None:
     """frames: uint8 [T, H, W, 3]; one frame goes to an image file, more to an mp4 (by `path`'s suffix)."""
     assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3, frames.shape
+    suffixes = IMAGE_SUFFIXES if frames.shape[0] == 1 else VIDEO_SUFFIXES
+    if path.suffix.lower() not in suffixes:  # else one frame would be a JPEG named .mp4
+        raise ValueError(f"{frames.shape[0]} frame(s) go to a file ending in {', '.join(suffixes)}, not {path.name!r}")
     if frames.shape[0] == 1:
         options = {} if path.suffix.lower() == ".png" else {"quality": 95}
         Image.fromarray(frames[0]).save(path, format="PNG" if path.suffix.lower() == ".png" else "JPEG", **options)
