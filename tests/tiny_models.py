@@ -55,3 +55,20 @@ def move_tower_to_meta(model: nn.Module, tower: str, extra: tuple[str, ...] = ()
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def diffusers_latents(pipe, config, **extra):
+    """Latents of Cosmos3OmniPipeline.__call__ for `config` (extra: image=..., video=...)."""
+    return pipe(
+        prompt=config.prompt,
+        negative_prompt=config.negative_prompt,
+        num_frames=config.frames,
+        height=config.height,
+        width=config.width,
+        num_inference_steps=config.steps,
+        guidance_scale=config.guidance,
+        generator=torch.Generator("cpu").manual_seed(config.seed),
+        output_type="latent",
+        enable_safety_check=False,
+        **extra,
+    ).video

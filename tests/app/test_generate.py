@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import relative_error, tiny_pipeline
+from tiny_models import diffusers_latents, relative_error, tiny_pipeline
 
 from cosmos3_offload.app.config import GenerationConfig
 from cosmos3_offload.app.generate import decode_frames, denoise_latents, initial_noise, prefill_branches, prepare_branches
@@ -17,23 +17,6 @@ def our_latents(pipe, config):
     latents = initial_noise(pipe, config, torch.device("cpu"))
     branches = prepare_branches(pipe, config, latents)
     return denoise_latents(pipe, config, branches, prefill_branches(pipe, branches), latents, progress=False)
-
-
-def diffusers_latents(pipe, config, **extra):
-    """Latents of Cosmos3OmniPipeline.__call__ for `config` (extra: image=..., video=...)."""
-    return pipe(
-        prompt=config.prompt,
-        negative_prompt=config.negative_prompt,
-        num_frames=config.frames,
-        height=config.height,
-        width=config.width,
-        num_inference_steps=config.steps,
-        guidance_scale=config.guidance,
-        generator=torch.Generator("cpu").manual_seed(config.seed),
-        output_type="latent",
-        enable_safety_check=False,
-        **extra,
-    ).video
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_generate import diffusers_latents
-from tiny_models import relative_error, tiny_pipeline
+from tiny_models import diffusers_latents, relative_error, tiny_pipeline
 
 from cosmos3_offload.app.cli import main
 from cosmos3_offload.app.config import GenerationConfig
