@@ -372,11 +372,11 @@ def test_interrupt_in_the_denoise_leaves_nothing(tmp_path, signum, status, said)
     folder.mkdir()
     output = folder / "o.mp4"
     command = [sys.executable, "-m", "cosmos3_offload.app.cli", "generate", "--prompt", "a fox", "--no-progress"]
-    command += ["--device", "cpu", "--frames", "5", "--steps", "1000", "--output", str(output)]
+    command += ["--device", "cpu", "--frames", "17", "--steps", "300", "--output", str(output)]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for((folder / ".o.mp4.lock").exists, 120, process)  # taken just before loading
-        time.sleep(1.0)  # loading and prefill take a tenth of that; 1000 steps take over ten seconds
+        time.sleep(1.0)  # loading and prefill take a tenth of that; 300 steps take several seconds
         with pytest.raises(InputError, match="another run is writing"), OutputLock(output):
             pass  # the lock holds across processes too
         assert process.poll() is None, "the run ended before it was interrupted"
