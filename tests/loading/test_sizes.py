@@ -141,7 +141,7 @@ def test_the_kinds_cover_every_placement_the_planner_considers(model):
 
 @pytest.mark.parametrize("model, dtype, kind", CASES)
 def test_engine_allocates_the_predicted_weight_bytes(model, dtype, kind):
-    """If this fails, the planner's resident, arena or host bytes are not what the engine allocates, so its budgets are wrong."""
+    """If this fails, the planner's resident, arena or host bytes differ from the engine's: its budgets are wrong."""
     plan, components = load(model, dtype, kind)
     engine, predicted = components.engine, weight_bytes(plan, sizes_of(model, dtype))
     assert set(engine.placements) == set(ENGINE_GROUPS)
@@ -237,7 +237,7 @@ def nano_plans(layers: int) -> dict[str, Plan]:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nano_weight_bytes_are_the_layouts_the_loader_would_build(dtype):
-    """If this fails, the planner's bytes at real sizes miss alignment or grouping the loader applies, without any tiny model showing it."""
+    """If this fails, the planner's bytes at real sizes miss alignment or grouping that the loader applies."""
     sizes = sizes_of("nano", dtype)
     transformer, vae = meta_models("nano")
     plans = nano_plans(sizes.layers)
