@@ -74,9 +74,9 @@ def recorded(monkeypatch):
     calls: list[Path] = []
     real = outputs.encode_frames
 
-    def encode(frames, path, fps):
+    def encode(frames, path, fps, sound=None):
         calls.append(Path(path))
-        real(frames, path, fps)
+        real(frames, path, fps, sound)
 
     monkeypatch.setattr(outputs, "encode_frames", encode)
     return calls
@@ -107,9 +107,9 @@ def test_written_through_a_temporary_file_beside_the_target(tmp_path, monkeypatc
     seen = []
     real = outputs.encode_frames
 
-    def encode(frames, path, fps):
+    def encode(frames, path, fps, sound=None):
         seen.append((Path(path), target.read_bytes()))
-        real(frames, path, fps)
+        real(frames, path, fps, sound)
 
     monkeypatch.setattr(outputs, "encode_frames", encode)
     write_output(frames_for(suffix), target, fps=24)

@@ -38,11 +38,11 @@ def test_an_accepted_schedule_gets_through_a_real_denoising_loop(tmp_path):
     from tiny_models import tiny_pipeline
 
     from cosmos3_offload.app.config import GenerationConfig
-    from cosmos3_offload.app.generate import denoise_latents, initial_noise, prefill_branches, prepare_branches
+    from cosmos3_offload.app.generate import Latents, denoise_latents, initial_noise, prefill_branches, prepare_branches
 
     config = GenerationConfig(prompt="a fox", frames=5, resolution=256, steps=5, shift=100.0, output=tmp_path / "o.mp4")
     pipe = tiny_pipeline(shift=config.flow_shift)
     latents = initial_noise(pipe, config, torch.device("cpu"))
     branches = prepare_branches(pipe, config, latents)
-    out = denoise_latents(pipe, config, branches, prefill_branches(pipe, branches), latents, progress=False)
+    out = denoise_latents(pipe, config, branches, prefill_branches(pipe, branches), Latents(latents), progress=False).vision
     assert torch.isfinite(out).all()

@@ -13,7 +13,7 @@ from tiny_models import diffusers_latents, relative_error, tiny_pipeline
 
 from cosmos3_offload.app.cli import main
 from cosmos3_offload.app.config import GenerationConfig
-from cosmos3_offload.app.generate import denoise_latents, initial_noise, prefill_branches, prepare_branches
+from cosmos3_offload.app.generate import Latents, denoise_latents, initial_noise, prefill_branches, prepare_branches
 from cosmos3_offload.app.inputs import read_conditioning
 from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.timer import PhaseTimer
@@ -55,7 +55,7 @@ def ours(pipe, config):
     )
     latents = conditioned_noise(pipe, pixels, conditioning.indexes, latents)
     branches = prepare_branches(pipe, config, latents, conditioning.indexes)
-    return denoise_latents(pipe, config, branches, prefill_branches(pipe, branches), latents, progress=False)
+    return denoise_latents(pipe, config, branches, prefill_branches(pipe, branches), Latents(latents), progress=False).vision
 
 
 @pytest.mark.parametrize("mode", ["image", "video"])

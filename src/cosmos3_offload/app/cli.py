@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a video (mp4) or, with --frames 1, an image (jpg/png) from a prompt.",
     )
     gen.add_argument("--prompt", required=True, help="what the video shows")
-    gen.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
+    gen.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="what to steer away from (default: with a checkpoint, its assets/negative_prompt.json for a video, "
+        "negative_prompt_i2v.json with --image/--video, as the Cosmos3 docs pass them; else empty)",
+    )
     _request_arguments(gen)
     gen.add_argument(
         "--shift",
@@ -180,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="groups whose weights live in pinned host memory and are copied to the GPU only for their phase: "
         "any of reasoner, generator, vae (default: none, everything resident; not with --vram-budget)",
     )
-    gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    gen.add_argument(
+        "--sound",
+        action="store_true",
+        help="generate the audio track too and mux it into the mp4 (a checkpoint with a sound_tokenizer/)",
+    )
+    gen.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     gen.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and where")
     plan = commands.add_parser(
         "plan",
@@ -240,6 +250,7 @@ def _config_from_args(args: argparse.Namespace) -> GenerationConfig:
         image=args.image,
         video=args.video,
         condition_frames=_condition_frames(args),
+        sound=args.sound,
         **shape,
     )
 

@@ -178,7 +178,8 @@ class GenerationConfig:
     `shift=None` takes the tier's default; `negative_prompt=None` is the empty prompt, as in
     diffusers' pipeline; `guidance=1` runs the conditional branch only. `image` conditions latent
     frame 0 (image-to-video); `video` conditions the latent frames `condition_frames`
-    (video-to-video, by default the first two: 5 pixel frames).
+    (video-to-video, by default the first two: 5 pixel frames). `sound` generates the audio track
+    too (a checkpoint with a sound tokenizer and a transformer trained with sound; video only).
     """
 
     prompt: str
@@ -195,6 +196,7 @@ class GenerationConfig:
     image: Path | None = None
     video: Path | None = None
     condition_frames: tuple[int, ...] = (0, 1)
+    sound: bool = False
 
     def __post_init__(self) -> None:
         check_text("prompt", self.prompt, required=True)
@@ -219,6 +221,8 @@ class GenerationConfig:
                     f"(this tier's default is {DEFAULT_SHIFT[self.resolution]:g})"
                 )
         check_schedule(self.steps, self.flow_shift)
+        if self.sound and self.frames == 1:
+            raise InputError("--sound goes with a video: use --frames 5 or more, or drop --sound")
         check_number("fps", self.fps, MIN_FPS, MAX_FPS)
         check_integer("seed", self.seed, 0, MAX_SEED)
         object.__setattr__(self, "output", Path(self.output))

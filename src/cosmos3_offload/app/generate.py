@@ -9,8 +9,10 @@ seed.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +27,13 @@ from ..split.denoise import GeneratorInputs, GeneratorLayout, denoise_branches
 from ..split.prefill import ReasonerMemory, prefill_prompts
 from ..vae.decode import decode_to_host
 from .config import GenerationConfig
+
+
+class Sound(NamedTuple):
+    """A decoded audio track: float32 waveform [channels, samples] in [-1, 1] at `sample_rate` Hz."""
+
+    waveform: np.ndarray
+    sample_rate: int
 
 
 @dataclass(frozen=True)
@@ -43,11 +52,24 @@ def helper_pipeline(components: Components, scheduler: UniPCMultistepScheduler) 
         text_tokenizer=components.tokenizer,
         vae=components.vae,
         scheduler=scheduler,
+        sound_tokenizer=components.sound_tokenizer,
         enable_safety_checker=False,
+        default_use_system_prompt=components.options.use_system_prompt,
+        use_native_flow_schedule=components.options.native_flow_schedule,
     )
 
 
-def initial_noise(pipe: Cosmos3OmniPipeline, config: GenerationConfig, device: torch.device) -> torch.Tensor:
+def noise_generator(config: GenerationConfig) -> torch.Generator:
+    """The CPU generator every noise of a request is drawn from, in the pipeline's order (vision, sound)."""
+    return torch.Generator(device="cpu").manual_seed(config.seed)
+
+
+def initial_noise(
+    pipe: Cosmos3OmniPipeline,
+    config: GenerationConfig,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """[1, C, T, H, W] float32 noise drawn from a CPU generator, so a seed gives the same video on any device.
 
     Text-to-video conditions no frame, so this is exactly the latent `prepare_latents` builds
@@ -62,7 +84,20 @@ def initial_noise(pipe: Cosmos3OmniPipeline, config: GenerationConfig, device: t
         config.height // vae.scale_factor_spatial,
         config.width // vae.scale_factor_spatial,
     )
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    generator = noise_generator(config) if generator is None else generator
+    return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def initial_sound_noise(
+    pipe: Cosmos3OmniPipeline, config: GenerationConfig, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
+    """[sound_dim, T] float32 noise for the audio track, drawn after the video's as `prepare_latents` does.
+
+    T covers the video's duration at the sound tokenizer's latent rate (its sampling rate over its hop).
+    """
+    samples = int(config.frames / config.fps * pipe.sound_tokenizer.config.sampling_rate)
+    hop = pipe.sound_tokenizer._hop_size
+    shape = (pipe.transformer.config.sound_dim, (samples + hop - 1) // hop)
     return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
 
@@ -73,8 +108,9 @@ def pack_branch(
     fps: float,
     device: torch.device,
     condition_frames: tuple[int, ...] = (),
+    sound: torch.Tensor | None = None,
 ) -> Branch:
-    """Pack one prompt and the video latents into the joint layout the pipeline builds."""
+    """Pack one prompt, the video latents (and the sound latents) into the joint layout the pipeline builds."""
     text = pipe._prepare_text_segment(input_ids, device=device)
     vision = pipe._prepare_vision_segment(
         input_vision_tokens=latents,
@@ -85,11 +121,22 @@ def pack_branch(
         device=device,
         condition_frame_indexes=list(condition_frames),
     )
+    audio: dict = {}
+    if sound is not None:
+        audio = pipe._prepare_sound_segment(
+            input_sound_tokens=sound,
+            mrope_offset=text["vision_start_temporal_offset"],
+            sound_fps=float(pipe.transformer.config.sound_latent_fps),
+            curr=text["und_len"] + vision["num_vision_tokens"],
+            device=device,
+        )
+    mrope = [text["text_mrope_ids"], vision["vision_mrope_ids"]] + ([audio["sound_mrope_ids"]] if audio else [])
     packed = {
         **text,
         **vision,
-        "position_ids": torch.cat([text["text_mrope_ids"], vision["vision_mrope_ids"]], dim=1),
-        "sequence_length": text["und_len"] + vision["num_vision_tokens"],
+        **audio,
+        "position_ids": torch.cat(mrope, dim=1),
+        "sequence_length": text["und_len"] + vision["num_vision_tokens"] + audio.get("sound_len", 0),
     }
     return Branch(text["input_ids"], text["text_mrope_ids"], GeneratorLayout.from_packed(packed))
 
@@ -99,6 +146,7 @@ def prepare_branches(
     config: GenerationConfig,
     latents: torch.Tensor,
     condition_frames: tuple[int, ...] = (),
+    sound: torch.Tensor | None = None,
 ) -> list[Branch]:
     """[cond] or [cond, uncond], tokenized with the pipeline's templates; `condition_frames` stay clean."""
     cond_ids, uncond_ids = pipe.tokenize_prompt(
@@ -110,7 +158,7 @@ def prepare_branches(
         fps=config.fps,
     )
     prompts = [cond_ids, uncond_ids] if config.uses_guidance else [cond_ids]
-    return [pack_branch(pipe, ids, latents, config.fps, latents.device, condition_frames) for ids in prompts]
+    return [pack_branch(pipe, ids, latents, config.fps, latents.device, condition_frames, sound) for ids in prompts]
 
 
 def prefill_branches(
@@ -121,19 +169,27 @@ def prefill_branches(
     return prefill_prompts(pipe.transformer, prompts, layers=layers)
 
 
+class Latents(NamedTuple):
+    """What the loop denoises: video [1, C, T, H, W] and, with sound, audio [sound_dim, T'] (float32)."""
+
+    vision: torch.Tensor
+    sound: torch.Tensor | None = None
+
+
 def denoise_latents(
     pipe: Cosmos3OmniPipeline,
     config: GenerationConfig,
     branches: list[Branch],
     memories: list[ReasonerMemory],
-    latents: torch.Tensor,
+    latents: Latents,
     *,
     progress: bool = True,
     layers: Callable[[], Iterable[nn.Module]] | None = None,
     mlp_chunk: int | None = None,
     on_step: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """The sampling loop: both CFG branches through each layer, `v_u + g (v_c - v_u)`, UniPC step.
+) -> Latents:
+    """The sampling loop: both CFG branches through each layer, `v_u + g (v_c - v_u)`, a scheduler step
+    per modality (the sound's on its own copy of the schedule, as the pipeline keeps one per modality).
 
     `layers()` gives each step's layer sequence (default `model.layers`); `on_step(i)` is called
     after step i is queued (benchmarks synchronize and time there).
@@ -141,23 +197,54 @@ def denoise_latents(
     model = pipe.transformer
     model_dtype = memories[0].keys[0].dtype
     pairs = [(b.layout, m) for b, m in zip(branches, memories)]
-    pipe.scheduler.set_timesteps(config.steps, device=latents.device)
+    set_timesteps(pipe, config.steps, latents.vision.device)
+    vision, sound = latents
+    sound_scheduler = copy.deepcopy(pipe.scheduler) if sound is not None else None
     for index, t in enumerate(tqdm(pipe.scheduler.timesteps, desc="denoise", unit="step", disable=not progress)):
-        inputs = GeneratorInputs(vision=latents.to(model_dtype), timestep=t.item())
+        inputs = GeneratorInputs(
+            vision=vision.to(model_dtype),
+            timestep=t.item(),
+            sound=None if sound is None else sound.to(model_dtype),
+        )
         step_layers = None if layers is None else layers()
         predictions = denoise_branches(model, pairs, inputs, layers=step_layers, mlp_chunk=mlp_chunk)
-        velocities = [p.vision.float() for p in predictions]
-        if len(velocities) == 2:
-            cond, uncond = velocities
-            velocity = uncond + config.guidance * (cond - uncond)
-        else:
-            velocity = velocities[0]
-        # UniPC's update wants a batch axis in front of the [1, C, T, H, W] latents.
-        latents = pipe.scheduler.step(velocity.unsqueeze(0), t, latents.unsqueeze(0), return_dict=False)[0]
-        latents = latents.squeeze(0)
+        vision = _step(pipe.scheduler, _guided([p.vision for p in predictions], config), t, vision)
+        if sound is not None:
+            sound = _step(sound_scheduler, _guided([p.sound for p in predictions], config), t, sound)
         if on_step is not None:
             on_step(index)
-    return latents
+    return Latents(vision, sound)
+
+
+def set_timesteps(pipe: Cosmos3OmniPipeline, steps: int, device: torch.device) -> None:
+    """The request's schedule, as `Cosmos3OmniPipeline.__call__` sets it (its native flow schedule when
+    the folder's pipeline index asks for it)."""
+    scheduler = pipe.scheduler
+    if pipe.config.use_native_flow_schedule:
+        sigmas = np.linspace(1.0 - 1.0 / scheduler.config.num_train_timesteps, 0.0, steps + 1)[:-1]
+        scheduler.set_timesteps(steps, device=device, sigmas=sigmas)
+    else:
+        scheduler.set_timesteps(steps, device=device)
+
+
+def _guided(velocities: list[torch.Tensor], config: GenerationConfig) -> torch.Tensor:
+    """`v_u + g (v_c - v_u)` in float32 over [cond, uncond]; the conditional alone without guidance."""
+    if len(velocities) == 1:
+        return velocities[0].float()
+    cond, uncond = (v.float() for v in velocities)
+    return uncond + config.guidance * (cond - uncond)
+
+
+def _step(scheduler, velocity: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    # The scheduler's update wants a batch axis in front of the per-modality latents.
+    return scheduler.step(velocity.unsqueeze(0), t, sample.unsqueeze(0), return_dict=False)[0].squeeze(0)
+
+
+@torch.no_grad()
+def decode_sound(pipe: Cosmos3OmniPipeline, sound: torch.Tensor) -> Sound:
+    """Sound latents [sound_dim, T] -> the waveform on the host, with the pipeline's own `decode_sound`."""
+    waveform = pipe.decode_sound(sound).float().cpu().numpy()
+    return Sound(waveform, int(pipe.sound_tokenizer.config.sampling_rate))
 
 
 @torch.no_grad()

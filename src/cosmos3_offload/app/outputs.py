@@ -161,12 +161,13 @@ class OutputLock:
         self.fd = None
 
 
-def write_output(frames: np.ndarray, path: Path, fps: float) -> None:
-    """Write `frames` to `path` (through a symlink to its target) whole or not at all."""
+def write_output(frames: np.ndarray, path: Path, fps: float, sound: tuple[np.ndarray, int] | None = None) -> None:
+    """Write `frames` (and the audio track `sound`: waveform, sample rate) to `path` (through a symlink to
+    its target) whole or not at all."""
     target = resolve_target(path)
     temporary = _temporary_path(target)
     try:
-        encode_frames(frames, temporary, fps)
+        encode_frames(frames, temporary, fps, sound)
         try:
             existing = target.stat()
         except FileNotFoundError:

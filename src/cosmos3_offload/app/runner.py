@@ -7,6 +7,7 @@ anything loads; the output is held (locked) for the run and written whole or not
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -19,18 +20,24 @@ import torch
 
 from ..errors import InputError
 from ..loading.checkpoint import check_checkpoint
-from ..loading.components import Components, load_components
-from ..model.groups import GENERATOR, REASONER, VAE, VAE_ENCODER
+from ..loading.components import Components, load_components, model_configs
+from ..loading.layout import default_negative_prompt, has_sound_tokenizer
+from ..model.groups import GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
 from ..model.specs import model_spec
 from ..planning.plan import Plan
 from ..vae.encode import condition_pixels, conditioned_noise
 from .config import GenerationConfig, resolve_device, resolve_dtype
 from .feasibility import check_fits
 from .generate import (
+    Latents,
+    Sound,
     decode_frames,
+    decode_sound,
     denoise_latents,
     helper_pipeline,
     initial_noise,
+    initial_sound_noise,
+    noise_generator,
     prefill_branches,
     prepare_branches,
 )
@@ -56,7 +63,8 @@ class RunReport:
         c = self.config
         lines = [
             f"wrote {c.output} ({c.frames} frame{'s' if c.frames > 1 else ''}, {c.width}x{c.height}, "
-            f"{c.steps} steps, guidance {c.guidance:g}, shift {c.flow_shift:g}, seed {c.seed})",
+            f"{c.steps} steps, guidance {c.guidance:g}, shift {c.flow_shift:g}, seed {c.seed}"
+            f"{', with sound' if c.sound else ''})",
             f"model: {self.components.source} on {self.device} in {str(self.dtype).removeprefix('torch.')}",
         ]
         if self.components.random_weights:
@@ -84,31 +92,107 @@ def run(
     Bad input raises InputError before anything is loaded; `budgeted` says the plan already came
     from the planner for a budget, so the fit against this machine's memory is not asked again.
     """
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    plan = plan or Plan()
-    check_single_process(plan)
-    checkpoint = None if checkpoint is None else Path(checkpoint)
-    if checkpoint is not None:
-        check_checkpoint(checkpoint)
-    else:
-        model_spec(model)
-    if not budgeted:
-        check_fits(config, plan, checkpoint=checkpoint, model=model, device=torch_device, dtype=torch_dtype)
+    loaded = LoadedModel.open(
+        checkpoint=checkpoint, device=device, dtype=dtype, plan=plan, model=model, sound=config.sound
+    )
+    config = loaded.check(config, budgeted=budgeted)
+    # Read before the load: a conditioning file that cannot be used costs nothing.
     conditioning = read_conditioning(config.image, config.video, config.condition_frames)
     with OutputLock(config.output):
-        timer = PhaseTimer(torch_device)
-        with timer.phase("load"):
-            components = load_components(checkpoint, torch_device, torch_dtype, plan, random_model=model)
+        timer = PhaseTimer(loaded.device)
+        loaded.load(timer, progress=progress)
+        return loaded.write(config, timer, conditioning=conditioning, progress=progress)
+
+
+@dataclass
+class LoadedModel:
+    """A model opened for a run: checked on `open`, loaded once by `load`, then asked for any number
+    of requests with `check` and `write` (a sample file's requests share one load)."""
+
+    checkpoint: Path | None
+    device: torch.device
+    dtype: torch.dtype
+    plan: Plan
+    model: str
+    sound: bool = False
+    components: Components | None = None
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        checkpoint: Path | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        plan: Plan | None = None,
+        model: str = "tiny",
+        sound: bool = False,
+    ) -> LoadedModel:
+        """`sound` loads the sound tokenizer too, for requests with sound."""
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        plan = plan or Plan()
+        check_single_process(plan)
+        checkpoint = None if checkpoint is None else Path(checkpoint)
+        if checkpoint is not None:
+            check_checkpoint(checkpoint)
+        else:
+            model_spec(model)
+        return cls(checkpoint, torch_device, torch_dtype, plan, model, sound)
+
+    def check(self, config: GenerationConfig, *, budgeted: bool = False) -> GenerationConfig:
+        """The request as this model runs it, or an InputError before anything loads: sound without a
+        sound branch, a request that does not fit this machine (unless a budget's planner chose the
+        plan). Without a negative prompt it gets the checkpoint's default (see loading/layout.py)."""
+        check_sound(config, self.checkpoint)
+        if config.sound and not self.sound:
+            raise InputError("this model was opened without sound; open it with sound=True for requests with sound")
+        if not budgeted:
+            check_fits(
+                config, self.plan, checkpoint=self.checkpoint, model=self.model, device=self.device, dtype=self.dtype
+            )
+        if config.negative_prompt is None:
+            conditioned = config.image is not None or config.video is not None
+            default = default_negative_prompt(self.checkpoint, frames=config.frames, conditioned=conditioned)
+            if default is not None:
+                logger.info("negative prompt: the checkpoint's default from assets/")
+                config = dataclasses.replace(config, negative_prompt=default)
+        return config
+
+    def load(self, timer: PhaseTimer, *, progress: bool = False) -> Components:
+        if self.components is None:
+            with timer.phase("load"):
+                self.components = load_components(
+                    self.checkpoint,
+                    self.device,
+                    self.dtype,
+                    self.plan,
+                    random_model=self.model,
+                    sound=self.sound,
+                    progress=progress,
+                )
+        return self.components
+
+    def write(
+        self,
+        config: GenerationConfig,
+        timer: PhaseTimer,
+        *,
+        conditioning: Conditioning | None = None,
+        progress: bool = True,
+    ) -> RunReport:
+        """Generate one request into `config.output` (the caller holds its OutputLock)."""
+        components = self.load(timer)
         video = generate_video(config, components, timer, progress=progress, conditioning=conditioning)
         with timer.phase("write"):
-            write_output(video.frames, config.output, config.fps)
-    return RunReport(config, components, torch_device, torch_dtype, timer)
+            write_output(video.frames, config.output, config.fps, sound=video.sound)
+        return RunReport(config, components, self.device, self.dtype, timer)
 
 
 class GeneratedVideo(NamedTuple):
     latents: torch.Tensor  # [1, C, T, H, W] float32, after the last step
     frames: np.ndarray  # uint8 [T, H, W, 3]
+    sound: Sound | None = None  # the audio track of a request with sound
 
 
 def generate_video(
@@ -121,10 +205,14 @@ def generate_video(
     conditioning: Conditioning | None = None,
 ) -> GeneratedVideo:
     """(Encode,) prefill, denoise and decode, each while its group's weights are on the device."""
+    if config.sound and components.sound_tokenizer is None:
+        raise InputError("this model was loaded without its sound tokenizer; load it with sound to generate sound")
     pipe = helper_pipeline(components, flow_scheduler(config.flow_shift, components.scheduler_config))
     engine, plan = components.engine, components.plan
     with torch.no_grad():
-        latents = initial_noise(pipe, config, engine.device)
+        generator = noise_generator(config)
+        vision = initial_noise(pipe, config, engine.device, generator)
+        sound = initial_sound_noise(pipe, config, engine.device, generator) if config.sound else None
         indexes = () if conditioning is None else conditioning.indexes
         if conditioning is not None:
             with timer.phase("encode"), engine.use(VAE_ENCODER):
@@ -137,9 +225,9 @@ def generate_video(
                     width=config.width,
                     device=engine.device,
                 )
-                latents = conditioned_noise(pipe, pixels, indexes, latents)
+                vision = conditioned_noise(pipe, pixels, indexes, vision)
         with timer.phase("prefill"), engine.use(REASONER):
-            branches = prepare_branches(pipe, config, latents, indexes)
+            branches = prepare_branches(pipe, config, vision, indexes, sound)
             memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER))
         with timer.phase("denoise"), engine.use(GENERATOR):
             latents = denoise_latents(
@@ -147,16 +235,38 @@ def generate_video(
                 config,
                 branches,
                 memories,
-                latents,
+                Latents(vision, sound),
                 progress=progress,
                 layers=lambda: engine.layers(GENERATOR),
                 mlp_chunk=plan.mlp_chunk,
                 on_step=on_step,
             )
             del memories
-        check_finite(latents)
-        with timer.phase("decode"), engine.use(VAE):
-            return GeneratedVideo(latents, decode_frames(pipe, latents, grid=plan.decode_grid))
+        check_finite(
+            latents.vision if latents.sound is None else torch.cat([latents.vision.flatten(), latents.sound.flatten()])
+        )
+        with timer.phase("decode"):
+            with engine.use(VAE):
+                frames = decode_frames(pipe, latents.vision, grid=plan.decode_grid)
+            audio = None
+            if latents.sound is not None:
+                with engine.use(SOUND):
+                    audio = decode_sound(pipe, latents.sound)
+        return GeneratedVideo(latents.vision, frames, audio)
+
+
+def check_sound(config: GenerationConfig, checkpoint: Path | None) -> None:
+    """Sound needs a checkpoint with a sound tokenizer whose transformer was trained with sound."""
+    if not config.sound:
+        return
+    if not has_sound_tokenizer(checkpoint):
+        where = "the embedded model" if checkpoint is None else f"checkpoint {str(checkpoint)!r}"
+        raise InputError(f"--sound needs a checkpoint with a sound_tokenizer/ folder, and {where} has none")
+    transformer_config, _ = model_configs(checkpoint)
+    if not transformer_config.get("sound_gen", False):
+        raise InputError(
+            f"--sound: the transformer of {str(checkpoint)!r} was not trained with sound (sound_gen is off)"
+        )
 
 
 def check_finite(latents: torch.Tensor) -> None:

@@ -4,37 +4,44 @@ A checkpoint is the folder `Cosmos3OmniPipeline.save_pretrained` writes (see che
 Without one, a model from `model.specs` (by default the embedded tiny model) gets seeded random
 weights and the byte-level tokenizer.
 
-Both go through the two-phase load: the transformer and the VAE are built on `meta`, each group
-gets its home (device, or a host slab when it is offloaded), and every weight is written once
-into that home. A checkpoint's files are checked against the model before any home is allocated.
+Both go through the two-phase load: the transformer and the VAE (and, for a request with sound,
+the sound tokenizer's decoder) are built on `meta`, each group gets its home (device, or a host
+slab when it is offloaded), and every weight is written once into that home, straight from the
+safetensors file, with a progress bar over bytes. A checkpoint's files are checked against the
+model before any home is allocated. What generation never reads (see layout.py) is never opened.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer
+from diffusers.models.autoencoders.autoencoder_cosmos3_audio import Cosmos3AVAEAudioTokenizer
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..errors import InputError, first_line
-from ..model.groups import UNUSED, USE_ORDER, transformer_group_of, vae_group_of
+from ..model.groups import UNUSED, USE_ORDER, sound_group_of, vae_group_of
 from ..model.specs import model_spec
 from ..model.tiny_tokenizer import build_tiny_tokenizer
 from ..offload.engine import OffloadEngine
 from ..offload.materialize import build_on_meta, group_layouts, keep_fp32_dtype, move_buffers
-from ..offload.slabs import SlabLayout
+from ..offload.slabs import SlabEntry, SlabLayout
 from ..planning.plan import Plan
 from .checkpoint import CheckpointWeights, model_configs_of, read_json
+from .layout import SOUND_TOKENIZER, PipelineOptions, has_sound_tokenizer, pipeline_options
 from .placer import Placer, weight_grouping
 from .random_weights import RandomValues
 
 logger = logging.getLogger(__name__)
 
 TINY_WEIGHT_SEED = 0
+PROGRESS_BATCH_BYTES = 256 * 2**20  # the load's progress bar moves at least this often
 
 
 @dataclass
@@ -49,6 +56,8 @@ class Components:
     random_weights: bool
     engine: OffloadEngine
     plan: Plan
+    options: PipelineOptions = PipelineOptions()
+    sound_tokenizer: Cosmos3AVAEAudioTokenizer | None = None
 
 
 def model_configs(checkpoint: Path | None, random_model: str = "tiny") -> tuple[dict, dict]:
@@ -67,37 +76,54 @@ def load_components(
     *,
     random_model: str = "tiny",
     seed: int = TINY_WEIGHT_SEED,
+    sound: bool = False,
+    progress: bool = False,
 ) -> Components:
-    """Build, place and fill every component as `plan` says (default: everything resident)."""
+    """Build, place and fill every component as `plan` says (default: everything resident).
+
+    `sound` loads the checkpoint's sound tokenizer too (its decoder only).
+    """
     plan = plan or Plan()
+    if sound and not has_sound_tokenizer(checkpoint):
+        raise InputError("sound needs a checkpoint with a sound_tokenizer/ folder")
     transformer_config, vae_config = model_configs(checkpoint, random_model)
     transformer = _build(Cosmos3OmniTransformer, transformer_config)
     vae = _build(AutoencoderKLWan, vae_config)
     layers = transformer.config.num_hidden_layers
-    transformer_layouts = group_layouts(
-        transformer, weight_grouping(plan, layers), keep_fp32_dtype(Cosmos3OmniTransformer, dtype)
-    )
-    vae_layouts = group_layouts(vae, vae_group_of, keep_fp32_dtype(AutoencoderKLWan, dtype))
+    parts = [
+        _Part(
+            transformer, weight_grouping(plan, layers), keep_fp32_dtype(Cosmos3OmniTransformer, dtype), "transformer"
+        ),
+        _Part(vae, vae_group_of, keep_fp32_dtype(AutoencoderKLWan, dtype), "vae"),
+    ]
+    sound_tokenizer = None
+    if sound:
+        sound_tokenizer = _build(Cosmos3AVAEAudioTokenizer, _sound_config(checkpoint))
+        parts.append(
+            _Part(sound_tokenizer, sound_group_of, keep_fp32_dtype(Cosmos3AVAEAudioTokenizer, dtype), SOUND_TOKENIZER)
+        )
+    layouts = [group_layouts(part.root, part.group_of, part.dtype_of) for part in parts]
     if checkpoint is not None:
-        skip_unused = lambda key: transformer_group_of(key, layers) == UNUSED  # noqa: E731 - names the rule
-        transformer_weights = CheckpointWeights(checkpoint / "transformer")
-        vae_weights = CheckpointWeights(checkpoint / "vae")
-        transformer_weights.check_against(_shapes(transformer_layouts, skip=UNUSED), skip_unused)
-        vae_weights.check_against(_shapes(vae_layouts), lambda key: False)
+        weights = [CheckpointWeights(checkpoint / part.folder) for part in parts]
+        for part, stored, layout in zip(parts, weights, layouts):
+            skip = _unused_rule(part.group_of)
+            stored.check_against(_shapes(layout, skip=UNUSED), skip)
     # The tokenizer is cheap: load it before any weight memory exists, so a broken one costs nothing.
     tokenizer = build_tiny_tokenizer() if checkpoint is None else _checkpoint_tokenizer(checkpoint)
-    placer = Placer(device, plan)
-    transformer_targets = placer.place(transformer, transformer_layouts)
-    vae_targets = placer.place(vae, vae_layouts)
-    if checkpoint is None:
-        RandomValues(seed).fill(transformer_targets + vae_targets)
-    else:
-        transformer_weights.fill(transformer_targets)
-        vae_weights.fill(vae_targets)
+    placer = Placer(device, plan, None if checkpoint is None else weights[0])  # a mapped reasoner reads weights[0]
+    targets = [placer.place(part.root, layout) for part, layout in zip(parts, layouts)]
+    with tqdm(
+        total=sum(_nbytes(t) for t in targets), desc="load", unit="B", unit_scale=True, disable=not progress
+    ) as bar:
+        for index, part_targets in enumerate(targets):
+            fill = RandomValues(seed).fill if checkpoint is None else weights[index].fill
+            for batch in _batches(part_targets):
+                fill(batch)
+                bar.update(_nbytes(batch))
     for slab in placer.slabs_to_pin:
         slab.pin()
-    move_buffers(transformer, device)
-    move_buffers(vae, device)
+    for part in parts:
+        move_buffers(part.root, device)
     return Components(
         transformer=transformer,
         vae=vae,
@@ -105,9 +131,56 @@ def load_components(
         scheduler_config=_scheduler_config(checkpoint),
         source=f"{random_model} model (random weights)" if checkpoint is None else str(checkpoint),
         random_weights=checkpoint is None,
-        engine=OffloadEngine(device, placer.placements, USE_ORDER),
+        engine=OffloadEngine(device, placer.placements, tuple(g for g in USE_ORDER if g in placer.placements)),
         plan=plan,
+        options=pipeline_options(checkpoint),
+        sound_tokenizer=sound_tokenizer,
     )
+
+
+_dtypes = keep_fp32_dtype
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One model of the pipeline as the load sees it: its groups, dtypes and folder in a checkpoint."""
+
+    root: torch.nn.Module
+    group_of: Callable[[str], str]
+    dtype_of: Callable[[str], torch.dtype]
+    folder: str
+
+
+def _unused_rule(group_of: Callable[[str], str]) -> Callable[[str], bool]:
+    """Stored weights the model has but never reads (`lm_head`, the sound encoder): not checked, not read."""
+    return lambda key: group_of(key) == UNUSED
+
+
+def _nbytes(targets: list[tuple[SlabEntry, torch.Tensor]]) -> int:
+    return sum(home.numel() * home.element_size() for _, home in targets)
+
+
+def _batches(targets: list[tuple[SlabEntry, torch.Tensor]]) -> list[list[tuple[SlabEntry, torch.Tensor]]]:
+    """`targets` in runs of about PROGRESS_BATCH_BYTES, in order (each file still read in one pass per run)."""
+    batches: list[list[tuple[SlabEntry, torch.Tensor]]] = [[]]
+    size = 0
+    for target in targets:
+        if size >= PROGRESS_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(target)
+        size += _nbytes([target])
+    return [b for b in batches if b]
+
+
+def _sound_config(checkpoint: Path) -> dict:
+    """The sound tokenizer's config, built without its encoder (generation only decodes audio)."""
+    file = checkpoint / SOUND_TOKENIZER / "config.json"
+    try:
+        config = Cosmos3AVAEAudioTokenizer.load_config(file.parent)
+    except (OSError, ValueError, TypeError):
+        raise InputError(f"sound tokenizer config {str(file)!r} cannot be used") from None
+    return {**config, "encoder_enabled": False}
 
 
 def _build(model_cls: type, config: dict):

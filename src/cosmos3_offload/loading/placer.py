@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..model.groups import EMBEDDING, GENERATOR, REASONER, UNUSED, VAE, VAE_ENCODER, transformer_group_of
+from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, UNUSED, VAE, VAE_ENCODER, transformer_group_of
 from ..offload.materialize import allocate_on_device
 from ..offload.placements import HostOnly, Placement, Resident, Staged, bind_views
 from ..offload.slabs import HostSlab, SlabEntry, SlabLayout
@@ -75,7 +75,7 @@ class Placer:
                 on_device[group] = layout
             bind_views(root, layout, view)
             targets += [(entry, view(entry)) for entry in layout.entries]
-        for group in (EMBEDDING, REASONER, GENERATOR, VAE, VAE_ENCODER):
+        for group in (EMBEDDING, REASONER, GENERATOR, VAE, VAE_ENCODER, SOUND):
             if group in self.placements or (group not in on_device and not streamed.get(group)):
                 continue  # placed above, or a group of another root
             head = on_device.get(group, SlabLayout.pack([]))

@@ -1,0 +1,120 @@
+"""What a published Cosmos3 folder holds beside the weights, and what video generation reads of it.
+
+A published repo (`nvidia/Cosmos3-Nano`, `-Super`, ...) is a diffusers pipeline folder with more
+in it than `save_pretrained` writes. Generation reads:
+
+- `model_index.json`: the pipeline's own options (`default_use_system_prompt`,
+  `use_native_flow_schedule`), as `Cosmos3OmniPipeline.from_pretrained` passes them on;
+- `modular_model_index.json` (the distilled repos): `distilled_sigmas`, the fixed few-step schedule;
+- `transformer/`, `vae/`, `text_tokenizer/`, `scheduler/` (see checkpoint.py);
+- `sound_tokenizer/`, only for a request with sound;
+- `assets/negative_prompt.json` and `assets/negative_prompt_i2v.json`: the negative prompts the
+  Cosmos3 docs pass (as JSON text) for text-to-video and for image/video-to-video.
+
+It never opens `vision_encoder/` (the reasoner's vision tower, used for understanding only), the
+root-level transformers files, or any pickle (`*.pth`, `*.bin`): only safetensors and JSON are read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from .checkpoint import read_json
+
+SOUND_TOKENIZER = "sound_tokenizer"
+NEGATIVE_PROMPT_T2V = "negative_prompt.json"
+NEGATIVE_PROMPT_CONDITIONED = "negative_prompt_i2v.json"
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """The pipeline-level settings of a folder; the defaults are `Cosmos3OmniPipeline`'s."""
+
+    use_system_prompt: bool = True
+    native_flow_schedule: bool = False
+    distilled_sigmas: tuple[float, ...] | None = None
+
+    @property
+    def distilled(self) -> bool:
+        return self.distilled_sigmas is not None
+
+
+def pipeline_options(checkpoint: Path | None) -> PipelineOptions:
+    """The options of `checkpoint`'s pipeline index (and modular index); the defaults without one."""
+    if checkpoint is None:
+        return PipelineOptions()
+    index_file = checkpoint / "model_index.json"
+    index = read_json(index_file, "pipeline index") if index_file.is_file() else {}
+    options = {}
+    keys = (("default_use_system_prompt", "use_system_prompt"), ("use_native_flow_schedule", "native_flow_schedule"))
+    for key, name in keys:
+        if key in index:
+            if not isinstance(index[key], bool):
+                raise InputError(f"{key} in {str(index_file)!r} must be true or false, got {index[key]!r}")
+            options[name] = index[key]
+    modular_file = checkpoint / "modular_model_index.json"
+    if modular_file.is_file():
+        sigmas = _find_key(read_json(modular_file, "modular pipeline index"), "distilled_sigmas")
+        if sigmas is not None:
+            options["distilled_sigmas"] = _check_sigmas(sigmas, modular_file)
+    return PipelineOptions(**options)
+
+
+def _find_key(node: object, key: str) -> object | None:
+    """The value of the first `key` in a JSON tree (the modular index nests its config)."""
+    if isinstance(node, dict):
+        if key in node:
+            return node[key]
+        children = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _find_key(child, key)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_sigmas(value: object, file: Path) -> tuple[float, ...]:
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and 0 <= s <= 1 for s in value
+        )
+    )
+    ok = ok and all(a > b for a, b in zip(value, value[1:]))
+    if not ok:
+        raise InputError(
+            f"distilled_sigmas in {str(file)!r} must be a non-empty, strictly falling list of numbers in [0, 1]"
+        )
+    return tuple(float(s) for s in value)
+
+
+def has_sound_tokenizer(checkpoint: Path | None) -> bool:
+    return checkpoint is not None and (checkpoint / SOUND_TOKENIZER / "config.json").is_file()
+
+
+def default_negative_prompt(checkpoint: Path | None, *, frames: int, conditioned: bool) -> str | None:
+    """The negative prompt the Cosmos3 docs pass when the user gives none, as the JSON text they pass
+    (`json.dumps` of the file); None where the folder ships none (the pipeline then uses "").
+
+    Text-to-video takes `assets/negative_prompt.json`; image- and video-to-video
+    `assets/negative_prompt_i2v.json` (falling back to the text-to-video one); text-to-image none,
+    as in the docs' examples.
+    """
+    if checkpoint is None or frames == 1:
+        return None
+    names = (NEGATIVE_PROMPT_CONDITIONED, NEGATIVE_PROMPT_T2V) if conditioned else (NEGATIVE_PROMPT_T2V,)
+    for name in names:
+        file = checkpoint / "assets" / name
+        if file.is_file():
+            # Exactly what the docs pass: json.dumps(json.load(file)).
+            return json.dumps(read_json(file, "negative prompt", object_only=False))
+    return None

@@ -1,0 +1,91 @@
+"""`generate --sound`: the audio track is generated, decoded and muxed into the mp4."""
+
+from __future__ import annotations
+
+import subprocess
+import wave
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+from published_layout import write_published_checkpoint
+
+from cosmos3_offload.app.cli import main
+from cosmos3_offload.app.video_io import write_wav
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    return write_published_checkpoint(tmp_path_factory.mktemp("hub") / "Cosmos3-Nano")
+
+
+def streams(path) -> str:
+    """ffmpeg's description of a media file's streams (it prints them on stderr)."""
+    probe = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True
+    )
+    return probe.stderr
+
+
+def generate(capsys, *args) -> tuple[int, str, str]:
+    try:
+        status = main(
+            [
+                "generate",
+                "--prompt",
+                "a fox",
+                "--resolution",
+                "256",
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+                *args,
+            ]
+        )
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_sound_is_muxed_into_the_mp4(capsys, tmp_path, published):
+    """--sound writes an mp4 with an H.264 video stream and a stereo AAC audio stream (AAC resamples the toy 200 Hz)."""
+    output = tmp_path / "fox.mp4"
+    status, out, _ = generate(
+        capsys, "--checkpoint", str(published), "--frames", "9", "--sound", "--output", str(output)
+    )
+    assert status == 0 and "with sound" in out
+    description = streams(output)
+    assert "Video: h264" in description and "Audio: aac" in description and "stereo" in description
+
+
+def test_without_sound_the_mp4_is_silent(capsys, tmp_path, published):
+    output = tmp_path / "fox.mp4"
+    status, _, _ = generate(capsys, "--checkpoint", str(published), "--frames", "5", "--output", str(output))
+    assert status == 0 and "Audio:" not in streams(output)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sound", "--frames", "5"], "sound_tokenizer"),  # the embedded model has no sound branch
+        (["--sound", "--frames", "1", "--output", "x.jpg"], "--sound goes with a video"),
+    ],
+)
+def test_sound_errors_are_one_line_exit_2(capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = generate(capsys, *args)
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wav_holds_the_waveform_as_16_bit_pcm(tmp_path):
+    """Channels, rate and samples survive: interleaved int16 of the clipped waveform."""
+    waveform = np.stack([np.linspace(-1.5, 1.5, 50), np.zeros(50)]).astype(np.float32)
+    write_wav(waveform, 200, tmp_path / "s.wav")
+    with wave.open(str(tmp_path / "s.wav")) as wav:
+        assert (wav.getnchannels(), wav.getframerate(), wav.getnframes(), wav.getsampwidth()) == (2, 200, 50, 2)
+        pcm = np.frombuffer(wav.readframes(50), dtype="<i2").reshape(50, 2)
+    assert pcm[0, 0] == -32767 and pcm[-1, 0] == 32767 and not pcm[:, 1].any()
