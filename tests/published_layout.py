@@ -17,7 +17,7 @@ import pickle
 from pathlib import Path
 
 import torch
-from diffusers import Cosmos3OmniPipeline
+from diffusers import Cosmos3OmniPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.autoencoder_cosmos3_audio import Cosmos3AVAEAudioTokenizer
 from safetensors.torch import save_file
 
@@ -42,6 +42,7 @@ TINY_SOUND_TOKENIZER = {
 }
 NEGATIVE_PROMPT = {"negative": "blurry, low quality, static", "style": ["cartoon"]}
 NEGATIVE_PROMPT_I2V = {"negative": "jitter, morphing, first frame ignored"}
+DISTILLED_SIGMAS = [1.0, 0.9375, 0.8333, 0.625]  # the shape of a 4-step student's schedule
 SHARD_SIZE = "200KB"  # splits the tiny transformer into several shards, as 5GB splits Nano's
 
 
@@ -59,22 +60,28 @@ def tiny_sound_tokenizer(seed: int = 0) -> Cosmos3AVAEAudioTokenizer:
     return fill_random_(Cosmos3AVAEAudioTokenizer(**TINY_SOUND_TOKENIZER), seed).eval()
 
 
-def published_pipeline(shift: float = 3.0, *, sound: bool = True) -> Cosmos3OmniPipeline:
-    """The tiny pipeline the folder holds (sound and action heads, and a sound tokenizer with `sound`)."""
+def published_pipeline(shift: float = 3.0, *, sound: bool = True, distilled: bool = False) -> Cosmos3OmniPipeline:
+    """The tiny pipeline the folder holds (sound and action heads, and a sound tokenizer with `sound`);
+    a distilled student ships the stochastic Euler scheduler instead of UniPC."""
     return Cosmos3OmniPipeline(
         transformer=tiny_transformer("sound_action"),
         text_tokenizer=build_tiny_tokenizer(),
         vae=tiny_vae(),
-        scheduler=flow_unipc(shift),
+        scheduler=FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) if distilled else flow_unipc(shift),
         sound_tokenizer=tiny_sound_tokenizer() if sound else None,
         enable_safety_checker=False,
     )
 
 
-def write_published_checkpoint(root: Path, *, sound: bool = True, shift: float = 3.0) -> Path:
+def write_published_checkpoint(root: Path, *, sound: bool = True, shift: float = 3.0, distilled: bool = False) -> Path:
     """Write the tiny published-layout folder at `root` and return it. The pickle marker is
-    `root.parent / (root.name + ".unpickled")`."""
-    published_pipeline(shift, sound=sound).save_pretrained(root, max_shard_size=SHARD_SIZE)
+    `root.parent / (root.name + ".unpickled")`. `distilled`: a 4-step student's folder, with its
+    `modular_model_index.json` holding the fixed sigmas."""
+    published_pipeline(shift, sound=sound, distilled=distilled).save_pretrained(root, max_shard_size=SHARD_SIZE)
+    if distilled:
+        modular = {"_class_name": "Cosmos3DistilledModularPipeline", "_diffusers_version": "0.42.1",
+                   "is_distilled": True, "distilled_sigmas": DISTILLED_SIGMAS}  # fmt: skip
+        (root / "modular_model_index.json").write_text(json.dumps(modular, indent=2))
     _vision_encoder(root)
     _root_transformers_files(root)
     assets = root / "assets"
@@ -132,6 +139,7 @@ def corrupt(files: list[Path]) -> None:
 
 
 __all__ = [
+    "DISTILLED_SIGMAS",
     "NEGATIVE_PROMPT",
     "NEGATIVE_PROMPT_I2V",
     "TINY_SOUND_TOKENIZER",

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from diffusers import Cosmos3OmniPipeline, UniPCMultistepScheduler
+from diffusers import Cosmos3OmniPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from tqdm.auto import tqdm
@@ -169,6 +169,17 @@ def prefill_branches(
     return prefill_prompts(pipe.transformer, prompts, layers=layers)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a distilled checkpoint samples (all None: the pipeline's UniPC loop): its fixed sigmas, the
+    generator its stochastic Euler steps re-noise from, and (mask [T, 1, 1], clean latents) to put the
+    conditioned frames back after each step, as diffusers' distilled modular pipeline does."""
+
+    distilled_sigmas: tuple[float, ...] | None = None
+    generator: torch.Generator | None = None
+    anchor: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class Latents(NamedTuple):
     """What the loop denoises: video [1, C, T, H, W] and, with sound, audio [sound_dim, T'] (float32)."""
 
@@ -187,9 +198,11 @@ def denoise_latents(
     layers: Callable[[], Iterable[nn.Module]] | None = None,
     mlp_chunk: int | None = None,
     on_step: Callable[[int], None] | None = None,
+    sampling: Sampling | None = None,
 ) -> Latents:
     """The sampling loop: both CFG branches through each layer, `v_u + g (v_c - v_u)`, a scheduler step
     per modality (the sound's on its own copy of the schedule, as the pipeline keeps one per modality).
+    `sampling` says how a distilled checkpoint's few-step schedule runs (see `Sampling`).
 
     `layers()` gives each step's layer sequence (default `model.layers`); `on_step(i)` is called
     after step i is queued (benchmarks synchronize and time there).
@@ -197,7 +210,8 @@ def denoise_latents(
     model = pipe.transformer
     model_dtype = memories[0].keys[0].dtype
     pairs = [(b.layout, m) for b, m in zip(branches, memories)]
-    set_timesteps(pipe, config.steps, latents.vision.device)
+    sampling = sampling or Sampling()
+    set_timesteps(pipe, config.steps, latents.vision.device, sampling.distilled_sigmas)
     vision, sound = latents
     sound_scheduler = copy.deepcopy(pipe.scheduler) if sound is not None else None
     for index, t in enumerate(tqdm(pipe.scheduler.timesteps, desc="denoise", unit="step", disable=not progress)):
@@ -208,19 +222,27 @@ def denoise_latents(
         )
         step_layers = None if layers is None else layers()
         predictions = denoise_branches(model, pairs, inputs, layers=step_layers, mlp_chunk=mlp_chunk)
-        vision = _step(pipe.scheduler, _guided([p.vision for p in predictions], config), t, vision)
+        vision = _step(pipe.scheduler, _guided([p.vision for p in predictions], config), t, vision, sampling)
+        if sampling.anchor is not None:
+            mask, clean = sampling.anchor
+            vision = mask * clean + (1.0 - mask) * vision
         if sound is not None:
-            sound = _step(sound_scheduler, _guided([p.sound for p in predictions], config), t, sound)
+            sound = _step(sound_scheduler, _guided([p.sound for p in predictions], config), t, sound, sampling)
         if on_step is not None:
             on_step(index)
     return Latents(vision, sound)
 
 
-def set_timesteps(pipe: Cosmos3OmniPipeline, steps: int, device: torch.device) -> None:
+def set_timesteps(
+    pipe: Cosmos3OmniPipeline, steps: int, device: torch.device, distilled_sigmas: tuple[float, ...] | None = None
+) -> None:
     """The request's schedule, as `Cosmos3OmniPipeline.__call__` sets it (its native flow schedule when
-    the folder's pipeline index asks for it)."""
+    the folder's pipeline index asks for it), or a distilled checkpoint's fixed sigmas."""
     scheduler = pipe.scheduler
-    if pipe.config.use_native_flow_schedule:
+    if distilled_sigmas is not None:
+        assert steps == len(distilled_sigmas), (steps, distilled_sigmas)
+        scheduler.set_timesteps(sigmas=list(distilled_sigmas), device=device)
+    elif pipe.config.use_native_flow_schedule:
         sigmas = np.linspace(1.0 - 1.0 / scheduler.config.num_train_timesteps, 0.0, steps + 1)[:-1]
         scheduler.set_timesteps(steps, device=device, sigmas=sigmas)
     else:
@@ -235,9 +257,11 @@ def _guided(velocities: list[torch.Tensor], config: GenerationConfig) -> torch.T
     return uncond + config.guidance * (cond - uncond)
 
 
-def _step(scheduler, velocity: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    # The scheduler's update wants a batch axis in front of the per-modality latents.
-    return scheduler.step(velocity.unsqueeze(0), t, sample.unsqueeze(0), return_dict=False)[0].squeeze(0)
+def _step(scheduler, velocity: torch.Tensor, t: torch.Tensor, sample: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    # The scheduler's update wants a batch axis in front of the per-modality latents; a stochastic
+    # (distilled) Euler step re-noises from the request's generator, so a seed still fixes the video.
+    extra = {"generator": sampling.generator} if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else {}
+    return scheduler.step(velocity.unsqueeze(0), t, sample.unsqueeze(0), return_dict=False, **extra)[0].squeeze(0)
 
 
 @torch.no_grad()

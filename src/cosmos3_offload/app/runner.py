@@ -21,7 +21,7 @@ import torch
 from ..errors import InputError
 from ..loading.checkpoint import check_checkpoint
 from ..loading.components import Components, load_components, model_configs
-from ..loading.layout import default_negative_prompt, has_sound_tokenizer
+from ..loading.layout import default_negative_prompt, has_sound_tokenizer, pipeline_options
 from ..model.groups import GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
 from ..model.specs import model_spec
 from ..planning.plan import Plan
@@ -30,6 +30,7 @@ from .config import GenerationConfig, resolve_device, resolve_dtype
 from .feasibility import check_fits
 from .generate import (
     Latents,
+    Sampling,
     Sound,
     decode_frames,
     decode_sound,
@@ -43,7 +44,7 @@ from .generate import (
 )
 from .inputs import Conditioning, read_conditioning
 from .outputs import OutputLock, write_output
-from .schedule import flow_scheduler
+from .schedule import request_scheduler
 from .timer import PhaseTimer
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class LoadedModel:
         sound branch, a request that does not fit this machine (unless a budget's planner chose the
         plan). Without a negative prompt it gets the checkpoint's default (see loading/layout.py)."""
         check_sound(config, self.checkpoint)
+        check_distilled(config, self.checkpoint)
         if config.sound and not self.sound:
             raise InputError("this model was opened without sound; open it with sound=True for requests with sound")
         if not budgeted:
@@ -207,7 +209,9 @@ def generate_video(
     """(Encode,) prefill, denoise and decode, each while its group's weights are on the device."""
     if config.sound and components.sound_tokenizer is None:
         raise InputError("this model was loaded without its sound tokenizer; load it with sound to generate sound")
-    pipe = helper_pipeline(components, flow_scheduler(config.flow_shift, components.scheduler_config))
+    options = components.options
+    scheduler = request_scheduler(config.flow_shift, components.scheduler_config, distilled=options.distilled)
+    pipe = helper_pipeline(components, scheduler)
     engine, plan = components.engine, components.plan
     with torch.no_grad():
         generator = noise_generator(config)
@@ -226,6 +230,9 @@ def generate_video(
                     device=engine.device,
                 )
                 vision = conditioned_noise(pipe, pixels, indexes, vision)
+        sampling = Sampling()
+        if options.distilled:
+            sampling = Sampling(options.distilled_sigmas, generator, _anchor(vision, indexes) if indexes else None)
         with timer.phase("prefill"), engine.use(REASONER):
             branches = prepare_branches(pipe, config, vision, indexes, sound)
             memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER))
@@ -240,6 +247,7 @@ def generate_video(
                 layers=lambda: engine.layers(GENERATOR),
                 mlp_chunk=plan.mlp_chunk,
                 on_step=on_step,
+                sampling=sampling,
             )
             del memories
         check_finite(
@@ -253,6 +261,23 @@ def generate_video(
                 with engine.use(SOUND):
                     audio = decode_sound(pipe, latents.sound)
         return GeneratedVideo(latents.vision, frames, audio)
+
+
+def _anchor(conditioned: torch.Tensor, indexes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [T, 1, 1] with 1 at the conditioned latent frames, the latents holding them clean)."""
+    mask = torch.zeros(conditioned.shape[2], 1, 1, device=conditioned.device, dtype=conditioned.dtype)
+    mask[list(indexes)] = 1.0
+    return mask, conditioned.clone()
+
+
+def check_distilled(config: GenerationConfig, checkpoint: Path | None) -> None:
+    """A distilled checkpoint's step count is its schedule's and its guidance is baked in (scale 1)."""
+    sigmas = pipeline_options(checkpoint).distilled_sigmas
+    if sigmas is not None and (config.steps != len(sigmas) or config.guidance != 1.0):
+        raise InputError(
+            f"checkpoint {str(checkpoint)!r} is distilled: it samples in exactly {len(sigmas)} steps with guidance "
+            f"baked in; use --steps {len(sigmas)} --guidance 1, or leave both out"
+        )
 
 
 def check_sound(config: GenerationConfig, checkpoint: Path | None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from diffusers import UniPCMultistepScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from ..errors import InputError
 
@@ -20,6 +20,15 @@ def flow_scheduler(shift: float, base_config: dict | None = None) -> UniPCMultis
     """UniPC in flow-matching mode with the request's shift, over a checkpoint's other settings."""
     overrides = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": shift}
     return UniPCMultistepScheduler.from_config({**(base_config or {}), **overrides, "use_karras_sigmas": False})
+
+
+def request_scheduler(
+    shift: float, base_config: dict | None = None, *, distilled: bool = False
+) -> UniPCMultistepScheduler | FlowMatchEulerDiscreteScheduler:
+    """The flow UniPC of `flow_scheduler`; a distilled checkpoint's own (Euler) scheduler as it ships."""
+    if distilled:
+        return FlowMatchEulerDiscreteScheduler.from_config(base_config or {})
+    return flow_scheduler(shift, base_config)
 
 
 @functools.lru_cache(maxsize=64)
