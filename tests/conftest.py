@@ -1,4 +1,5 @@
-"""Shared fixtures; the helper modules beside this file (tiny_models, joint_cases) are importable from every test folder."""
+"""Shared fixtures; the helper modules beside this file (tiny_models, joint_cases, published_layout) are
+importable from every test folder."""
 
 from __future__ import annotations
 

@@ -20,10 +20,10 @@ import torch
 from diffusers import Cosmos3OmniPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.autoencoder_cosmos3_audio import Cosmos3AVAEAudioTokenizer
 from safetensors.torch import save_file
+from tiny_models import flow_unipc, tiny_transformer, tiny_vae
 
 from cosmos3_offload.loading.random_weights import fill_random_
 from cosmos3_offload.model.tiny_tokenizer import build_tiny_tokenizer
-from tiny_models import flow_unipc, tiny_transformer, tiny_vae
 
 # A sound tokenizer with the shipped structure at toy width: 25 latent frames a second, stereo.
 TINY_SOUND_TOKENIZER = {
@@ -77,7 +77,12 @@ def write_published_checkpoint(root: Path, *, sound: bool = True, shift: float =
     """Write the tiny published-layout folder at `root` and return it. The pickle marker is
     `root.parent / (root.name + ".unpickled")`. `distilled`: a 4-step student's folder, with its
     `modular_model_index.json` holding the fixed sigmas."""
-    published_pipeline(shift, sound=sound, distilled=distilled).save_pretrained(root, max_shard_size=SHARD_SIZE)
+    pipe = published_pipeline(shift, sound=sound, distilled=distilled)
+    pipe.save_pretrained(root)
+    # Only the transformer is sharded (Nano's in 5 GB shards); the VAE and sound tokenizer are one file each.
+    for file in (root / "transformer").glob("*.safetensors"):
+        file.unlink()
+    pipe.transformer.save_pretrained(root / "transformer", max_shard_size=SHARD_SIZE)
     if distilled:
         modular = {"_class_name": "Cosmos3DistilledModularPipeline", "_diffusers_version": "0.42.1",
                    "is_distilled": True, "distilled_sigmas": DISTILLED_SIGMAS}  # fmt: skip

@@ -6,8 +6,8 @@ import torch
 from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransformer, UniPCMultistepScheduler
 from torch import nn
 
-from cosmos3_offload.model.specs import model_spec
 from cosmos3_offload.loading.random_weights import fill_random_
+from cosmos3_offload.model.specs import model_spec
 from cosmos3_offload.model.tiny_tokenizer import build_tiny_tokenizer
 from cosmos3_offload.model.towers import tower_of
 

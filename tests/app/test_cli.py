@@ -139,6 +139,15 @@ def test_plan_prints_the_choice_and_predictions(capsys):
     assert "encode" not in out  # text to video encodes nothing
 
 
+def test_plan_prints_host_memory_under_a_host_budget(capsys):
+    """With --host-budget the plan names both budgets and the weights' pinned, page-cache and private bytes."""
+    args = ["plan", "--vram-budget", "8GiB", "--host-budget", "40GiB", "--model", "nano", "--frames", "93"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "plan for a 8.0 GiB budget and a 40.0 GiB host budget" in out
+    assert "host memory for weights: pinned " in out and "page cache 0.00 GiB" in out  # no checkpoint to map
+
+
 def test_plan_counts_the_encode_of_conditioning_frames(capsys, tmp_path):
     """With --video (`plan` checks that the file exists, reads none of it) the encode of its first 5
     frames is planned for too."""
@@ -158,6 +167,9 @@ def test_plan_counts_the_encode_of_conditioning_frames(capsys, tmp_path):
         (["plan", "--vram-budget", "8GiB", "--model", "giant"], "unknown model 'giant'"),
         (["plan", "--vram-budget", "8GiB", "--model", "nano", "--h2d-gbps", "-5"], "h2d-gbps must be a finite number"),
         (["generate", "--prompt", "x", "--vram-budget", "8GiB", "--offload-stages", "vae"], "not both"),
+        (["plan", "--vram-budget", "8GiB", "--host-budget", "lots", "--model", "nano"], "write it like 8GiB"),
+        (["generate", "--prompt", "x", "--host-budget", "16GiB"], "pass --vram-budget too"),
+        (["plan", "--vram-budget", "8GiB", "--host-budget", "8GiB", "--model", "nano"], "GiB of host memory"),
     ],
 )
 def test_plan_and_budget_errors(capsys, tmp_path, monkeypatch, args, message):

@@ -76,7 +76,7 @@ def test_non_finite_latents_are_not_decoded(monkeypatch, capsys, tmp_path, bad):
 
     def poisoned(*args, **kwargs):
         latents = real(*args, **kwargs)
-        latents[0, 0, 0, 0, 0] = bad
+        latents.vision[0, 0, 0, 0, 0] = bad
         return latents
 
     decoded = []

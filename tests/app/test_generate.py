@@ -8,7 +8,14 @@ import torch
 from tiny_models import diffusers_latents, relative_error, tiny_pipeline
 
 from cosmos3_offload.app.config import GenerationConfig
-from cosmos3_offload.app.generate import Latents, decode_frames, denoise_latents, initial_noise, prefill_branches, prepare_branches
+from cosmos3_offload.app.generate import (
+    Latents,
+    decode_frames,
+    denoise_latents,
+    initial_noise,
+    prefill_branches,
+    prepare_branches,
+)
 
 TOLERANCE = 1e-4
 
@@ -16,7 +23,9 @@ TOLERANCE = 1e-4
 def our_latents(pipe, config):
     latents = initial_noise(pipe, config, torch.device("cpu"))
     branches = prepare_branches(pipe, config, latents)
-    return denoise_latents(pipe, config, branches, prefill_branches(pipe, branches), Latents(latents), progress=False).vision
+    return denoise_latents(
+        pipe, config, branches, prefill_branches(pipe, branches), Latents(latents), progress=False
+    ).vision
 
 
 @pytest.mark.parametrize(

@@ -44,5 +44,7 @@ def test_an_accepted_schedule_gets_through_a_real_denoising_loop(tmp_path):
     pipe = tiny_pipeline(shift=config.flow_shift)
     latents = initial_noise(pipe, config, torch.device("cpu"))
     branches = prepare_branches(pipe, config, latents)
-    out = denoise_latents(pipe, config, branches, prefill_branches(pipe, branches), Latents(latents), progress=False).vision
+    out = denoise_latents(
+        pipe, config, branches, prefill_branches(pipe, branches), Latents(latents), progress=False
+    ).vision
     assert torch.isfinite(out).all()

@@ -22,6 +22,7 @@ from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.loading import components as components_module
+from cosmos3_offload.loading.checkpoint import check_checkpoint
 from cosmos3_offload.loading.components import load_components
 from cosmos3_offload.planning.plan import GroupPlan, Plan
 
@@ -290,6 +291,11 @@ def config_edit(part: str, **changes) -> Callable[[Path], tuple[str, ...]]:
     return apply
 
 
+def unknown_scheduler(ckpt: Path) -> tuple[str, ...]:
+    edit_json(ckpt / "scheduler" / "scheduler_config.json", _class_name="DDIMScheduler")
+    return ("scheduler/scheduler_config.json", "DDIMScheduler")
+
+
 def wrong_shape(part: str, key: str) -> Callable[[Path], tuple[str, ...]]:
     """One stored weight one row short; the config and the index untouched."""
 
@@ -405,8 +411,11 @@ DAMAGES = [
             ("rope-axes-sum", "transformer", {"rope_axes_dim": [4, 4, 4]}),
             ("vae-z-dim-text", "vae", {"z_dim": "many"}),
             ("vae-dim-mult-number", "vae", {"dim_mult": 3}),
+            ("transformer-class", "transformer", {"_class_name": "FluxTransformer2DModel"}),
+            ("vae-class", "vae", {"_class_name": "AutoencoderKL"}),
         ]
     ],
+    Damage("unknown-scheduler", "single", unknown_scheduler),
     *[
         Damage(f"config-{name}-{variant}", variant, config_edit(part, **changes))
         for variant in ("single", "sharded")
@@ -441,6 +450,7 @@ DAMAGES = [
             ("transformer", "proj_in.weight", torch.int8),
             ("transformer", "layers.0.mlp.up_proj.weight", torch.int64),
             ("vae", "decoder.conv_out.weight", torch.bool),
+            ("transformer", "layers.0.self_attn.to_q.weight", torch.float8_e4m3fn),  # FP8: not loadable yet
         ]
     ],
     *[
@@ -633,3 +643,23 @@ def test_cli_writes_the_video_from_a_whole_checkpoint(saved, tmp_path, capsys):
     assert main([*CLI_ARGS, "--device", "cpu", "--checkpoint", str(saved / "fine"), "--output", str(output)]) == 0
     assert "wrote " in capsys.readouterr().out
     assert list(output.parent.iterdir()) == [output]
+
+
+# --- The pipeline index ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "class_name, accepted",
+    [("Cosmos3DistilledModularPipeline", True), ("Cosmos3OmniPipeline", True), ("FluxModularPipeline", False)],
+)
+def test_a_modular_index_alone_identifies_the_pipeline(saved, tmp_path, class_name, accepted):
+    """If this fails, a distilled repo's folder (modular_model_index.json only) is refused, or any modular
+    pipeline passes for Cosmos3."""
+    ckpt = copy_of(saved, tmp_path, "single")
+    (ckpt / "model_index.json").unlink()
+    (ckpt / "modular_model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    if accepted:
+        check_checkpoint(ckpt)
+    else:
+        with pytest.raises(InputError, match="FluxModularPipeline"):
+            check_checkpoint(ckpt)

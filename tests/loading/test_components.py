@@ -11,10 +11,10 @@ from PIL import Image
 from tiny_models import tiny_pipeline
 
 from cosmos3_offload.app.config import GenerationConfig
+from cosmos3_offload.app.runner import run
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.loading.checkpoint import check_checkpoint
 from cosmos3_offload.loading.components import load_components
-from cosmos3_offload.app.runner import run
 
 
 def write_index(folder, class_name="Cosmos3OmniPipeline"):

@@ -59,8 +59,8 @@ def request(tmp_path, *, sound: bool, frames: int = 9, negative: str | None = No
     )
 
 
-def ours(folder, config, plan=Plan()):
-    loaded = LoadedModel.open(checkpoint=folder, device="cpu", plan=plan, sound=config.sound)
+def ours(folder, config, plan=None):
+    loaded = LoadedModel.open(checkpoint=folder, device="cpu", plan=plan or Plan(), sound=config.sound)
     config = loaded.check(config)
     components = loaded.load(PhaseTimer(CPU))
     return config, components, generate_video(config, components, PhaseTimer(CPU), progress=False)

@@ -38,7 +38,7 @@ from cosmos3_offload.offload.materialize import build_on_meta, group_layouts, ke
 from cosmos3_offload.offload.placements import HostOnly
 from cosmos3_offload.offload.slabs import align
 from cosmos3_offload.planning.memory import WeightBytes, weight_bytes
-from cosmos3_offload.planning.plan import GroupPlan, Mode, Plan
+from cosmos3_offload.planning.plan import BOUNCE_SLOTS, GroupPlan, Mode, Plan
 from cosmos3_offload.planning.search import candidates, spread
 
 CPU = torch.device("cpu")
@@ -64,7 +64,8 @@ def plan_kinds(layers: int) -> dict[str, Plan]:
     # The streamed generator as the planner builds it (resident layers spread, vae staged), with
     # the reasoner in each of its modes along the way.
     counts = sorted({0, layers // 2, layers - 1})
-    reasoners = itertools.cycle(Mode)
+    # (A mapped reasoner needs a checkpoint's files: tests/offload/test_mapped.py compares its bytes.)
+    reasoners = itertools.cycle([m for m in Mode if m is not Mode.MAPPED])
     for count, ring in itertools.product(counts, (2, 3)):
         kinds[f"generator-streamed-{count}-resident-ring{ring}"] = Plan(
             reasoner=GroupPlan(mode=next(reasoners)),
@@ -196,7 +197,7 @@ def loader_weight_bytes(plan: Plan, transformer, vae, dtype: torch.dtype) -> Wei
     layers = transformer.config.num_hidden_layers
     layouts = group_layouts(transformer, weight_grouping(plan, layers), keep_fp32_dtype(Cosmos3OmniTransformer, dtype))
     layouts |= group_layouts(vae, vae_group_of, keep_fp32_dtype(AutoencoderKLWan, dtype))
-    resident = pinned = host = 0
+    resident = pinned = host = mapped = 0
     arena = {group: 0 for group in (REASONER, GENERATOR, VAE, VAE_ENCODER)}
     slots: dict[str, list[int]] = {REASONER: [], GENERATOR: []}
     for group, layout in layouts.items():
@@ -205,9 +206,14 @@ def loader_weight_bytes(plan: Plan, transformer, vae, dtype: torch.dtype) -> Wei
             continue
         if layer:
             slots[tower].append(align(layout.nbytes))
-            pinned += layout.nbytes
+            if plan.group(tower).mode is Mode.MAPPED:
+                mapped += layout.payload_bytes  # read from the file, in place
+            else:
+                pinned += layout.nbytes
         elif group == EMBEDDING:
-            if plan.reasoner.moves_weights:
+            if plan.reasoner.mode is Mode.MAPPED:
+                mapped += layout.payload_bytes
+            elif plan.reasoner.moves_weights:
                 host += layout.nbytes
             else:
                 resident += layout.payload_bytes
@@ -219,7 +225,8 @@ def loader_weight_bytes(plan: Plan, transformer, vae, dtype: torch.dtype) -> Wei
     for tower, sizes in slots.items():
         if sizes:
             arena[tower] = plan.group(tower).ring * max(sizes)
-    return WeightBytes(resident=resident, arena=arena, pinned=pinned, host=host)
+            pinned += BOUNCE_SLOTS * max(sizes) if plan.group(tower).mode is Mode.MAPPED else 0
+    return WeightBytes(resident=resident, arena=arena, pinned=pinned, host=host, mapped=mapped)
 
 
 def nano_plans(layers: int) -> dict[str, Plan]:
@@ -228,6 +235,12 @@ def nano_plans(layers: int) -> dict[str, Plan]:
         "staged": Plan.from_offload(PLANNED_GROUPS),
         "streamed": Plan(
             reasoner=streamed(), generator=streamed(spread(layers, 6), ring=3), vae=GroupPlan(mode=Mode.STAGED)
+        ),
+        "reasoner-mapped": Plan(
+            reasoner=GroupPlan(mode=Mode.MAPPED), generator=streamed(spread(layers, 6)), vae=GroupPlan(mode=Mode.STAGED)
+        ),
+        "reasoner-mapped-but-its-last-layer": Plan(
+            reasoner=GroupPlan(mode=Mode.MAPPED, resident_layers=tuple(range(layers - 1)))
         ),
         "last-layers-streamed": Plan(
             reasoner=streamed(tuple(range(layers - 1))), generator=streamed(tuple(range(1, layers)), ring=3)
@@ -242,7 +255,9 @@ def test_nano_weight_bytes_are_the_layouts_the_loader_would_build(dtype):
     transformer, vae = meta_models("nano")
     plans = nano_plans(sizes.layers)
     # A spread of the planner's own placements too (chunking and tiling do not move weights).
-    placements = dict.fromkeys(replace(p, mlp_chunk=None, decode_grid=Plan().decode_grid) for p in candidates(sizes))
+    placements = dict.fromkeys(
+        replace(p, mlp_chunk=None, decode_grid=Plan().decode_grid) for p in candidates(sizes, mapped=True)
+    )
     plans |= {f"candidate-{i}": p for i, p in enumerate(list(placements)[::29])}
     for name, plan in plans.items():
         assert weight_bytes(plan, sizes) == loader_weight_bytes(plan, transformer, vae, DTYPES[dtype]), name

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from cosmos3_offload.loading import placer as loading
 from cosmos3_offload.app.config import GenerationConfig
-from cosmos3_offload.errors import InputError
-from cosmos3_offload.model.groups import SOUND, USE_ORDER, PLANNED_GROUPS, check_offload_groups
-from cosmos3_offload.loading.components import load_components
-from cosmos3_offload.planning.plan import Plan
 from cosmos3_offload.app.runner import check_single_process, generate_video
 from cosmos3_offload.app.timer import PhaseTimer
+from cosmos3_offload.errors import InputError
+from cosmos3_offload.loading import placer as loading
+from cosmos3_offload.loading.components import load_components
+from cosmos3_offload.model.groups import PLANNED_GROUPS, SOUND, USE_ORDER, check_offload_groups
 from cosmos3_offload.offload.placements import HostOnly, Staged
+from cosmos3_offload.planning.plan import Plan
 from cosmos3_offload.split.prefill import prefill
 
 CPU = torch.device("cpu")

@@ -10,13 +10,13 @@ from joint_cases import LONG_PROMPT, joint_case
 from tiny_models import relative_error
 
 from cosmos3_offload.app.config import GenerationConfig
-from cosmos3_offload.split.denoise import denoise, denoise_branches
-from cosmos3_offload.loading.components import load_components
-from cosmos3_offload.planning.plan import GroupPlan, Plan
-from cosmos3_offload.split.prefill import prefill, prefill_prompts
 from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.timer import PhaseTimer
+from cosmos3_offload.loading.components import load_components
 from cosmos3_offload.offload.streaming import Streamed
+from cosmos3_offload.planning.plan import GroupPlan, Plan
+from cosmos3_offload.split.denoise import denoise, denoise_branches
+from cosmos3_offload.split.prefill import prefill, prefill_prompts
 
 CPU = torch.device("cpu")
 STEPS = 3

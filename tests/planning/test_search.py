@@ -7,10 +7,10 @@ import pytest
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.loading.sizes import model_sizes
 from cosmos3_offload.model.specs import model_spec
-from cosmos3_offload.planning.memory import decode_cost, encode_cost, weight_bytes
-from cosmos3_offload.planning.plan import GroupPlan, Mode, Plan
+from cosmos3_offload.planning.memory import HostMemory, decode_cost, encode_cost, host_memory, weight_bytes
+from cosmos3_offload.planning.plan import BOUNCE_SLOTS, GroupPlan, Mode, Plan
 from cosmos3_offload.planning.request import DeviceProfile, Request, parse_budget
-from cosmos3_offload.planning.search import TIME_TOLERANCE, candidates, choose_plan, predict, spread
+from cosmos3_offload.planning.search import TIME_TOLERANCE, candidates, choose_plan, describe_choice, predict, spread
 from cosmos3_offload.planning.tiles import TileGrid
 from cosmos3_offload.planning.timing import moved_bytes, simulate_ring
 from cosmos3_offload.units import GIB
@@ -147,7 +147,10 @@ def test_a_resident_encoder_encodes_before_any_arena(nano):
     request = Request.for_video(189, 720, 1280, encode_frames=5)
     staged = Plan(reasoner=GroupPlan(mode="staged"), generator=GroupPlan(mode="staged"), vae=GroupPlan(mode="staged"))
     resident_vae = Plan(reasoner=GroupPlan(mode="staged"), generator=GroupPlan(mode="staged"))
-    gap = predict(staged, nano, request, PROFILE).peaks.encode - predict(resident_vae, nano, request, PROFILE).peaks.encode
+    gap = (
+        predict(staged, nano, request, PROFILE).peaks.encode
+        - predict(resident_vae, nano, request, PROFILE).peaks.encode
+    )
     # The staged encoder enters an arena sized for the largest group to come; a resident one holds its weights.
     arena = weight_bytes(staged, nano).arena_peak
     resident = nano.vae.payload + nano.vae_encoder.payload
@@ -188,3 +191,63 @@ def test_a_roomy_budget_never_tiles_the_decode(nano):
         untiled = decode_cost(nano, TileGrid(), 720, 1280)[0] + nano.vae.payload
         if untiled <= budget * GIB * PROFILE.headroom - weight_bytes(choice.plan, nano).resident:
             assert choice.plan.decode_grid == TileGrid()
+
+
+def test_host_budget_too_small_for_a_pinned_reasoner_maps_it(nano):
+    """Under 8 GiB of device memory at 720p x 189f, a roomy host budget streams the reasoner from pinned
+    slabs (faster prefill); one too small for them maps it from the checkpoint, and the pick fits both budgets."""
+    request = Request.for_video(189, 720, 1280)
+    roomy = choose_plan(nano, request, 8 * GIB, PROFILE, mapped=True)
+    assert roomy.plan.reasoner.mode is Mode.STREAMED and roomy.prediction.host.held > 25 * GIB
+    host_budget = 16 * GIB
+    lean = choose_plan(nano, request, 8 * GIB, PROFILE, host_budget=host_budget, mapped=True)
+    assert lean.plan.reasoner.mode is Mode.MAPPED and lean.plan.generator.mode is Mode.STREAMED
+    assert lean.prediction.host.held <= host_budget * PROFILE.headroom
+    assert lean.prediction.peak <= 8 * GIB * PROFILE.headroom
+    assert lean.prediction.host.page_cache > 0 and lean.prediction.host.private == 0  # the embedding is read in place
+    assert lean.prediction.times.prefill > roomy.prediction.times.prefill
+
+
+def test_mapping_is_considered_only_with_a_checkpoint(nano):
+    """Without a checkpoint (random weights) no plan maps the reasoner, and a small host budget is refused
+    with the least host budget that works and a hint to pass --checkpoint."""
+    request = Request.for_video(189, 720, 1280)
+    assert all(p.reasoner.mode is not Mode.MAPPED for p in candidates(nano))
+    assert any(p.reasoner.mode is Mode.MAPPED for p in candidates(nano, mapped=True))
+    with pytest.raises(InputError, match=r"at least (\d+\.\d) GiB of host memory.*--checkpoint") as error:
+        choose_plan(nano, request, 8 * GIB, PROFILE, host_budget=16 * GIB)
+    least = float(error.value.args[0].split("at least ")[1].split(" GiB")[0])
+    choice = choose_plan(nano, request, 8 * GIB, PROFILE, host_budget=int(least * GIB))
+    assert choice.prediction.host.held <= least * GIB * PROFILE.headroom
+
+
+def test_mapped_prefill_is_bounded_by_the_host_copy(nano):
+    """A mapped reasoner's prefill takes about its layers' bytes over the host memcpy rate."""
+    request = Request.for_video(93, 480, 832)
+    plan = Plan(reasoner=GroupPlan(mode="mapped"), generator=GroupPlan(mode="staged"), vae=GroupPlan(mode="staged"))
+    layers = sum(g.payload for g in nano.towers["reasoner"].layers)
+    for rate in (4.0, 8.0):
+        prefill = predict(plan, nano, request, DeviceProfile(host_copy_GBps=rate)).times.prefill
+        assert prefill == pytest.approx(layers / (rate * 1e9), rel=0.1)
+
+
+def test_host_memory_of_each_mode(nano):
+    """Pinned holds staged and streamed weights and the bounce ring; mapped layers sit in the page cache."""
+    streamed = host_memory(Plan(reasoner=GroupPlan(mode="streamed")), nano)
+    mapped = host_memory(Plan(reasoner=GroupPlan(mode="mapped")), nano)
+    reasoner = nano.towers["reasoner"]
+    assert streamed == HostMemory(
+        pinned=sum(g.packed for g in reasoner.layers), page_cache=0, private=nano.embedding.packed
+    )
+    slot = max(g.slot for g in reasoner.layers)
+    assert mapped.pinned == BOUNCE_SLOTS * slot < 1 * GIB
+    assert mapped.page_cache == sum(g.payload for g in reasoner.layers) + nano.embedding.payload
+    assert mapped.private == 0 and host_memory(Plan(), nano) == HostMemory(pinned=0, page_cache=0, private=0)
+
+
+def test_describe_choice_prints_host_memory(nano):
+    """The plan's description names the host budget and the pinned, page-cache and private bytes."""
+    choice = choose_plan(nano, Request.for_video(189, 720, 1280), 8 * GIB, PROFILE, host_budget=16 * GIB, mapped=True)
+    text = describe_choice(choice, 8 * GIB, 16 * GIB)
+    assert "and a 16.0 GiB host budget: reasoner mapped" in text
+    assert "host memory for weights: pinned " in text and "page cache " in text and "private 0.00 GiB" in text

@@ -7,9 +7,9 @@ import torch
 from joint_cases import LONG_PROMPT, joint_case, joint_forward
 from tiny_models import move_tower_to_meta, relative_error, tiny_pipeline
 
+from cosmos3_offload.model.towers import REASONER
 from cosmos3_offload.split.denoise import denoise
 from cosmos3_offload.split.prefill import prefill
-from cosmos3_offload.model.towers import REASONER
 
 TOLERANCE = 1e-5
 

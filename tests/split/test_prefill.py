@@ -6,9 +6,9 @@ import torch
 from joint_cases import joint_case, joint_forward
 from tiny_models import move_tower_to_meta, relative_error, tiny_pipeline
 
+from cosmos3_offload.model.towers import GENERATOR
 from cosmos3_offload.split.denoise import denoise
 from cosmos3_offload.split.prefill import prefill
-from cosmos3_offload.model.towers import GENERATOR
 
 
 def test_prefill_needs_no_generator_weights_nor_the_reasoner_tail():

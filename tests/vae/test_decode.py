@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from cosmos3_offload.vae import decode
-from cosmos3_offload.vae.decode import TileGrid, decode_tiles, decode_to_host, decoder_blocks, to_bytes
 from cosmos3_offload.model.specs import model_spec
 from cosmos3_offload.offload.streams import HostLanding
+from cosmos3_offload.vae import decode
+from cosmos3_offload.vae.decode import TileGrid, decode_tiles, decode_to_host, decoder_blocks, to_bytes
 
 
 def raw_latents(pipe, frames=3, height=12, width=20, seed=0):

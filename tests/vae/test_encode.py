@@ -55,7 +55,9 @@ def ours(pipe, config):
     )
     latents = conditioned_noise(pipe, pixels, conditioning.indexes, latents)
     branches = prepare_branches(pipe, config, latents, conditioning.indexes)
-    return denoise_latents(pipe, config, branches, prefill_branches(pipe, branches), Latents(latents), progress=False).vision
+    return denoise_latents(
+        pipe, config, branches, prefill_branches(pipe, branches), Latents(latents), progress=False
+    ).vision
 
 
 @pytest.mark.parametrize("mode", ["image", "video"])

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..loading.checkpoint import check_checkpoint
 from ..loading.components import model_configs
+from ..loading.layout import pipeline_options
 from ..loading.sizes import model_sizes
 from ..model.geometry import frames_to_encode
 from ..model.specs import MODEL_SPECS, model_spec
@@ -27,7 +28,12 @@ from ..offload.streams import measure_h2d_GBps
 from ..planning.plan import Plan
 from ..planning.request import DeviceProfile, Request, parse_budget
 from ..planning.search import choose_plan, describe_choice
+from .check import CheckpointProblems, check_folder
 from .config import (
+    DEFAULT_FRAMES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_RESOLUTION,
+    DEFAULT_STEPS,
     DTYPES,
     MAX_H2D_GBPS,
     MIN_H2D_GBPS,
@@ -39,11 +45,12 @@ from .config import (
     resolve_dtype,
 )
 from .runner import check_single_process, run
+from .samples import FLAG_FIELDS, run_samples
 
 # Without a checkpoint the embedded tiny model runs on any CPU; Cosmos3's 720p x 189-frame
 # default would take it minutes, so it defaults to the smallest tier and a short clip.
 TINY_DEFAULTS = {"resolution": 256, "frames": 17}
-CHECKPOINT_DEFAULTS = {"resolution": 720, "frames": 189}
+CHECKPOINT_DEFAULTS = {"resolution": DEFAULT_RESOLUTION, "frames": DEFAULT_FRAMES}
 DEFAULT_CONDITION_FRAMES = (0, 1)
 
 
@@ -72,6 +79,10 @@ class _ArgumentParser(argparse.ArgumentParser):
     def fail(self, status: int, message: str) -> None:
         """Exit with `status` after one line on stderr: the program's name and `message`, escaped."""
         self.exit(status, _printable(f"{self.prog}: {message}", sys.stderr, one_line=True) + "\n")
+
+    def fail_each(self, status: int, messages: list[str]) -> None:
+        """Exit with `status` after one line on stderr for each message, as `fail` writes it."""
+        self.exit(status, "".join(_printable(f"{self.prog}: {m}", sys.stderr, one_line=True) + "\n" for m in messages))
 
 
 def _request_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,12 +120,15 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: 720, or 256 with the embedded tiny model)",
     )
     parser.add_argument("--aspect-ratio", default="16,9", help=f"one of {' '.join(ASPECT_RATIOS)} (default: 16,9)")
-    parser.add_argument("--steps", type=int, default=35, help="denoising steps (default: 35)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: 35; a distilled checkpoint's own count)"
+    )
     parser.add_argument(
         "--guidance",
         type=float,
-        default=6.0,
-        help="classifier-free guidance scale; 1 skips the unconditional pass (default: 6)",
+        default=None,
+        help="classifier-free guidance scale; 1 skips the unconditional pass (default: 6; 1 for a distilled "
+        "checkpoint, whose guidance is baked in)",
     )
     parser.add_argument(
         "--checkpoint",
@@ -141,6 +155,13 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         help="device memory to plan for, e.g. 8GiB: the planner picks the fastest placement that fits",
     )
     parser.add_argument(
+        "--host-budget",
+        default=None,
+        metavar="SIZE",
+        help="with --vram-budget: host memory (pinned + private) the weights may hold, e.g. 16GiB; with a "
+        "--checkpoint the reasoner may then be mapped from its files (page cache) instead of pinned",
+    )
+    parser.add_argument(
         "--h2d-gbps",
         type=float,
         default=None,
@@ -156,7 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="text-to-video (or text-to-image with --frames 1)",
         description="Generate a video (mp4) or, with --frames 1, an image (jpg/png) from a prompt.",
     )
-    gen.add_argument("--prompt", required=True, help="what the video shows")
+    gen.add_argument("--prompt", default=None, help="what the video shows (or -i: sample files)")
+    gen.add_argument(
+        "-i",
+        "--input",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="sample files (.json, .jsonl) in cosmos-framework's format, instead of --prompt; "
+        "flags typed on the command line override their values",
+    )
+    gen.add_argument(
+        "-o", "--output-dir", type=Path, default=None, help="with -i: each sample is written to DIR/<name>/"
+    )
     gen.add_argument(
         "--negative-prompt",
         default=None,
@@ -199,16 +233,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _request_arguments(plan)
     plan.set_defaults(verbose=False)
+    check = commands.add_parser(
+        "check",
+        help="check a checkpoint folder without loading it and print what it holds",
+        description="Run the loader's checks on a checkpoint folder (every problem, one line each, exit status 2) "
+        "and print the model's size, heads, dtypes, group sizes and which plans fit this machine.",
+    )
+    check.add_argument("folder", type=Path, metavar="DIR", help="a diffusers-layout Cosmos3 folder")
+    check.set_defaults(verbose=False)
     return parser
 
 
 def _defaults(args: argparse.Namespace) -> dict:
     tiny = args.checkpoint is None and args.model.startswith("tiny")
     defaults = TINY_DEFAULTS if tiny else CHECKPOINT_DEFAULTS
+    sigmas = _distilled_sigmas(args.checkpoint)
+    steps, guidance = (DEFAULT_STEPS, DEFAULT_GUIDANCE) if sigmas is None else (len(sigmas), 1.0)
     return {
         "frames": defaults["frames"] if args.frames is None else args.frames,
         "resolution": defaults["resolution"] if args.resolution is None else args.resolution,
+        "steps": steps if args.steps is None else args.steps,
+        "guidance": guidance if args.guidance is None else args.guidance,
     }
+
+
+def _distilled_sigmas(checkpoint: Path | None) -> tuple[float, ...] | None:
+    """A distilled checkpoint's fixed schedule (its defaults: that many steps, guidance 1), else None.
+    A --checkpoint that is no folder gives None here: `_check_flags` refuses it with its reason."""
+    if checkpoint is None:
+        return None
+    try:
+        check_input_folder("checkpoint", checkpoint, "")
+    except InputError:
+        return None
+    return pipeline_options(checkpoint).distilled_sigmas
 
 
 def _condition_frames(args: argparse.Namespace) -> tuple[int, ...]:
@@ -228,6 +286,10 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise InputError(f"checkpoint {str(args.checkpoint)!r} cannot be read: {error.strerror}") from None
     if args.vram_budget is not None:
         parse_budget(args.vram_budget)
+    if args.host_budget is not None:
+        if args.vram_budget is None:
+            raise InputError("--host-budget is planned together with a device budget; pass --vram-budget too")
+        parse_budget(args.host_budget)
     if args.h2d_gbps is not None:
         check_number("h2d-gbps", args.h2d_gbps, MIN_H2D_GBPS, MAX_H2D_GBPS)
     if args.condition_frames is not None and args.video is None:
@@ -241,8 +303,6 @@ def _config_from_args(args: argparse.Namespace) -> GenerationConfig:
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         aspect_ratio=args.aspect_ratio,
-        steps=args.steps,
-        guidance=args.guidance,
         shift=args.shift,
         fps=args.fps,
         seed=args.seed,
@@ -265,10 +325,18 @@ def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: in
     encode = frames_to_encode(
         image=args.image is not None, video=args.video is not None, condition_frames=_condition_frames(args)
     )
-    request = Request.for_video(frames, height, width, cfg=args.guidance != 1.0, steps=args.steps, encode_frames=encode)
+    shape = _defaults(args)
+    cfg = shape["guidance"] != 1.0
+    request = Request.for_video(frames, height, width, cfg=cfg, steps=shape["steps"], encode_frames=encode)
     # Measured last: the copies it times are the first thing that touches the GPU.
     bandwidth = args.h2d_gbps if args.h2d_gbps is not None else measure_h2d_GBps(device) or DeviceProfile().h2d_GBps
-    return choose_plan(sizes, request, budget, DeviceProfile(h2d_GBps=bandwidth)), budget
+    profile = DeviceProfile(h2d_GBps=bandwidth)
+    mapped = args.checkpoint is not None  # only a checkpoint's files can be mapped
+    return choose_plan(sizes, request, budget, profile, host_budget=_host_budget(args), mapped=mapped), budget
+
+
+def _host_budget(args: argparse.Namespace) -> int | None:
+    return None if args.host_budget is None else parse_budget(args.host_budget)
 
 
 def _plan_command(args: argparse.Namespace) -> None:
@@ -278,8 +346,6 @@ def _plan_command(args: argparse.Namespace) -> None:
     check_request(
         **shape,
         aspect_ratio=args.aspect_ratio,
-        steps=args.steps,
-        guidance=args.guidance,
         image=args.image,
         video=args.video,
         condition_frames=_condition_frames(args),
@@ -287,11 +353,15 @@ def _plan_command(args: argparse.Namespace) -> None:
     _check_flags(args)
     width, height = frame_size(shape["resolution"], args.aspect_ratio)
     choice, budget = _budget_choice(args, shape["frames"], width, height)
-    _say(f"request: {width}x{height}, {shape['frames']} frames, {args.steps} steps")
-    _say(describe_choice(choice, budget))
+    _say(f"request: {width}x{height}, {shape['frames']} frames, {shape['steps']} steps")
+    _say(describe_choice(choice, budget, _host_budget(args)))
 
 
-def _generate_command(args: argparse.Namespace) -> None:
+def _generate_command(args: argparse.Namespace, argv: list[str] | None = None) -> int | None:
+    if args.input is not None or args.output_dir is not None:
+        return _samples_command(args, sys.argv[1:] if argv is None else argv)
+    if args.prompt is None:
+        raise InputError("generate needs --prompt 'what the video shows', or -i FILE... -o DIR for sample files")
     config = _config_from_args(args)
     _check_flags(args)
     if args.vram_budget is not None and args.offload_stages:
@@ -300,7 +370,7 @@ def _generate_command(args: argparse.Namespace) -> None:
     check_single_process(plan)  # WORLD_SIZE, before a budget's bandwidth is measured
     if args.vram_budget is not None:
         choice, budget = _budget_choice(args, config.frames, config.width, config.height)
-        _say(describe_choice(choice, budget))
+        _say(describe_choice(choice, budget, _host_budget(args)))
         plan = choice.plan
     report = run(
         config,
@@ -313,6 +383,49 @@ def _generate_command(args: argparse.Namespace) -> None:
         budgeted=args.vram_budget is not None,
     )
     _say(report.summary())
+
+
+def _samples_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """`generate -i FILE... -o DIR`: the sample files' requests, one model load (see app/samples.py)."""
+    if args.input is None or args.output_dir is None:
+        raise InputError("sample files need both -i FILE... and -o DIR (for one video: --prompt and --output)")
+    if args.prompt is not None:
+        raise InputError("pass either --prompt or -i FILE..., not both; a sample's prompt goes in its file")
+    if args.output is not None:
+        raise InputError("with -i each sample is written to -o DIR/<name>/vision.mp4; drop --output")
+    if args.vram_budget is not None:
+        raise InputError("--vram-budget plans one request; with -i pass --offload-stages (see `plan`)")
+    _check_flags(args)
+    plan = Plan.from_offload(args.offload_stages)
+    check_single_process(plan)
+    defaults = {field: getattr(args, field) for field in FLAG_FIELDS} | _defaults(args)
+    defaults["condition_frames"] = _condition_frames(args)
+    typed = _typed_flags(argv)
+    report = run_samples(
+        args.input,
+        args.output_dir,
+        defaults={k: v for k, v in defaults.items() if k != "prompt"},
+        overrides={field: defaults[field] for field in FLAG_FIELDS if field in typed},
+        checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        plan=plan,
+        model=args.model,
+        progress=not args.no_progress,
+        say=_say,
+        warn=lambda line: print(_printable(line, sys.stderr, one_line=True), file=sys.stderr),
+    )
+    return report.exit_status
+
+
+def _typed_flags(argv: list[str]) -> set[str]:
+    """The `generate` flags typed in `argv` (not filled in by argparse): parsed again into a namespace that
+    already holds a sentinel for each, which argparse then keeps instead of writing its default."""
+    unset = object()
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    namespace = argparse.Namespace(**dict.fromkeys(FLAG_FIELDS, unset))
+    commands.choices["generate"].parse_args(argv[1:], namespace)
+    return {field for field in FLAG_FIELDS if getattr(namespace, field) is not unset}
 
 
 class _Terminated(BaseException):
@@ -331,7 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        _plan_command(args) if args.command == "plan" else _generate_command(args)
+        if args.command == "check":
+            _say(check_folder(args.folder))  # or CheckpointProblems: every problem, one line each
+            status = 0
+        else:
+            status = _plan_command(args) if args.command == "plan" else _generate_command(args, argv)
+    except CheckpointProblems as problems:
+        parser.fail_each(2, [f"error: {problem}" for problem in problems.problems])
     except InputError as error:
         parser.fail(2, f"error: {error}")
     except KeyboardInterrupt:
@@ -342,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.fail(1, f"error: {error.strerror or error}; nothing was written")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

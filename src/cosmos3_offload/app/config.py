@@ -42,6 +42,8 @@ MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_PROMPT_CHARS = 20_000
 MIN_H2D_GBPS, MAX_H2D_GBPS = 0.1, 10_000.0  # --h2d-gbps: below PCIe 1.0 x1, ten times NVLink-C2C
 MAX_SHOWN_CHARS = 80  # of a refused value quoted back in an error message
+# Cosmos3's default request, the pipeline's and the docs': 720p, 189 frames, 35 steps, guidance 6.
+DEFAULT_RESOLUTION, DEFAULT_FRAMES, DEFAULT_STEPS, DEFAULT_GUIDANCE = 720, 189, 35, 6.0
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -184,11 +186,11 @@ class GenerationConfig:
 
     prompt: str
     negative_prompt: str | None = None
-    frames: int = 189
-    resolution: int = 720
+    frames: int = DEFAULT_FRAMES
+    resolution: int = DEFAULT_RESOLUTION
     aspect_ratio: str = "16,9"
-    steps: int = 35
-    guidance: float = 6.0
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
     shift: float | None = None
     fps: float = 24.0
     seed: int = 0

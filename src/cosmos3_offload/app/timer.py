@@ -83,4 +83,3 @@ class PhaseTimer:
 
 def _gib(value: int | None) -> str:
     return "n/a" if value is None else format_bytes(value)
-

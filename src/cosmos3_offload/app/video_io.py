@@ -13,7 +13,6 @@ import wave
 from pathlib import Path
 
 import imageio.v2 as imageio
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
@@ -61,6 +60,8 @@ def write_wav(waveform: np.ndarray, sample_rate: int, path: Path) -> None:
 
 def mux(video: Path, audio: Path, path: Path) -> None:
     """Copy the H.264 stream of `video` and encode `audio` as AAC into the mp4 `path`."""
+    import imageio_ffmpeg  # the ffmpeg binary imageio writes mp4 with; imported where it is needed
+
     command = [
         imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-nostdin", "-loglevel", "error",
         "-i", str(video), "-i", str(audio),

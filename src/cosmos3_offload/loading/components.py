@@ -35,6 +35,7 @@ from ..offload.slabs import SlabEntry, SlabLayout
 from ..planning.plan import Plan
 from .checkpoint import CheckpointWeights, model_configs_of, read_json
 from .layout import SOUND_TOKENIZER, PipelineOptions, has_sound_tokenizer, pipeline_options
+from .mapped_files import MappedFiles
 from .placer import Placer, weight_grouping
 from .random_weights import RandomValues
 
@@ -116,7 +117,7 @@ def load_components(
         total=sum(_nbytes(t) for t in targets), desc="load", unit="B", unit_scale=True, disable=not progress
     ) as bar:
         for index, part_targets in enumerate(targets):
-            fill = RandomValues(seed).fill if checkpoint is None else weights[index].fill
+            fill = RandomValues(seed).fill if checkpoint is None else MappedFiles(weights[index]).fill
             for batch in _batches(part_targets):
                 fill(batch)
                 bar.update(_nbytes(batch))
@@ -136,9 +137,6 @@ def load_components(
         options=pipeline_options(checkpoint),
         sound_tokenizer=sound_tokenizer,
     )
-
-
-_dtypes = keep_fp32_dtype
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Cosmos3's weight groups mapped onto the offload engine's placements, as a plan says.
 
-`weight_grouping` names the group of every transformer weight (a streamed tower's non-resident
-layers get a group each: "<tower>@<layer>"); `Placer` gives each group its home (device tensors,
-a pinned host slab, or an unpinned host slab) and builds the engine's placements.
+`weight_grouping` names the group of every transformer weight (a streamed or mapped tower's
+non-resident layers get a group each: "<tower>@<layer>"); `Placer` gives each group its home
+(device tensors, a pinned host slab, an unpinned host slab, or, for a mapped tower's layers, the
+checkpoint's memory-mapped files) and builds the engine's placements.
 """
 
 from __future__ import annotations
@@ -13,24 +14,29 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, UNUSED, VAE, VAE_ENCODER, transformer_group_of
+from ..offload.mapped import Mapped, MappedLayer, ReadInPlace
 from ..offload.materialize import allocate_on_device
 from ..offload.placements import HostOnly, Placement, Resident, Staged, bind_views
 from ..offload.slabs import HostSlab, SlabEntry, SlabLayout
 from ..offload.streaming import Streamed
-from ..planning.plan import Mode, Plan
+from ..planning.plan import BOUNCE_SLOTS, Mode, Plan
+from .checkpoint import CheckpointWeights
+from .mapped_files import MappedFiles
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 LAYER_MARK = "@"  # group name of a streamed layer: "<tower>@<index>"
 
 
 def weight_grouping(plan: Plan, layers: int) -> Callable[[str], str]:
-    """Group names for the transformer's weights; a streamed tower's non-resident layers get one group each."""
+    """Group names for the transformer's weights; a streamed or mapped tower's non-resident layers get
+    one group each."""
 
     def group_of(name: str) -> str:
         group = transformer_group_of(name, layers)
         match = _LAYER.match(name)
-        if group in (REASONER, GENERATOR) and plan.group(group).mode is Mode.STREAMED and match:
+        if group in (REASONER, GENERATOR) and plan.group(group).streams_layers and match:
             if int(match.group(1)) not in plan.group(group).resident_layers:
                 return f"{group}{LAYER_MARK}{match.group(1)}"
         return group
@@ -39,11 +45,20 @@ def weight_grouping(plan: Plan, layers: int) -> Callable[[str], str]:
 
 
 class Placer:
-    """Gives each group its home and returns (entry, home) pairs for the values to be written into."""
+    """Gives each group its home and returns (entry, home) pairs for the values to be written into.
 
-    def __init__(self, device: torch.device, plan: Plan):
+    `stored`: the transformer's checkpoint weights, which a mapped tower's layers are read from, in
+    place (so they get no (entry, home) pair: nothing is written into them)."""
+
+    def __init__(self, device: torch.device, plan: Plan, stored: CheckpointWeights | None = None):
+        if plan.maps_checkpoint and stored is None:
+            raise InputError(
+                "a mapped reasoner is read from the checkpoint's files, and random weights have none; "
+                "pass --checkpoint, or stream or stage the reasoner instead"
+            )
         self.device = device
         self.plan = plan
+        self.files = None if stored is None else MappedFiles(stored)
         self.placements: dict[str, Placement] = {}
         # Slabs that are copied to the device are pinned after they are filled (faulting pages in
         # from many threads is faster than pinning untouched memory).
@@ -52,11 +67,21 @@ class Placer:
     def place(self, root: nn.Module, layouts: dict[str, SlabLayout]) -> list[tuple[SlabEntry, torch.Tensor]]:
         targets: list[tuple[SlabEntry, torch.Tensor]] = []
         streamed: dict[str, dict[int, HostSlab]] = {REASONER: {}, GENERATOR: {}}
+        mapped: dict[str, dict[int, MappedLayer]] = {REASONER: {}, GENERATOR: {}}
         on_device: dict[str, SlabLayout] = {}
         for group, layout in layouts.items():
             if group == UNUSED:
                 continue  # never read by the split: left on meta, never allocated
             tower, _, index = group.partition(LAYER_MARK)
+            stored = self._stored(group, layout)
+            if stored is not None:
+                # Its home is the file: nothing allocated, nothing to write.
+                if index:
+                    mapped[tower][int(index)] = stored
+                else:
+                    self.placements[group] = ReadInPlace(group, stored)
+                bind_views(root, layout, stored.source_of().__getitem__)
+                continue
             if index:
                 slab = self._host_slab(layout, pin=True)
                 streamed[tower][int(index)] = slab
@@ -76,17 +101,46 @@ class Placer:
             bind_views(root, layout, view)
             targets += [(entry, view(entry)) for entry in layout.entries]
         for group in (EMBEDDING, REASONER, GENERATOR, VAE, VAE_ENCODER, SOUND):
-            if group in self.placements or (group not in on_device and not streamed.get(group)):
+            if group in self.placements or (group not in on_device and not (streamed.get(group) or mapped.get(group))):
                 continue  # placed above, or a group of another root
             head = on_device.get(group, SlabLayout.pack([]))
-            if streamed.get(group):
-                how = self.plan.group(group)
-                self.placements[group] = Streamed(
-                    group, root, root.layers, streamed[group], head, ring=how.ring, prefetch=how.prefetch
-                )
-            else:
-                self.placements[group] = Resident(group, head)
+            self.placements[group] = self._tower(group, root, head, streamed.get(group), mapped.get(group))
         return targets
+
+    def _stored(self, group: str, layout: SlabLayout) -> MappedLayer | None:
+        """The file views of a group read from the checkpoint in place: a mapped tower's streamed layers,
+        and, with the reasoner mapped, the embedding table where the file stores the run's dtype
+        (it is read on the host as it lies; stored in another dtype, it gets a private host slab)."""
+        tower, _, index = group.partition(LAYER_MARK)
+        if index and self.plan.group(tower).mode is Mode.MAPPED:
+            return MappedLayer(layout, tuple(self.files.view(entry) for entry in layout.entries))
+        if group == EMBEDDING and self.plan.reasoner.mode is Mode.MAPPED:
+            views = tuple(self.files.view(entry) for entry in layout.entries)
+            if all(v.dtype == e.dtype for v, e in zip(views, layout.entries)):
+                return MappedLayer(layout, views)
+        return None
+
+    def _tower(
+        self,
+        group: str,
+        root: nn.Module,
+        head: SlabLayout,
+        streamed: dict[int, HostSlab] | None,
+        mapped: dict[int, MappedLayer] | None,
+    ) -> Placement:
+        """A group kept on the device (`head`), with its other layers streamed or mapped, if any."""
+        if mapped:
+            how = self.plan.group(group)
+            placement = Mapped(
+                group, root, root.layers, mapped, head, ring=how.ring, prefetch=how.prefetch, bounce=BOUNCE_SLOTS
+            )
+            if self.device.type == "cuda":
+                self.slabs_to_pin.append(placement.bounce)
+            return placement
+        if streamed:
+            how = self.plan.group(group)
+            return Streamed(group, root, root.layers, streamed, head, ring=how.ring, prefetch=how.prefetch)
+        return Resident(group, head)
 
     def _host_slab(self, layout: SlabLayout, *, pin: bool) -> HostSlab:
         slab = HostSlab(layout)

@@ -77,6 +77,11 @@ class OffloadEngine:
     def pinned_bytes(self) -> int:
         return sum(s.layout.nbytes for p in self.placements.values() for s in p.host_slabs if s.pinned)
 
+    @property
+    def mapped_bytes(self) -> int:
+        """File bytes read from mapped checkpoint files (page cache, not the process's own memory)."""
+        return sum(p.mapped_bytes for p in self.placements.values())
+
     def summary(self) -> str:
         """One line per group and one for the arena: where weights live, sizes, copy throughput."""
         lines = []
@@ -88,7 +93,8 @@ class OffloadEngine:
                 rate = moved / max(seconds, 1e-9) / 1e9
                 line += f"  {format_bytes(moved)} copied in {len(p.copies)} copies at {rate:.1f} GB/s"
             lines.append(line)
-        lines.append(
-            f"arena       {format_bytes(self.arena.peak_bytes)}; pinned host {format_bytes(self.pinned_bytes)}"
-        )
+        line = f"arena       {format_bytes(self.arena.peak_bytes)}; pinned host {format_bytes(self.pinned_bytes)}"
+        if self.mapped_bytes:
+            line += f"; mapped from files {format_bytes(self.mapped_bytes)}"
+        lines.append(line)
         return "\n".join(lines)

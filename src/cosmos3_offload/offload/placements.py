@@ -10,6 +10,8 @@ weights reach the device for the part of the request that uses them:
   `DeviceArena` (one bulk copy on the copy stream) and rebinds every parameter to a view of the
   arena; leaving rebinds them to their host views. Nothing is ever copied back to the host.
 - `Streamed` (streaming.py): layers flow through a ring of arena slots while the group is in use.
+- `Mapped` (mapped.py): streamed too, each layer read from memory-mapped files through a small
+  pinned bounce ring instead of a pinned slab of its own.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Placement(Protocol):
     @property
     def host_slabs(self) -> tuple[HostSlab, ...]: ...
 
+    @property
+    def mapped_bytes(self) -> int: ...  # file bytes it reads from mapped files (page cache)
+
     def enter(self, arena: DeviceArena, copier: CopyEngine) -> None: ...
 
     def exit(self) -> None: ...
@@ -65,6 +70,7 @@ class _Unmoved:
     """Weights that never move: using the group does nothing."""
 
     arena_bytes = 0
+    mapped_bytes = 0
 
     def enter(self, arena: DeviceArena, copier: CopyEngine) -> None:
         pass
@@ -127,6 +133,7 @@ class Staged:
 
     where = "staged"
     resident_bytes = 0
+    mapped_bytes = 0
 
     @property
     def layout(self) -> SlabLayout:

@@ -79,6 +79,11 @@ class CopyEngine:
         if record.end is not None:
             torch.cuda.current_stream(self.device).wait_event(record.end)
 
+    def host_waits_for(self, record: CopyRecord) -> None:
+        """Block the host until the copy has finished (it has already, on the CPU)."""
+        if record.end is not None:
+            record.end.synchronize()
+
 
 def measure_h2d_GBps(device: torch.device, nbytes: int = 256 * MIB, repeats: int = 3) -> float | None:
     """Bandwidth of one bulk copy from an exact-size pinned slab, as a staged group makes it (median of

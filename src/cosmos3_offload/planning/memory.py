@@ -1,7 +1,8 @@
-"""Device memory of a plan: where its weights sit, and each part of the request's peak.
+"""Memory of a plan: where its weights sit (device, host), and each part of the request's device peak.
 
 Weight bytes are exact (they come from the loader's own slab packing, see `sizes`): the engine
-allocates what `weight_bytes` says, which the tests check on the CPU. Activation, decode and
+allocates what `weight_bytes` says, which the tests check on the CPU. Host memory (`host_memory`)
+follows from them. Activation, decode and
 encode working sets are models fitted on an H200 (2026-11-26):
 
 - generator layer: `ACTIVATION_HIDDENS` live [tokens, hidden] tensors besides the MLP's
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from ..model.geometry import latent_size
 from ..model.groups import EMBEDDING, GENERATOR, REASONER, VAE, VAE_ENCODER
 from ..units import MIB
-from .plan import Mode, Plan
+from .plan import BOUNCE_SLOTS, Mode, Plan
 from .request import Request
 from .sizes import ModelSizes
 from .tiles import DecoderBlock, TileGrid, block_region
@@ -43,17 +44,43 @@ class WeightBytes:
 
     resident: int  # device bytes held for the whole run
     arena: dict[str, int]  # arena bytes each group needs while it is in use
-    pinned: int  # page-locked host slabs: staged groups and streamed layers
-    host: int  # host slabs never copied (the embedding table when the reasoner is offloaded)
+    pinned: int  # page-locked host slabs: staged groups, streamed layers, mapped towers' bounce rings
+    host: int  # host slabs never copied (the embedding table when the reasoner is staged or streamed)
+    # Read from the checkpoint's files (page cache): a mapped tower's streamed layers, and the
+    # embedding table with the reasoner mapped. Counted in the run's dtype (see `host_memory`).
+    mapped: int = 0
 
     @property
     def arena_peak(self) -> int:
         return max(self.arena.values(), default=0)
 
 
+@dataclass(frozen=True)
+class HostMemory:
+    """Host memory of a plan's weights, in bytes. `pinned` and `private` are the process's own
+    (anonymous) memory, what a host budget bounds; `page_cache` is the checkpoint's file pages that
+    mapped layers are read from, which the kernel can drop and read again."""
+
+    pinned: int
+    page_cache: int
+    private: int
+
+    @property
+    def held(self) -> int:
+        return self.pinned + self.private
+
+
+def host_memory(plan: Plan, sizes: ModelSizes) -> HostMemory:
+    """Pinned, page-cache and private host bytes of the weights under `plan`. The files are assumed to
+    store the run's dtype (as a bf16 checkpoint does for a bf16 run); where they store another, mapped
+    layers are read from that many file bytes, and the embedding table is a private cast copy."""
+    weights = weight_bytes(plan, sizes)
+    return HostMemory(pinned=weights.pinned, page_cache=weights.mapped, private=weights.host)
+
+
 def weight_bytes(plan: Plan, sizes: ModelSizes) -> WeightBytes:
     """Resident, arena and host bytes of the weights under `plan`."""
-    resident = pinned = host = 0
+    resident = pinned = host = mapped = 0
     arena: dict[str, int] = {}
     for name, tower in sizes.towers.items():
         how = plan.group(name)
@@ -68,10 +95,17 @@ def weight_bytes(plan: Plan, sizes: ModelSizes) -> WeightBytes:
             kept = [tower.layers[i] for i in how.resident_layers]
             streamed = [g for i, g in enumerate(tower.layers) if i not in kept_layers]
             resident += tower.head.payload + sum(g.payload for g in kept)
-            arena[name] = how.ring * max((g.slot for g in streamed), default=0)
-            pinned += sum(g.packed for g in streamed)
+            slot = max((g.slot for g in streamed), default=0)
+            arena[name] = how.ring * slot
+            if how.mode is Mode.MAPPED:
+                pinned += BOUNCE_SLOTS * slot
+                mapped += sum(g.payload for g in streamed)
+            else:
+                pinned += sum(g.packed for g in streamed)
     if plan.reasoner.mode is Mode.RESIDENT:
         resident += sizes.embedding.payload
+    elif plan.reasoner.mode is Mode.MAPPED:
+        mapped += sizes.embedding.payload  # read on the host, in place in the file
     else:
         host += sizes.embedding.packed
     for name, group in ((VAE, sizes.vae), (VAE_ENCODER, sizes.vae_encoder)):
@@ -80,7 +114,7 @@ def weight_bytes(plan: Plan, sizes: ModelSizes) -> WeightBytes:
         arena[name] = group.packed if staged else 0
         pinned += group.packed if staged else 0
     assert EMBEDDING not in arena
-    return WeightBytes(resident=resident, arena=arena, pinned=pinned, host=host)
+    return WeightBytes(resident=resident, arena=arena, pinned=pinned, host=host, mapped=mapped)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,10 @@ from ..errors import InputError
 from ..model.groups import GENERATOR, PLACED_LIKE, PLANNED_GROUPS, REASONER, VAE, check_offload_groups
 from .tiles import TileGrid
 
+# Pinned host slots a mapped tower's layers pass through on their way from the page cache to the
+# device: one is filled by the host while the other's copy to the device runs.
+BOUNCE_SLOTS = 2
+
 
 class Mode(str, Enum):
     """How a group's weights reach the device."""
@@ -21,6 +25,10 @@ class Mode(str, Enum):
     RESIDENT = "resident"  # on the device for the whole run
     STAGED = "staged"  # the whole group copied into the arena for its part of the request
     STREAMED = "streamed"  # layer by layer through a ring of arena slots
+    # Streamed straight from the memory-mapped checkpoint (page cache), each layer through a small
+    # pinned bounce ring into the arena's ring: no host copy of its own. Only for a group used once
+    # per request (the reasoner), and only with a checkpoint (random weights have no file).
+    MAPPED = "mapped"
 
     def __str__(self) -> str:
         return self.value
@@ -28,8 +36,8 @@ class Mode(str, Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class GroupPlan:
-    """One group's placement. Streamed: `resident_layers` stay on the device, the other layers flow
-    through `ring` slots, with copies issued `prefetch` layers ahead."""
+    """One group's placement. Streamed or mapped: `resident_layers` stay on the device, the other
+    layers flow through `ring` slots, with copies issued `prefetch` layers ahead."""
 
     mode: Mode = Mode.RESIDENT
     resident_layers: tuple[int, ...] = ()
@@ -53,10 +61,15 @@ class GroupPlan:
     def moves_weights(self) -> bool:
         return self.mode is not Mode.RESIDENT
 
+    @property
+    def streams_layers(self) -> bool:
+        """Layer by layer through a ring of arena slots (streamed from pinned slabs, or mapped)."""
+        return self.mode in (Mode.STREAMED, Mode.MAPPED)
+
     def describe(self) -> str:
-        if self.mode is not Mode.STREAMED:
+        if not self.streams_layers:
             return self.mode.value
-        return f"streamed ({len(self.resident_layers)} resident layers, ring of {self.ring})"
+        return f"{self.mode.value} ({len(self.resident_layers)} resident layers, ring of {self.ring})"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,8 +83,10 @@ class Plan:
     decode_grid: TileGrid = field(default_factory=TileGrid)
 
     def __post_init__(self) -> None:
-        if self.vae.mode is Mode.STREAMED:
-            raise InputError("the VAE can be resident or staged, not streamed")
+        if self.vae.mode in (Mode.STREAMED, Mode.MAPPED):
+            raise InputError(f"the VAE can be resident or staged, not {self.vae.mode.value}")
+        if self.generator.mode is Mode.MAPPED:
+            raise InputError("only the reasoner (used once per request) can be mapped; stream the generator instead")
         if self.mlp_chunk is not None and self.mlp_chunk < 1:
             raise InputError(f"the MLP chunk must be a positive token count, got {self.mlp_chunk}")
 
@@ -88,6 +103,11 @@ class Plan:
     @property
     def moves_weights(self) -> bool:
         return any(self.group(g).moves_weights for g in PLANNED_GROUPS)
+
+    @property
+    def maps_checkpoint(self) -> bool:
+        """Some weights are read from the checkpoint's files while the request runs (needs a checkpoint)."""
+        return any(self.group(g).mode is Mode.MAPPED for g in PLANNED_GROUPS)
 
     def describe(self) -> str:
         parts = [f"{g} {self.group(g).describe()}" for g in PLANNED_GROUPS]

@@ -50,13 +50,18 @@ class DeviceProfile:
     h2d_GBps: float = 55.0
     linear_TFLOPs: float = 450.0
     attention_TFLOPs: float = 570.0
-    headroom: float = 0.9  # share of the budget a plan may fill (allocator rounding and fragmentation)
+    # One host thread's memcpy from cached file pages into a pinned buffer (a mapped layer's first
+    # hop); a typical server core, not measured here.
+    host_copy_GBps: float = 8.0
+    headroom: float = 0.9  # share of a budget (device or host) a plan may fill (allocator rounding and fragmentation)
 
     def __post_init__(self) -> None:
-        for name in ("h2d_GBps", "linear_TFLOPs", "attention_TFLOPs"):
+        for name in ("h2d_GBps", "linear_TFLOPs", "attention_TFLOPs", "host_copy_GBps"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 < value <= MAX_RATE):
-                raise InputError(f"{name} must be a finite number in (0, {MAX_RATE:g}], got {value}; e.g. --h2d-gbps 25")
+                raise InputError(
+                    f"{name} must be a finite number in (0, {MAX_RATE:g}], got {value}; e.g. --h2d-gbps 25"
+                )
         if not 0 < self.headroom <= 1:
             raise InputError(f"headroom must be in (0, 1], got {self.headroom}")
 

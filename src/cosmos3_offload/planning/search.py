@@ -1,9 +1,11 @@
-"""The VRAM-budget planner: predict memory and time of candidate plans, pick the fastest that fits.
+"""The budget planner: predict memory and time of candidate plans, pick the fastest that fits.
 
-A pure function of the model's sizes, the request's shape, the budget and a device profile.
-Candidates run from all resident to everything streamed, with MLP token chunks and decode tile
-grids; the fastest whose predicted peak fits the usable share of the budget wins, ties going to
-the plan that moves fewer bytes, then to the one that holds less memory.
+A pure function of the model's sizes, the request's shape, the budgets (device, and optionally
+host) and a device profile. Candidates run from all resident to everything streamed (with a
+checkpoint, the reasoner also mapped from its files), with MLP token chunks and decode tile grids;
+the fastest whose predicted device peak fits the usable share of the device budget, and whose
+pinned + private host memory fits the usable share of the host budget, wins, ties going to the plan
+that moves fewer bytes, then to the one that holds less memory.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import InputError
 from ..units import GIB
-from .memory import DECODE_FRAME_SLOWDOWN, Peaks, peaks
+from .memory import DECODE_FRAME_SLOWDOWN, HostMemory, Peaks, host_memory, peaks
 from .plan import GroupPlan, Mode, Plan
 from .request import DeviceProfile, Request
 from .sizes import ModelSizes
@@ -34,6 +36,7 @@ TIME_TOLERANCE = 1e-9
 class Prediction:
     peaks: Peaks
     times: Times
+    host: HostMemory
 
     @property
     def peak(self) -> int:
@@ -41,8 +44,9 @@ class Prediction:
 
 
 def predict(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfile) -> Prediction:
-    """Peak device bytes of each part of the request and the time of a step, the prefill and the decode."""
-    return Prediction(peaks(plan, sizes, request), times(plan, sizes, request, profile))
+    """Peak device bytes of each part of the request, the time of a step, the prefill and the decode,
+    and the host memory of the weights."""
+    return Prediction(peaks(plan, sizes, request), times(plan, sizes, request, profile), host_memory(plan, sizes))
 
 
 def spread(layers: int, count: int) -> tuple[int, ...]:
@@ -50,16 +54,20 @@ def spread(layers: int, count: int) -> tuple[int, ...]:
     return tuple(int((i + 0.5) * layers / count) for i in range(count)) if count else ()
 
 
-def candidates(sizes: ModelSizes) -> list[Plan]:
-    """Every plan the planner considers, from all resident to everything streamed."""
+def candidates(sizes: ModelSizes, *, mapped: bool = False) -> list[Plan]:
+    """Every plan the planner considers, from all resident to everything streamed; with `mapped`
+    (there is a checkpoint to map), the reasoner mapped from its files too."""
+    reasoners = [Mode.RESIDENT, Mode.STAGED, Mode.STREAMED] + ([Mode.MAPPED] if mapped else [])
     plans = []
-    for reasoner in Mode:
+    for reasoner in reasoners:
         for generator in (Mode.RESIDENT, Mode.STAGED):
             for vae in (Mode.RESIDENT, Mode.STAGED):
                 plans.append(
-                    Plan(reasoner=GroupPlan(mode=reasoner), generator=GroupPlan(mode=generator), vae=GroupPlan(mode=vae))
+                    Plan(
+                        reasoner=GroupPlan(mode=reasoner), generator=GroupPlan(mode=generator), vae=GroupPlan(mode=vae)
+                    )
                 )
-    for reasoner in Mode:
+    for reasoner in reasoners:
         for count in range(sizes.layers):
             for ring in (2, 3):
                 generator = GroupPlan(
@@ -77,22 +85,53 @@ class Choice:
     prediction: Prediction
 
 
-def choose_plan(sizes: ModelSizes, request: Request, budget_bytes: int, profile: DeviceProfile) -> Choice:
-    """The fastest predicted plan whose peak fits the budget; among equally fast ones the one that
-    moves the fewest bytes, then the one with the lowest peak. An InputError with the least budget
-    that works when nothing fits."""
-    scored = [Choice(p, predict(p, sizes, request, profile)) for p in candidates(sizes)]
+def choose_plan(
+    sizes: ModelSizes,
+    request: Request,
+    budget_bytes: int,
+    profile: DeviceProfile,
+    *,
+    host_budget: int | None = None,
+    mapped: bool = False,
+) -> Choice:
+    """The fastest predicted plan whose peak fits the budget (and whose pinned + private host memory
+    fits `host_budget`, when given); among equally fast ones the one that moves the fewest bytes,
+    then the one with the lowest peak. `mapped`: a checkpoint exists, so the reasoner may be mapped
+    from its files. An InputError with the least budget that works when nothing fits."""
+    scored = [Choice(p, predict(p, sizes, request, profile)) for p in candidates(sizes, mapped=mapped)]
     usable = budget_bytes * profile.headroom
     fitting = [c for c in scored if c.prediction.peak <= usable]
     if not fitting:
         least = min(c.prediction.peak for c in scored) / profile.headroom
         raise InputError(
             f"nothing fits a {budget_bytes / GIB:.1f} GiB budget for this request; it needs at least "
-            f"{math.ceil(least / GIB * 10) / 10:.1f} GiB (or fewer frames or a lower resolution)"
+            f"{_gib_up(least)} GiB (or fewer frames or a lower resolution)"
         )
+    if host_budget is not None:
+        fitting = _fitting_host(fitting, host_budget, profile, mapped=mapped)
     fastest = min(c.prediction.times.total for c in fitting)
     tied = [c for c in fitting if c.prediction.times.total <= fastest * (1 + TIME_TOLERANCE)]
     return min(tied, key=lambda c: (moved_bytes(c.plan, sizes, request), c.prediction.peak))
+
+
+def _fitting_host(fitting: list[Choice], host_budget: int, profile: DeviceProfile, *, mapped: bool) -> list[Choice]:
+    """The choices whose held host memory fits the usable share of `host_budget`; an InputError with
+    the least host budget that works beside the device budget when none does."""
+    usable = host_budget * profile.headroom
+    within = [c for c in fitting if c.prediction.host.held <= usable]
+    if within:
+        return within
+    least = min(c.prediction.host.held for c in fitting) / profile.headroom
+    hint = "" if mapped else "; with --checkpoint the reasoner can be mapped from its files, which needs less"
+    raise InputError(
+        f"no plan that fits the device budget fits a {host_budget / GIB:.1f} GiB host budget; it needs at least "
+        f"{_gib_up(least)} GiB of host memory (or a larger device budget){hint}"
+    )
+
+
+def _gib_up(nbytes: float) -> str:
+    """Bytes in GiB rounded up to a tenth, as a user would pass them back."""
+    return f"{math.ceil(nbytes / GIB * 10) / 10:.1f}"
 
 
 def least_budget(sizes: ModelSizes, request: Request, profile: DeviceProfile) -> int:
@@ -100,16 +139,19 @@ def least_budget(sizes: ModelSizes, request: Request, profile: DeviceProfile) ->
     return math.ceil(min(predict(p, sizes, request, profile).peak for p in candidates(sizes)) / profile.headroom)
 
 
-def describe_choice(choice: Choice, budget_bytes: int) -> str:
+def describe_choice(choice: Choice, budget_bytes: int, host_budget: int | None = None) -> str:
     """The plan and its predictions, for `cosmos3-offload plan` and the run summary."""
-    p, t = choice.prediction.peaks, choice.prediction.times
+    p, t, h = choice.prediction.peaks, choice.prediction.times, choice.prediction.host
+    host = "" if host_budget is None else f" and a {host_budget / GIB:.1f} GiB host budget"
     return "\n".join(
         [
-            f"plan for a {budget_bytes / GIB:.1f} GiB budget: {choice.plan.describe()}",
+            f"plan for a {budget_bytes / GIB:.1f} GiB budget{host}: {choice.plan.describe()}",
             "predicted peak: "
             + (f"encode {p.encode / GIB:.2f} GiB, " if p.encode else "")
             + f"prefill {p.prefill / GIB:.2f} GiB, denoise {p.denoise / GIB:.2f} GiB, decode {p.decode / GIB:.2f} GiB",
             f"predicted time: prefill {t.prefill:.2f} s, {t.step:.3f} s per step, decode {t.decode:.1f} s, "
             f"total {t.total:.1f} s",
+            f"host memory for weights: pinned {h.pinned / GIB:.2f} GiB, page cache {h.page_cache / GIB:.2f} GiB, "
+            f"private {h.private / GIB:.2f} GiB",
         ]
     )

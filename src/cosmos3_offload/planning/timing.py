@@ -1,5 +1,6 @@
 """Time of a plan: each layer's compute over the profile's rates, and a small event simulation of
-streamed copies on the ring of slots against that compute.
+streamed copies on the ring of slots against that compute (a mapped layer's copy is the slower of
+its host memcpy from the page cache and its copy to the device).
 
 Compute rates and the decode's seconds per pixel were measured on an H200 (2026-11-26,
 benchmarks/results/streaming-H200-2026-11-26.json, decode-H200-2026-11-26.json); on another GPU
@@ -37,9 +38,14 @@ class Times:
 
 def times(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfile) -> Times:
     bandwidth = profile.h2d_GBps * 1e9
+    host_copy = profile.host_copy_GBps * 1e9
 
     def copy_seconds(tower: str) -> tuple[float, ...]:
-        return tuple(layer.packed / bandwidth for layer in sizes.towers[tower].layers)
+        layers = sizes.towers[tower].layers
+        if plan.group(tower).mode is Mode.MAPPED:
+            # Page cache -> bounce slot (host memcpy) overlaps the previous slot's copy to the device.
+            return tuple(max(layer.payload / host_copy, layer.packed / bandwidth) for layer in layers)
+        return tuple(layer.packed / bandwidth for layer in layers)
 
     step = simulate_ring(
         plan.generator, copy_seconds(GENERATOR), layer_seconds(sizes, request, profile, request.tokens)
@@ -66,7 +72,7 @@ def staged_bytes(plan: Plan, sizes: ModelSizes, request: Request) -> int:
 def streamed_bytes(plan: Plan, sizes: ModelSizes, tower: str = GENERATOR) -> int:
     """Bytes one pass over a tower's layers copies to the device (for the generator: one step)."""
     how = plan.group(tower)
-    if how.mode is not Mode.STREAMED:
+    if not how.streams_layers:
         return 0
     kept = set(how.resident_layers)
     return sum(g.packed for i, g in enumerate(sizes.towers[tower].layers) if i not in kept)
@@ -102,7 +108,7 @@ def _simulate_ring(how: GroupPlan, copy_s: tuple[float, ...], layer_s: float, pa
     """
     layers = len(copy_s)
     streamed = [i for i in range(layers) if i not in set(how.resident_layers)]
-    if how.mode is not Mode.STREAMED or not streamed:
+    if not how.streams_layers or not streamed:
         return layers * layer_s
     free = deque((slot, 0.0) for slot in range(how.ring))  # (slot, time its last reader finished)
     loaded: deque[tuple[int, int, float]] = deque()  # (position in the cyclic copy order, slot, copy done)

@@ -30,7 +30,6 @@ from ..planning.tiles import UNTILED, DecoderBlock, TileGrid, block_region
 from .structure import cache_slots, decoder_blocks
 
 
-
 def _cached_conv(conv: nn.Module, x: torch.Tensor, cache: list, idx: list[int]) -> torch.Tensor:
     """`conv` over x with the causal cache entry idx[0], as diffusers' decoder runs conv_in and conv_out."""
     slot = idx[0]

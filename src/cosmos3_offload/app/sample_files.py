@@ -1,0 +1,291 @@
+"""Sample files as NVIDIA cosmos-framework's inference script reads them (`-i a.json b.jsonl`).
+
+The field names are cosmos-framework's (docs/inference.md, "Sample Arguments";
+cosmos_framework/inference/args.py): a `.json` file holds one sample (or, here, a list of them),
+a `.jsonl` file one per line; paths are relative to the file; a sample without a `name` is named
+for its file (`t2v`), or its file and index in a list or `.jsonl` file (`batch_0`). A field
+cosmos-framework documents but this tool does not run (action, transfer, reasoner, upsampling,
+audio conditioning...) refuses its sample with the reason; an unknown field (a typo) is refused
+too, never ignored. Nothing here loads a model: a sample is read into the `GenerationConfig`
+keywords it sets, and every problem is an InputError naming the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .config import shown
+
+# cosmos-framework's IMAGE_EXTENSIONS and VIDEO_EXTENSIONS: the suffix of `vision_path` picks the mode.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_SUFFIXES = (".mp4",)
+MODES = ("text2image", "text2video", "image2video", "video2video")
+# A sample field and the GenerationConfig keyword it sets (the rest are handled one by one below).
+RENAMED = {
+    "num_frames": "frames",
+    "num_steps": "steps",
+    "aspect_ratio": "aspect_ratio",
+    "guidance": "guidance",
+    "shift": "shift",
+    "fps": "fps",
+    "seed": "seed",
+}
+SUPPORTED = {
+    *RENAMED,
+    *("name", "model_mode", "prompt", "prompt_path", "negative_prompt", "resolution"),
+    *("vision_path", "condition_frame_indexes_vision", "condition_video_keep", "enable_sound"),
+}
+_ACTION = "action modes (forward/inverse dynamics, policy) are not supported"
+_TRANSFER = "transfer (control hints) is not supported"
+_REASONER = "reasoner mode is not supported"
+_UPSAMPLING = "prompt upsampling is not supported; pass an upsampled prompt as `prompt`"
+# Fields cosmos-framework documents that this tool does not run, by reason: refused unless null (or NEUTRAL).
+_UNSUPPORTED_BY_REASON = {
+    _ACTION: ("action_path", "domain_name", "image_size", "action_chunk_size", "raw_action_dim", "view_point"),
+    _TRANSFER: (
+        *("control_guidance", "control_guidance_interval", "edge", "blur", "depth", "seg", "wsm"),
+        *("negative_prompt_file", "num_video_frames_per_chunk", "num_conditional_frames", "max_frames"),
+        *("show_control_condition", "show_input", "num_first_chunk_conditional_frames"),
+        *("share_vision_temporal_positions", "emphasize_control_in_prompt"),
+    ),
+    _REASONER: (
+        "max_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "repetition_penalty",
+        "presence_penalty",
+    ),
+    _UPSAMPLING: (
+        "prompt_upsampling",
+        *(f"prompt_upsampler_{k}" for k in ("max_tokens", "temperature", "top_p", "top_k", "seed")),
+        *(f"prompt_upsampler_{k}" for k in ("repetition_penalty", "presence_penalty")),
+    ),
+    "audio conditioning (audio_image2video) is not supported; enable_sound generates sound": ("sound_path",),
+    "is not supported by this sampler": ("guidance_interval", "normalize_cfg", "sigma_max"),
+    "one output per sample": ("num_outputs",),
+    "is not supported": (
+        *("duration_template", "resolution_template", "negative_metadata_mode", "inverse_duration_template"),
+        *("inverse_resolution_template", "negative_prompt_keep_metadata", "video_save_quality"),
+        *("image_save_quality", "model", "defaults_file", "tensors_file", "pickle_file", "output_dir", "extra"),
+    ),
+}
+UNSUPPORTED = {key: reason for reason, keys in _UNSUPPORTED_BY_REASON.items() for key in keys}
+NEUTRAL = {"prompt_upsampling": False, "num_outputs": 1, "condition_video_keep": "first"}
+UNSUPPORTED_MODES = {
+    "image2image": "image editing is not supported",
+    "audio_image2video": "audio conditioning is not supported",
+    "forward_dynamics": _ACTION,
+    "inverse_dynamics": _ACTION,
+    "policy": _ACTION,
+    "reasoner": _REASONER,
+}
+_NAME = re.compile(r"\w[\w.+-]{0,127}")  # one path component: no separator, no leading dot, not too long
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample as read: the GenerationConfig keywords it sets (`fields`), or why it is refused (`error`)."""
+
+    source: str  # where it was read, for messages: "a.json", "b.jsonl line 3"
+    name: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def read_samples(paths: list[Path]) -> list[Sample]:
+    """Every sample of `paths` in order (quoted glob patterns expanded), named, with duplicate names
+    refused; a file that cannot be read is one refused entry, a bad sample refuses only itself."""
+    samples: list[Sample] = []
+    for path in _expand(paths):
+        try:
+            samples += _read_file(path)
+        except InputError as error:
+            samples.append(Sample(str(path), error=str(error)))
+    return _refuse_duplicates(samples)
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    expanded: list[Path] = []
+    for path in paths:
+        if not path.exists() and glob.has_magic(str(path)):
+            expanded += [Path(p) for p in sorted(glob.glob(str(path)))] or [path]
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def _read_file(path: Path) -> list[Sample]:
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise InputError(f"sample file {str(path)!r} is neither .json nor .jsonl")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"sample file {str(path)!r} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"sample file {str(path)!r} is not UTF-8 text") from None
+    if suffix == ".jsonl":
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if not lines:
+            raise InputError(f"sample file {str(path)!r} holds no samples")
+        return [_line(f"{path} line {n}", f"{path.stem}_{i}", line, path.parent) for i, (n, line) in enumerate(lines)]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"sample file {str(path)!r} is not valid JSON: {error}") from None
+    if not isinstance(data, list):
+        return [_sample(str(path), path.stem, data, path.parent)]
+    if not data:
+        raise InputError(f"sample file {str(path)!r} holds an empty list")
+    return [_sample(f"{path} sample {i}", f"{path.stem}_{i}", item, path.parent) for i, item in enumerate(data)]
+
+
+def _line(source: str, default_name: str, line: str, folder: Path) -> Sample:
+    """One .jsonl line: invalid JSON refuses this sample only."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as error:
+        return Sample(source, error=f"not valid JSON: {error}")
+    return _sample(source, default_name, data, folder)
+
+
+def _sample(source: str, default_name: str, data: Any, folder: Path) -> Sample:
+    if not isinstance(data, dict):
+        return Sample(source, error=f"a sample is a JSON object, got {type(data).__name__}")
+    name = data.get("name") if data.get("name") is not None else default_name
+    try:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            fix = "set `name`" if "name" not in data else "use letters, digits, '_', '-', '.' and '+'"
+            raise InputError(f"name {shown(name)} is not a usable folder name; {fix}")
+        fields = sample_fields(data, folder)
+    except InputError as error:
+        return Sample(source, name=name if isinstance(name, str) else None, error=str(error))
+    return Sample(source, name=name, fields=fields)
+
+
+def _refuse_duplicates(samples: list[Sample]) -> list[Sample]:
+    """Every sample whose name another sample has too (compared as a case-insensitive disk compares it)."""
+    sources: dict[str, list[str]] = {}
+    for sample in samples:
+        if sample.name is not None:
+            sources.setdefault(sample.name.casefold(), []).append(sample.source)
+    out = []
+    for sample in samples:
+        shared = sources.get(sample.name.casefold(), []) if sample.name is not None else []
+        if len(shared) > 1 and sample.error is None:
+            where = ", ".join(shared)
+            sample = replace(
+                sample, error=f"name {sample.name!r} is used by {len(shared)} samples ({where}); set `name`"
+            )
+        out.append(sample)
+    return out
+
+
+def sample_fields(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The GenerationConfig keywords a sample sets (paths relative to `folder`), its model_mode checked against them."""
+    for key, value in data.items():
+        if key in SUPPORTED:
+            continue
+        if key in UNSUPPORTED:
+            if value is None or (key in NEUTRAL and type(value) is type(NEUTRAL[key]) and value == NEUTRAL[key]):
+                continue
+            raise InputError(f"field {key!r}: {UNSUPPORTED[key]}")
+        close = difflib.get_close_matches(key, sorted(SUPPORTED), n=1)
+        raise InputError(f"unknown field {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    values = {k: v for k, v in data.items() if k in SUPPORTED and v is not None}
+    fields = {RENAMED[k]: v for k, v in values.items() if k in RENAMED}
+    if "prompt" in values and "prompt_path" in values:
+        raise InputError("give either `prompt` or `prompt_path`, not both")
+    if "prompt" in values:
+        fields["prompt"] = _text("prompt", values["prompt"])
+    elif "prompt_path" in values:
+        fields["prompt"] = _read_prompt(folder, values["prompt_path"])
+    if "negative_prompt" in values:
+        fields["negative_prompt"] = _text("negative_prompt", values["negative_prompt"])
+    if "resolution" in values:
+        resolution = values["resolution"]
+        fields["resolution"] = int(resolution) if isinstance(resolution, str) and resolution.isdecimal() else resolution
+    if "enable_sound" in values:
+        if not isinstance(values["enable_sound"], bool):
+            raise InputError(f"enable_sound must be true or false, got {shown(values['enable_sound'])}")
+        fields["sound"] = values["enable_sound"]
+    if values.get("condition_video_keep", "first") != "first":
+        raise InputError("condition_video_keep: only 'first' is supported (the clip's first frames condition)")
+    fields |= _vision(values, folder)
+    _check_mode(values.get("model_mode"), fields)
+    return fields
+
+
+def _text(key: str, value: Any) -> Any:
+    """Text as given; a JSON object (an upsampled prompt) as the text diffusers passes: its json.dumps."""
+    return json.dumps(value) if isinstance(value, dict) else value
+
+
+def _read_prompt(folder: Path, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"prompt_path must be a path, got {shown(value)}")
+    path = folder / value
+    try:
+        return path.read_text(encoding="utf-8").strip()  # as cosmos-framework reads it
+    except OSError as error:
+        raise InputError(f"prompt_path {value!r} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"prompt_path {value!r} is not UTF-8 text") from None
+
+
+def _vision(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`vision_path` (relative to the sample file) as --image or --video, by its suffix."""
+    indexes = values.get("condition_frame_indexes_vision")
+    if indexes is not None and (not isinstance(indexes, list) or not indexes):
+        raise InputError(
+            f"condition_frame_indexes_vision must be a non-empty list of latent frames, got {shown(indexes)}"
+        )
+    path = values.get("vision_path")
+    if path is None:
+        if indexes is not None:
+            raise InputError("condition_frame_indexes_vision needs a vision_path video")
+        return {}
+    if not isinstance(path, str) or not path:
+        raise InputError(f"vision_path must be a file path, got {shown(path)}")
+    if "://" in path:
+        raise InputError(f"vision_path {path!r} is a URL; download it and give the local file")
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        if indexes is not None and indexes != [0]:
+            raise InputError("an image vision_path conditions latent frame 0 only; drop condition_frame_indexes_vision")
+        return {"image": folder / path, "video": None}
+    if suffix in VIDEO_SUFFIXES:
+        return {"video": folder / path, "image": None} | (
+            {} if indexes is None else {"condition_frames": tuple(indexes)}
+        )
+    accepted = ", ".join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+    raise InputError(f"vision_path {path!r} is neither an image nor a video by its suffix ({accepted})")
+
+
+def _check_mode(mode: Any, fields: dict[str, Any]) -> None:
+    """A model_mode must agree with the sample's own fields; text2image defaults num_frames to 1."""
+    if mode is None:
+        return
+    if mode in UNSUPPORTED_MODES:
+        raise InputError(f"model_mode {mode!r}: {UNSUPPORTED_MODES[mode]}")
+    if mode not in MODES:
+        raise InputError(f"unknown model_mode {shown(mode)}; choose one of {', '.join(MODES)}")
+    wants = {"image2video": "image", "video2video": "video"}.get(mode)
+    has = "image" if fields.get("image") else "video" if fields.get("video") else None
+    if has != wants:
+        needed = f"a vision_path {wants}" if wants else "no vision_path"
+        raise InputError(f"model_mode {mode!r} takes {needed}")
+    if mode == "text2image":
+        if fields.setdefault("frames", 1) != 1:
+            raise InputError("model_mode 'text2image' makes one frame; drop num_frames or use text2video")
+    elif fields.get("frames") == 1:
+        raise InputError(f"model_mode {mode!r} makes a video; num_frames 1 is text2image")

@@ -1,0 +1,302 @@
+"""A batch of sample files in one process: every sample checked first, the model loaded once, each
+good sample written to `OUTDIR/<name>/` with its records, a failing one reported and skipped.
+
+Each sample's values come, by priority, from the command line's flags (the ones typed), its file,
+then the defaults (as cosmos-framework's inference script takes them). For each sample written:
+
+- `vision.mp4` (or `vision.jpg` for one frame);
+- `sample_args.json`: the resolved request (cosmos-framework's field names, with the frame size,
+  the effective shift and negative prompt) and the model, device and plan that ran it;
+- `sample_outputs.json`: `status` ("success" or "failed"), `message`, the files written and each
+  phase's seconds and device/host peaks.
+
+A sample refused before anything loads (a bad field, a file that is missing, a request that does
+not fit) gets no folder; one failing at run time (e.g. NaN latents, a full disk) keeps its records
+with status "failed". Exit status: 0 when every sample was written, 2 when some were refused before
+anything ran and the others written, 1 when some sample failed at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..planning.plan import Plan
+from ..units import format_bytes
+from .config import GenerationConfig
+from .inputs import read_conditioning
+from .outputs import OutputLock
+from .runner import LoadedModel
+from .sample_files import Sample, read_samples
+from .timer import PhaseTimer
+
+# The flags that override a sample's values when typed (GenerationConfig keywords).
+FLAG_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "frames",
+    "resolution",
+    "aspect_ratio",
+    "steps",
+    "guidance",
+    "shift",
+    "fps",
+    "seed",
+    "image",
+    "video",
+    "condition_frames",
+    "sound",
+)
+ARGS_FILE, OUTPUTS_FILE = "sample_args.json", "sample_outputs.json"
+
+logger = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one sample: "success", "refused" (before anything ran) or "failed" (at run time)."""
+
+    sample: Sample
+    status: str
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplesReport:
+    outcomes: list[Outcome]
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if self.count("failed") else 2 if self.count("refused") else 0
+
+    def summary(self, output_dir: Path) -> str:
+        counts = ", ".join(
+            f"{self.count(s)} {w}" for s, w in (("success", "written"), ("failed", "failed"), ("refused", "refused"))
+        )
+        return f"samples: {counts}; outputs in {output_dir}"
+
+
+def run_samples(
+    paths: list[Path],
+    output_dir: Path,
+    *,
+    defaults: dict[str, Any],
+    overrides: dict[str, Any],
+    checkpoint: Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    plan: Plan | None = None,
+    model: str = "tiny",
+    progress: bool = True,
+    say: Say = logger.info,
+    warn: Say = logger.warning,
+) -> SamplesReport:
+    """Run every sample of `paths` into `output_dir`, loading the model once (and not at all when no sample
+    is good). `defaults` and `overrides` are GenerationConfig keywords: below and above the files' values.
+    A bad sample is reported through `warn`, one line each, and skipped; progress goes through `say`."""
+    outcomes: list[Outcome] = []
+    made: list[Path] = []  # folders this call created, removed again when nothing is written there
+    requests: list[tuple[Sample, GenerationConfig]] = []
+    for sample in read_samples(paths):
+        try:
+            if sample.error is not None:
+                raise InputError(sample.error)
+            requests.append((sample, _config(sample, output_dir, defaults, overrides, made)))
+        except InputError as error:
+            outcomes.append(_refuse(sample, str(error), warn))
+    loaded = None
+    if requests:
+        loaded = LoadedModel.open(
+            checkpoint=checkpoint, device=device, dtype=dtype, plan=plan, model=model,
+            sound=any(config.sound for _, config in requests),
+        )  # fmt: skip
+        requests = _checked(loaded, requests, outcomes, warn)
+    try:
+        if loaded is not None and requests:
+            timer = PhaseTimer(loaded.device)
+            loaded.load(timer, progress=progress)
+            say(f"loaded the model in {timer.phases[0].seconds:.2f}s; {len(requests)} sample(s) to run")
+            for index, (sample, config) in enumerate(requests, 1):
+                try:
+                    outcomes.append(_run_one(loaded, sample, config, f"[{index}/{len(requests)}]", progress, say, warn))
+                except BaseException:  # Ctrl-C, SIGTERM, an unforeseen error: every sample stops here
+                    warn(
+                        f"stopped at sample {sample.name} ({index} of {len(requests)}); the samples before it have run"
+                    )
+                    raise
+    finally:
+        for folder in reversed(made):
+            _remove_if_empty(folder)
+    report = SamplesReport(outcomes)
+    say(report.summary(output_dir))
+    return report
+
+
+def _config(
+    sample: Sample, output_dir: Path, defaults: dict[str, Any], overrides: dict[str, Any], made: list[Path]
+) -> GenerationConfig:
+    """The sample's request: defaults, then its fields, then the typed flags; output in OUTDIR/<name>/."""
+    values = defaults | sample.fields | overrides
+    if "image" in overrides or "video" in overrides:  # a typed --image or --video replaces the file's vision_path
+        values |= {"image": overrides.get("image"), "video": overrides.get("video")}
+    if "prompt" not in values:
+        raise InputError("the sample has no prompt; set `prompt` (or `prompt_path`)")
+    assert sample.name is not None
+    folder = output_dir / sample.name
+    for path in (output_dir, folder):
+        if not path.is_dir():
+            try:
+                path.mkdir()
+            except OSError as error:
+                raise InputError(f"output folder {str(path)!r} cannot be created: {error.strerror}") from None
+            made.append(path)
+    return GenerationConfig(**values, output=folder / ("vision.jpg" if values["frames"] == 1 else "vision.mp4"))
+
+
+def _checked(
+    loaded: LoadedModel, requests: list[tuple[Sample, GenerationConfig]], outcomes: list[Outcome], warn: Say
+) -> list[tuple[Sample, GenerationConfig]]:
+    """The requests this model can run, as it runs them (see LoadedModel.check), with readable conditioning."""
+    good = []
+    for sample, config in requests:
+        try:
+            config = loaded.check(config)
+            read_conditioning(config.image, config.video, config.condition_frames)  # read again when it runs
+            good.append((sample, config))
+        except InputError as error:
+            outcomes.append(_refuse(sample, str(error), warn))
+    return good
+
+
+def _refuse(sample: Sample, message: str, warn: Say) -> Outcome:
+    named = f" ({sample.name})" if sample.name else ""
+    warn(f"{sample.source}{named}: refused: {message}")
+    return Outcome(sample, "refused", message)
+
+
+def _run_one(
+    loaded: LoadedModel, sample: Sample, config: GenerationConfig, step: str, progress: bool, say: Say, warn: Say
+) -> Outcome:
+    """Write one sample and its records; an InputError or OSError fails this sample only."""
+    folder = config.output.parent
+    timer = PhaseTimer(loaded.device)
+    try:
+        _write_json(folder / ARGS_FILE, sample_args(sample, config, loaded))
+        conditioning = read_conditioning(config.image, config.video, config.condition_frames)
+        with OutputLock(config.output):
+            loaded.write(config, timer, conditioning=conditioning, progress=progress)
+        outcome = Outcome(sample, "success")
+    except (InputError, OSError) as error:
+        message = str(error) if isinstance(error, InputError) else f"{error.strerror or error}"
+        outcome = Outcome(sample, "failed", message)
+    try:
+        _write_json(folder / OUTPUTS_FILE, sample_outputs(outcome, config, timer))
+    except OSError as error:
+        outcome = Outcome(sample, "failed", f"{OUTPUTS_FILE} cannot be written: {error.strerror or error}")
+    if outcome.status == "success":
+        c = config
+        peaks = _peaks(timer)
+        say(
+            f"{step} {sample.name}: wrote {c.output} ({c.frames} frame{'s' if c.frames > 1 else ''}, "
+            f"{c.width}x{c.height}, {c.steps} steps) in {sum(p.seconds for p in timer.phases):.2f}s{peaks}"
+        )
+    else:
+        warn(f"{step} {sample.name}: failed: {outcome.message}")
+    return outcome
+
+
+def _peaks(timer: PhaseTimer) -> str:
+    parts = []
+    for label, attribute in (("device", "device_peak_bytes"), ("host", "host_peak_bytes")):
+        values = [getattr(p, attribute) for p in timer.phases if getattr(p, attribute) is not None]
+        if values:
+            parts.append(f"{label} peak {format_bytes(max(values))}")
+    return "; " + ", ".join(parts) if parts else ""
+
+
+def mode_of(config: GenerationConfig) -> str:
+    """cosmos-framework's model_mode for a request."""
+    if config.image is not None:
+        return "image2video"
+    if config.video is not None:
+        return "video2video"
+    return "text2image" if config.frames == 1 else "text2video"
+
+
+def sample_args(sample: Sample, config: GenerationConfig, loaded: LoadedModel) -> dict[str, Any]:
+    """The resolved request, in cosmos-framework's field names, and what ran it."""
+    vision = config.image if config.image is not None else config.video
+    indexes = list(config.condition_frames) if config.video is not None else [0] if config.image is not None else []
+    return {
+        "name": sample.name,
+        "source": sample.source,
+        "model_mode": mode_of(config),
+        "prompt": config.prompt,
+        "negative_prompt": config.negative_prompt or "",  # None is diffusers' empty negative prompt
+        "num_frames": config.frames,
+        "resolution": str(config.resolution),
+        "aspect_ratio": config.aspect_ratio,
+        "width": config.width,
+        "height": config.height,
+        "num_steps": config.steps,
+        "guidance": config.guidance,
+        "shift": config.flow_shift,
+        "fps": config.fps,
+        "seed": config.seed,
+        "vision_path": None if vision is None else str(Path(vision).absolute()),
+        "condition_frame_indexes_vision": indexes,
+        "enable_sound": config.sound,
+        "output": config.output.name,
+        "checkpoint": None if loaded.checkpoint is None else str(Path(loaded.checkpoint).absolute()),
+        "model": None if loaded.checkpoint is not None else loaded.model,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "plan": loaded.plan.describe(),
+    }
+
+
+def sample_outputs(outcome: Outcome, config: GenerationConfig, timer: PhaseTimer) -> dict[str, Any]:
+    """Status, files and per-phase seconds and peaks (bytes; null where not measured, e.g. on the CPU)."""
+    return {
+        "status": outcome.status,
+        "message": outcome.message,
+        "files": [config.output.name] if outcome.status == "success" else [],
+        "seconds": round(sum(p.seconds for p in timer.phases), 4),
+        "phases": {
+            p.name: {
+                "seconds": round(p.seconds, 4),
+                "device_peak_bytes": p.device_peak_bytes,
+                "device_reserved_peak_bytes": p.device_reserved_peak_bytes,
+                "host_peak_bytes": p.host_peak_bytes,
+            }
+            for p in timer.phases
+        },
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Whole or not at all: a temporary file beside it, renamed over it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty (or gone): it holds what was written
