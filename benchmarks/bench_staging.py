@@ -39,8 +39,8 @@ from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, Cosmos3OmniTransfor
 from diffusers.hooks import apply_group_offloading
 
 from cosmos3_offload.app.config import GenerationConfig
-from cosmos3_offload.app.schedule import flow_scheduler
 from cosmos3_offload.app.runner import generate_video
+from cosmos3_offload.app.schedule import flow_scheduler
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.loading.components import load_components
 from cosmos3_offload.model.groups import PLANNED_GROUPS
