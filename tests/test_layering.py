@@ -118,9 +118,18 @@ def test_the_checker_sees_a_wrong_import(tmp_path):
     assert "cosmos3_offload.model.groups" in names and "cosmos3_offload.offload.arena" in names and "torch" in names
 
 
-@pytest.mark.parametrize("module", ["cosmos3_offload.planning.search", "cosmos3_offload.model.groups"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "cosmos3_offload.planning.search",
+        "cosmos3_offload.model.groups",
+        "cosmos3_offload.loading.files",
+        "cosmos3_offload.app.launch",
+    ],
+)
 def test_importing_a_pure_layer_loads_no_torch(module):
-    """The planner and the model facts run without torch: importing them loads none (checked in a fresh process)."""
+    """The planner, the model facts, the file checks and the entry point run without torch: importing
+    them loads none (checked in a fresh process)."""
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

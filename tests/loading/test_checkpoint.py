@@ -22,8 +22,8 @@ from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.loading import components as components_module
-from cosmos3_offload.loading.checkpoint import check_checkpoint
 from cosmos3_offload.loading.components import load_components
+from cosmos3_offload.loading.files import check_checkpoint
 from cosmos3_offload.planning.plan import GroupPlan, Plan
 
 CPU = torch.device("cpu")

@@ -13,8 +13,8 @@ from tiny_models import tiny_pipeline
 from cosmos3_offload.app.config import GenerationConfig
 from cosmos3_offload.app.runner import run
 from cosmos3_offload.errors import InputError
-from cosmos3_offload.loading.checkpoint import check_checkpoint
 from cosmos3_offload.loading.components import load_components
+from cosmos3_offload.loading.files import check_checkpoint
 
 
 def write_index(folder, class_name="Cosmos3OmniPipeline"):

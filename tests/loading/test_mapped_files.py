@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from cosmos3_offload.errors import InputError
-from cosmos3_offload.loading.checkpoint import CheckpointWeights
+from cosmos3_offload.loading.files import CheckpointWeights
 from cosmos3_offload.loading.mapped_files import MappedFiles
 from cosmos3_offload.offload.slabs import SlabLayout
 

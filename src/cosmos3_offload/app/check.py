@@ -23,7 +23,8 @@ from diffusers.models.autoencoders.autoencoder_cosmos3_audio import Cosmos3AVAEA
 from transformers import AutoTokenizer
 
 from ..errors import InputError, first_line
-from ..loading.checkpoint import CheckpointContents, dtype_name, group_rule, inspect_checkpoint, read_json
+from ..loading.checkpoint import CheckpointContents, group_rule, inspect_checkpoint
+from ..loading.files import dtype_name, read_json
 from ..loading.layout import SOUND_TOKENIZER, pipeline_options
 from ..loading.sizes import model_sizes
 from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, UNUSED, VAE, VAE_ENCODER

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from ..loading.checkpoint import check_checkpoint
 from ..loading.components import model_configs
+from ..loading.files import check_checkpoint
 from ..loading.layout import pipeline_options
 from ..loading.sizes import model_sizes
 from ..model.geometry import frames_to_encode
@@ -44,6 +44,7 @@ from .config import (
     resolve_device,
     resolve_dtype,
 )
+from .console import PROG, printable
 from .runner import check_single_process, run
 from .samples import FLAG_FIELDS, run_samples
 
@@ -54,22 +55,9 @@ CHECKPOINT_DEFAULTS = {"resolution": DEFAULT_RESOLUTION, "frames": DEFAULT_FRAME
 DEFAULT_CONDITION_FRAMES = (0, 1)
 
 
-def _printable(text: str, stream: object, *, one_line: bool) -> str:
-    """`text` as `stream` can print it: characters its encoding lacks (and surrogates, the undecodable
-    bytes of a path or an argument) as backslash escapes; with `one_line`, every other non-printable
-    character too (newlines, tabs, line separators), so a message stays one line."""
-    if one_line:
-        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    encoding = getattr(stream, "encoding", None) or "utf-8"
-    try:
-        return text.encode(encoding, "backslashreplace").decode(encoding)
-    except LookupError:  # a stream that names an encoding Python does not know
-        return text.encode("ascii", "backslashreplace").decode("ascii")
-
-
 def _say(text: str) -> None:
     """Print a report on stdout, whatever bytes the user's paths hold."""
-    print(_printable(text, sys.stdout, one_line=False))
+    print(printable(text, sys.stdout, one_line=False))
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -78,11 +66,11 @@ class _ArgumentParser(argparse.ArgumentParser):
 
     def fail(self, status: int, message: str) -> None:
         """Exit with `status` after one line on stderr: the program's name and `message`, escaped."""
-        self.exit(status, _printable(f"{self.prog}: {message}", sys.stderr, one_line=True) + "\n")
+        self.exit(status, printable(f"{self.prog}: {message}", sys.stderr, one_line=True) + "\n")
 
     def fail_each(self, status: int, messages: list[str]) -> None:
         """Exit with `status` after one line on stderr for each message, as `fail` writes it."""
-        self.exit(status, "".join(_printable(f"{self.prog}: {m}", sys.stderr, one_line=True) + "\n" for m in messages))
+        self.exit(status, "".join(printable(f"{self.prog}: {m}", sys.stderr, one_line=True) + "\n" for m in messages))
 
 
 def _request_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,7 +158,7 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="cosmos3-offload", description="Run Cosmos3 omni video models on small GPUs.")
+    parser = _ArgumentParser(prog=PROG, description="Run Cosmos3 omni video models on small GPUs.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     gen = commands.add_parser(
         "generate",
@@ -413,7 +401,7 @@ def _samples_command(args: argparse.Namespace, argv: list[str]) -> int:
         model=args.model,
         progress=not args.no_progress,
         say=_say,
-        warn=lambda line: print(_printable(line, sys.stderr, one_line=True), file=sys.stderr),
+        warn=lambda line: print(printable(line, sys.stderr, one_line=True), file=sys.stderr),
     )
     return report.exit_status
 

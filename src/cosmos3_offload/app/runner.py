@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..loading.checkpoint import check_checkpoint
 from ..loading.components import Components, load_components, model_configs
+from ..loading.files import check_checkpoint
 from ..loading.layout import default_negative_prompt, has_sound_tokenizer, pipeline_options
 from ..model.groups import GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
 from ..model.specs import model_spec

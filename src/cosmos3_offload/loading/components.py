@@ -33,7 +33,8 @@ from ..offload.engine import OffloadEngine
 from ..offload.materialize import build_on_meta, group_layouts, keep_fp32_dtype, move_buffers
 from ..offload.slabs import SlabEntry, SlabLayout
 from ..planning.plan import Plan
-from .checkpoint import CheckpointWeights, model_configs_of, read_json
+from .checkpoint import model_configs_of
+from .files import CheckpointWeights, read_json
 from .layout import SOUND_TOKENIZER, PipelineOptions, has_sound_tokenizer, pipeline_options
 from .mapped_files import MappedFiles
 from .placer import Placer, weight_grouping

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .checkpoint import read_json
+from .files import read_json
 
 SOUND_TOKENIZER = "sound_tokenizer"
 NEGATIVE_PROMPT_T2V = "negative_prompt.json"

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import InputError
 from ..offload.slabs import SlabEntry
-from .checkpoint import CheckpointWeights
+from .files import CheckpointWeights
 
 # safetensors dtype names of floating-point tensors (checkpoint.py refuses any other kind).
 FILE_DTYPES = {

@@ -22,7 +22,7 @@ from ..offload.placements import HostOnly, Placement, Resident, Staged, bind_vie
 from ..offload.slabs import HostSlab, SlabEntry, SlabLayout
 from ..offload.streaming import Streamed
 from ..planning.plan import BOUNCE_SLOTS, Mode, Plan
-from .checkpoint import CheckpointWeights
+from .files import CheckpointWeights
 from .mapped_files import MappedFiles
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
