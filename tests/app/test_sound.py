@@ -89,3 +89,17 @@ def test_wav_holds_the_waveform_as_16_bit_pcm(tmp_path):
         assert (wav.getnchannels(), wav.getframerate(), wav.getnframes(), wav.getsampwidth()) == (2, 200, 50, 2)
         pcm = np.frombuffer(wav.readframes(50), dtype="<i2").reshape(50, 2)
     assert pcm[0, 0] == -32767 and pcm[-1, 0] == 32767 and not pcm[:, 1].any()
+
+
+def test_plan_counts_the_sound_decoder(capsys, published):
+    """`plan --sound` plans the sound decoder with the VAE; without a sound tokenizer it is refused."""
+    base = ["plan", "--vram-budget", "1GiB", "--resolution", "256", "--frames", "9", "--h2d-gbps", "55"]
+    statuses = []
+    for extra in (["--checkpoint", str(published)], ["--checkpoint", str(published), "--sound"], ["--sound"]):
+        try:
+            statuses.append(main([*base, *extra]))
+        except SystemExit as exit_:
+            statuses.append(exit_.code)
+    out, err = capsys.readouterr()
+    assert statuses == [0, 0, 2] and "request: 320x192, 9 frames" in out
+    assert "--sound needs a --checkpoint with a sound_tokenizer/" in err and len(err.strip().splitlines()) == 1

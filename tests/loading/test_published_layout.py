@@ -19,12 +19,16 @@ from published_layout import (
 from tiny_models import relative_error
 
 from cosmos3_offload.app.config import GenerationConfig
+from cosmos3_offload.app.feasibility import request_of
 from cosmos3_offload.app.runner import LoadedModel, generate_video
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.errors import InputError
+from cosmos3_offload.loading.checkpoint import model_configs_of
 from cosmos3_offload.loading.components import load_components
-from cosmos3_offload.loading.layout import default_negative_prompt, pipeline_options
+from cosmos3_offload.loading.layout import default_negative_prompt, pipeline_options, sound_config, sound_samples
+from cosmos3_offload.loading.sizes import model_sizes
 from cosmos3_offload.model.groups import SOUND
+from cosmos3_offload.planning.memory import peaks, weight_bytes
 from cosmos3_offload.planning.plan import GroupPlan, Mode, Plan
 
 CPU = torch.device("cpu")
@@ -187,3 +191,32 @@ def test_pipeline_options_come_from_the_indexes(tmp_path, published):
     (folder / "modular_model_index.json").write_text(json.dumps({"distilled_sigmas": [0.5, 0.9]}))
     with pytest.raises(InputError, match="strictly falling"):
         pipeline_options(folder)
+
+
+@pytest.mark.parametrize("name", ["resident", "staged"])
+def test_planner_counts_the_sound_decoder_the_engine_allocates(published, tmp_path, name):
+    """With sound the planner's weight bytes (resident, arena per group, host) are the engine's, and a
+    staged generation's arena peak is the predicted one: the sound decoder is placed like the VAE."""
+    plan = PLANS[name]
+    sound = sound_config(published)
+    sizes = model_sizes(*model_configs_of(published), dtype_bytes=4, sound_config=sound)
+    predicted = weight_bytes(plan, sizes)
+    components = load_components(published, CPU, torch.float32, plan, sound=True)
+    engine = components.engine
+    assert sizes.sound.payload > 0 and (predicted.arena[SOUND] > 0) == (name == "staged")
+    for group, nbytes in predicted.arena.items():
+        assert engine.placements[group].arena_bytes == nbytes, group
+    assert predicted.resident == engine.resident_bytes
+    assert predicted.pinned + predicted.host == engine.host_bytes
+    config = request(tmp_path, sound=True, frames=5)
+    generate_video(config, components, PhaseTimer(CPU), progress=False)
+    assert engine.arena.peak_bytes == predicted.arena_peak
+    # Without sound the sizes hold no sound decoder, and the decode part does not count one.
+    silent = model_sizes(*model_configs_of(published), dtype_bytes=4)
+    assert silent.sound.payload == 0 and SOUND not in weight_bytes(plan, silent).arena
+    with_sound = request_of(config, sound)
+    assert with_sound.sound_samples == sound_samples(sound, 5, config.fps) > 0
+    # Resident, the decoder's weights add to the decode; staged, it fits the larger VAE's arena (and
+    # its few activations come after the video's decode has freed more).
+    extra = peaks(plan, sizes, with_sound).decode - peaks(plan, silent, request_of(config)).decode
+    assert extra == (sizes.sound.payload if name == "resident" else 0)

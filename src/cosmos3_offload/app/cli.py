@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..loading.components import model_configs
 from ..loading.files import check_checkpoint
-from ..loading.layout import pipeline_options
+from ..loading.layout import has_sound_tokenizer, pipeline_options, sound_config, sound_samples
 from ..loading.sizes import model_sizes
 from ..model.geometry import frames_to_encode
 from ..model.specs import MODEL_SPECS, model_spec
@@ -35,7 +35,9 @@ from .config import (
     DEFAULT_RESOLUTION,
     DEFAULT_STEPS,
     DTYPES,
+    MAX_FPS,
     MAX_H2D_GBPS,
+    MIN_FPS,
     MIN_H2D_GBPS,
     GenerationConfig,
     check_input_folder,
@@ -149,6 +151,12 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --vram-budget: host memory (pinned + private) the weights may hold, e.g. 16GiB; with a "
         "--checkpoint the reasoner may then be mapped from its files (page cache) instead of pinned",
     )
+    parser.add_argument("--fps", type=float, default=24.0, help="frames per second of the video (default: 24)")
+    parser.add_argument(
+        "--sound",
+        action="store_true",
+        help="generate the audio track too and mux it into the mp4 (a checkpoint with a sound_tokenizer/)",
+    )
     parser.add_argument(
         "--h2d-gbps",
         type=float,
@@ -194,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(f"{t}: {s:g}" for t, s in DEFAULT_SHIFT.items())
         + ")",
     )
-    gen.add_argument("--fps", type=float, default=24.0, help="frames per second of the video (default: 24)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video on any device")
     gen.add_argument(
         "--output", type=Path, default=None, help="output file: .mp4, or .jpg/.png for one frame (default: output.mp4)"
@@ -206,11 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STAGE",
         help="groups whose weights live in pinned host memory and are copied to the GPU only for their phase: "
         "any of reasoner, generator, vae (default: none, everything resident; not with --vram-budget)",
-    )
-    gen.add_argument(
-        "--sound",
-        action="store_true",
-        help="generate the audio track too and mux it into the mp4 (a checkpoint with a sound_tokenizer/)",
     )
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     gen.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and where")
@@ -280,6 +282,9 @@ def _check_flags(args: argparse.Namespace) -> None:
         parse_budget(args.host_budget)
     if args.h2d_gbps is not None:
         check_number("h2d-gbps", args.h2d_gbps, MIN_H2D_GBPS, MAX_H2D_GBPS)
+    check_number("fps", args.fps, MIN_FPS, MAX_FPS)
+    if args.sound and not has_sound_tokenizer(args.checkpoint):
+        raise InputError("--sound needs a --checkpoint with a sound_tokenizer/ folder (Nano, Super)")
     if args.condition_frames is not None and args.video is None:
         raise InputError("--condition-frames picks latent frames of a --video clip; pass --video too, or drop it")
 
@@ -309,13 +314,17 @@ def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: in
     # Plans are for a GPU: without --dtype they assume the GPU default (bfloat16), even when run on a CPU.
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.command == "plan" else None), device)
     budget = parse_budget(args.vram_budget)
-    sizes = model_sizes(*model_configs(args.checkpoint, args.model), dtype_bytes=dtype.itemsize)
+    sound = sound_config(args.checkpoint) if args.sound else None  # the sound decoder, placed like the VAE
+    sizes = model_sizes(*model_configs(args.checkpoint, args.model), dtype_bytes=dtype.itemsize, sound_config=sound)
     encode = frames_to_encode(
         image=args.image is not None, video=args.video is not None, condition_frames=_condition_frames(args)
     )
     shape = _defaults(args)
     cfg = shape["guidance"] != 1.0
-    request = Request.for_video(frames, height, width, cfg=cfg, steps=shape["steps"], encode_frames=encode)
+    samples = 0 if sound is None else sound_samples(sound, frames, args.fps)
+    request = Request.for_video(
+        frames, height, width, cfg=cfg, steps=shape["steps"], encode_frames=encode, sound_samples=samples
+    )
     # Measured last: the copies it times are the first thing that touches the GPU.
     bandwidth = args.h2d_gbps if args.h2d_gbps is not None else measure_h2d_GBps(device) or DeviceProfile().h2d_GBps
     profile = DeviceProfile(h2d_GBps=bandwidth)

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import InputError
 from ..loading.components import model_configs
+from ..loading.layout import sound_config, sound_samples
 from ..loading.sizes import model_sizes
 from ..model.geometry import frames_to_encode
 from ..planning.memory import weight_bytes
@@ -44,12 +45,20 @@ def device_free_bytes(device: torch.device) -> int | None:
     return free
 
 
-def request_of(config: GenerationConfig) -> Request:
+def request_of(config: GenerationConfig, sound: dict | None = None) -> Request:
+    """The planner's view of `config`; `sound`: the sound tokenizer's config for a request with sound."""
     encode = frames_to_encode(
         image=config.image is not None, video=config.video is not None, condition_frames=config.condition_frames
     )
+    samples = 0 if sound is None else sound_samples(sound, config.frames, config.fps)
     return Request.for_video(
-        config.frames, config.height, config.width, cfg=config.uses_guidance, steps=config.steps, encode_frames=encode
+        config.frames,
+        config.height,
+        config.width,
+        cfg=config.uses_guidance,
+        steps=config.steps,
+        encode_frames=encode,
+        sound_samples=samples,
     )
 
 
@@ -63,8 +72,11 @@ def check_fits(
     dtype: torch.dtype,
 ) -> None:
     """An InputError, before anything loads, when the request cannot fit this machine's memory."""
-    sizes = model_sizes(*model_configs(checkpoint, model), dtype_bytes=4 if dtype == torch.float32 else 2)
-    request = request_of(config)
+    sound = sound_config(checkpoint) if config.sound else None  # (check_sound has run: the folder has one)
+    sizes = model_sizes(
+        *model_configs(checkpoint, model), dtype_bytes=4 if dtype == torch.float32 else 2, sound_config=sound
+    )
+    request = request_of(config, sound)
     peak = predict(plan, sizes, request, DeviceProfile()).peak
     weights = weight_bytes(plan, sizes)
     host_need = weights.pinned + weights.host + (peak if device.type == "cpu" else 0)

@@ -35,7 +35,7 @@ from ..offload.slabs import SlabEntry, SlabLayout
 from ..planning.plan import Plan
 from .checkpoint import model_configs_of
 from .files import CheckpointWeights, read_json
-from .layout import SOUND_TOKENIZER, PipelineOptions, has_sound_tokenizer, pipeline_options
+from .layout import SOUND_TOKENIZER, PipelineOptions, has_sound_tokenizer, pipeline_options, sound_config
 from .mapped_files import MappedFiles
 from .placer import Placer, weight_grouping
 from .random_weights import RandomValues
@@ -100,7 +100,7 @@ def load_components(
     ]
     sound_tokenizer = None
     if sound:
-        sound_tokenizer = _build(Cosmos3AVAEAudioTokenizer, _sound_config(checkpoint))
+        sound_tokenizer = _build(Cosmos3AVAEAudioTokenizer, sound_config(checkpoint))
         parts.append(
             _Part(sound_tokenizer, sound_group_of, keep_fp32_dtype(Cosmos3AVAEAudioTokenizer, dtype), SOUND_TOKENIZER)
         )
@@ -170,16 +170,6 @@ def _batches(targets: list[tuple[SlabEntry, torch.Tensor]]) -> list[list[tuple[S
         batches[-1].append(target)
         size += _nbytes([target])
     return [b for b in batches if b]
-
-
-def _sound_config(checkpoint: Path) -> dict:
-    """The sound tokenizer's config, built without its encoder (generation only decodes audio)."""
-    file = checkpoint / SOUND_TOKENIZER / "config.json"
-    try:
-        config = Cosmos3AVAEAudioTokenizer.load_config(file.parent)
-    except (OSError, ValueError, TypeError):
-        raise InputError(f"sound tokenizer config {str(file)!r} cannot be used") from None
-    return {**config, "encoder_enabled": False}
 
 
 def _build(model_cls: type, config: dict):

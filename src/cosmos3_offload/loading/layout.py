@@ -101,6 +101,21 @@ def has_sound_tokenizer(checkpoint: Path | None) -> bool:
     return checkpoint is not None and (checkpoint / SOUND_TOKENIZER / "config.json").is_file()
 
 
+def sound_config(checkpoint: Path) -> dict:
+    """The sound tokenizer's config, to be built without its encoder (generation only decodes audio)."""
+    config = read_json(checkpoint / SOUND_TOKENIZER / "config.json", "sound tokenizer config")
+    return {**config, "encoder_enabled": False}
+
+
+def sound_samples(config: dict, frames: int, fps: float) -> int:
+    """Audio samples per channel the sound decoder writes for a video of `frames` at `fps`: the
+    pipeline's count (the video's duration at the tokenizer's rate) rounded up to whole latents."""
+    rate = config.get("sampling_rate", 48000)
+    hop = config.get("hop_size") or math.prod(config.get("dec_strides", (2, 4, 5, 6, 8)))
+    samples = int(frames / fps * rate)
+    return (samples + hop - 1) // hop * hop
+
+
 def default_negative_prompt(checkpoint: Path | None, *, frames: int, conditioned: bool) -> str | None:
     """The negative prompt the Cosmos3 docs pass when the user gives none, as the JSON text they pass
     (`json.dumps` of the file); None where the folder ships none (the pipeline then uses "").

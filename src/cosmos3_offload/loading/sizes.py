@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKLWan, Cosmos3OmniTransformer
+from diffusers.models.autoencoders.autoencoder_cosmos3_audio import Cosmos3AVAEAudioTokenizer
 
-from ..model.groups import EMBEDDING, GENERATOR, REASONER, VAE, VAE_ENCODER, vae_group_of
+from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER, sound_group_of, vae_group_of
 from ..offload.materialize import build_on_meta, group_layouts, keep_fp32_dtype
 from ..offload.slabs import SlabLayout, align
 from ..planning.plan import GroupPlan, Mode, Plan
@@ -23,8 +24,11 @@ def group_bytes(layout: SlabLayout | None) -> GroupBytes:
     return GroupBytes(payload=layout.payload_bytes, packed=layout.nbytes, slot=align(layout.nbytes))
 
 
-def model_sizes(transformer_config: dict, vae_config: dict, dtype_bytes: int = 2) -> ModelSizes:
-    """Exact sizes from `meta` models grouped and packed the way the loader does it."""
+def model_sizes(
+    transformer_config: dict, vae_config: dict, dtype_bytes: int = 2, sound_config: dict | None = None
+) -> ModelSizes:
+    """Exact sizes from `meta` models grouped and packed the way the loader does it; with
+    `sound_config` (see loading/layout.py), the sound tokenizer's decoder too."""
     dtype = DTYPES[dtype_bytes]
     transformer = build_on_meta(Cosmos3OmniTransformer, transformer_config)
     config = transformer.config
@@ -64,4 +68,12 @@ def model_sizes(transformer_config: dict, vae_config: dict, dtype_bytes: int = 2
         vae_encoder=group_bytes(vae_layouts[VAE_ENCODER]),
         layer_matmul_params=matmul,
         decoder_blocks=decoder_blocks(vae.decoder),
+        **({} if sound_config is None else _sound_sizes(sound_config, dtype)),
     )
+
+
+def _sound_sizes(config: dict, dtype: torch.dtype) -> dict:
+    tokenizer = build_on_meta(Cosmos3AVAEAudioTokenizer, config)
+    layouts = group_layouts(tokenizer, sound_group_of, keep_fp32_dtype(Cosmos3AVAEAudioTokenizer, dtype))
+    channels = tokenizer.config.dec_dim * tokenizer.config.dec_c_mults[0]
+    return {"sound": group_bytes(layouts.get(SOUND)), "sound_channels": channels}

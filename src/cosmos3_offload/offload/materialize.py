@@ -11,6 +11,7 @@ device at the end.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -24,7 +25,10 @@ TensorSpec = tuple[tuple[tuple[str, str], ...], tuple[int, ...], torch.dtype]
 
 def build_on_meta(model_cls: type, config: dict) -> nn.Module:
     """The model with every parameter on `meta` (buffers are real, on the CPU)."""
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        # Some diffusers models (Cosmos3's sound tokenizer) still call torch's old weight_norm; its
+        # deprecation notice is addressed to diffusers, not to whoever runs a generation.
+        warnings.filterwarnings("ignore", message=r".*weight_norm.* is deprecated", category=FutureWarning)
         return model_cls.from_config(config).eval()
 
 

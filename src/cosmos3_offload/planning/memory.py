@@ -20,7 +20,7 @@ import functools
 from dataclasses import dataclass
 
 from ..model.geometry import latent_size
-from ..model.groups import EMBEDDING, GENERATOR, REASONER, VAE, VAE_ENCODER
+from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
 from ..units import MIB
 from .plan import BOUNCE_SLOTS, Mode, Plan
 from .request import Request
@@ -34,6 +34,9 @@ DECODE_FIXED_BYTES = 100 * MIB
 DECODE_SLACK = 1.1  # the allocator's rounding and caching on top of the decode's tensors (from budget runs)
 # Fewer frames through an up block at once: the same work in smaller pieces (fitted on the H200).
 DECODE_FRAME_SLOWDOWN = {1: 1.33, 2: 1.13, 4: 1.0}
+# Live [channels, samples] tensors of the sound decoder's full-rate stage (a residual unit's input,
+# its two convolutions' outputs and the upsampled input): an estimate from its structure, not measured.
+SOUND_DECODE_LIVE = 4
 ENCODE_BYTES_PER_PIXEL = 390
 ENCODE_BYTES_PER_PIXEL_FRAME = 900
 
@@ -108,7 +111,10 @@ def weight_bytes(plan: Plan, sizes: ModelSizes) -> WeightBytes:
         mapped += sizes.embedding.payload  # read on the host, in place in the file
     else:
         host += sizes.embedding.packed
-    for name, group in ((VAE, sizes.vae), (VAE_ENCODER, sizes.vae_encoder)):
+    vae_side = [(VAE, sizes.vae), (VAE_ENCODER, sizes.vae_encoder)] + (
+        [(SOUND, sizes.sound)] if sizes.sound.payload else []
+    )
+    for name, group in vae_side:
         staged = plan.group(name).mode is Mode.STAGED
         resident += 0 if staged else group.payload
         arena[name] = group.packed if staged else 0
@@ -136,7 +142,7 @@ def peaks(plan: Plan, sizes: ModelSizes, request: Request) -> Peaks:
     weights = weight_bytes(plan, sizes)
     arena = weights.arena
     memory = reasoner_memory_bytes(sizes, request)
-    later_than_prefill = max(arena[GENERATOR], arena[VAE])
+    later_than_prefill = max(arena[GENERATOR], arena[VAE], arena.get(SOUND, 0))
     prefill = max(arena[REASONER], later_than_prefill)
     decode_work, _ = decode_cost(sizes, plan.decode_grid, request.height, request.width)
     # The encode runs first; a staged encoder enters with the arena already sized for the largest
@@ -147,8 +153,14 @@ def peaks(plan: Plan, sizes: ModelSizes, request: Request) -> Peaks:
         encode=encode,
         prefill=weights.resident + prefill + memory + activation_bytes(sizes, request, prompt=True, chunk=None),
         denoise=weights.resident + later_than_prefill + memory + activation_bytes(sizes, request, chunk=plan.mlp_chunk),
-        decode=weights.resident + arena[VAE] + decode_work,
+        decode=weights.resident + max(arena[VAE], arena.get(SOUND, 0)) + max(decode_work, sound_cost(sizes, request)),
     )
+
+
+def sound_cost(sizes: ModelSizes, request: Request) -> int:
+    """Device bytes of decoding the audio track besides the weights (0 without sound); it runs after
+    the video's decode has freed its tensors, so the decode part holds the larger of the two."""
+    return SOUND_DECODE_LIVE * sizes.sound_channels * request.sound_samples * sizes.dtype_bytes
 
 
 def reasoner_memory_bytes(sizes: ModelSizes, request: Request) -> int:

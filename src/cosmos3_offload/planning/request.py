@@ -22,13 +22,15 @@ class Request:
     width: int = 1280
     steps: int = 35
     encode_frames: int = 0  # pixel frames the VAE encodes for conditioning (0: text to video)
+    sound_samples: int = 0  # audio samples per channel the sound decoder writes (0: no sound)
 
     def __post_init__(self) -> None:
         for name in ("tokens", "prompt_tokens", "branches", "frames", "height", "width", "steps"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.encode_frames < 0:
-            raise InputError(f"encode_frames must be >= 0, got {self.encode_frames}")
+        for name in ("encode_frames", "sound_samples"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
     def for_video(cls, frames: int, height: int, width: int, *, cfg: bool = True, steps: int = 35, **kw) -> Request:

@@ -7,7 +7,7 @@ slab packing, so the bytes here are the bytes the engine allocates; here it is o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .tiles import DecoderBlock
 
@@ -52,3 +52,7 @@ class ModelSizes:
     vae_encoder: GroupBytes
     layer_matmul_params: int  # the generator's matmul weights in one layer
     decoder_blocks: tuple[DecoderBlock, ...]  # the VAE decoder's up blocks and head, as the tiled decode runs them
+    # The sound tokenizer's decoder, measured only for a request with sound (zero without), and the
+    # channels of its last, full-rate stage (what its largest activations are made of).
+    sound: GroupBytes = field(default_factory=GroupBytes.zero)
+    sound_channels: int = 0
