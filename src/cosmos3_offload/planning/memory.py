@@ -82,7 +82,15 @@ def host_memory(plan: Plan, sizes: ModelSizes) -> HostMemory:
 
 
 def weight_bytes(plan: Plan, sizes: ModelSizes) -> WeightBytes:
-    """Resident, arena and host bytes of the weights under `plan`."""
+    """Resident, arena and host bytes of the weights under `plan` (the same value for every plan with
+    the same placements: the planner asks for each placement under many chunk and tile choices)."""
+    key = (plan.reasoner, plan.generator, plan.vae)
+    if key not in sizes.weight_bytes_memo:
+        sizes.weight_bytes_memo[key] = _weight_bytes(plan, sizes)
+    return sizes.weight_bytes_memo[key]
+
+
+def _weight_bytes(plan: Plan, sizes: ModelSizes) -> WeightBytes:
     resident = pinned = host = mapped = 0
     arena: dict[str, int] = {}
     for name, tower in sizes.towers.items():

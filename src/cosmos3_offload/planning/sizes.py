@@ -56,3 +56,5 @@ class ModelSizes:
     # channels of its last, full-rate stage (what its largest activations are made of).
     sound: GroupBytes = field(default_factory=GroupBytes.zero)
     sound_channels: int = 0
+    # planning.memory.weight_bytes per placement, filled as the planner asks (not part of the value).
+    weight_bytes_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
