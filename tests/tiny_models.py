@@ -59,6 +59,11 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def diffusers_latents(pipe, config, **extra):
     """Latents of Cosmos3OmniPipeline.__call__ for `config` (extra: image=..., video=...)."""
+    return diffusers_output(pipe, config, output_type="latent", **extra).video
+
+
+def diffusers_output(pipe, config, *, output_type: str, **extra):
+    """Cosmos3OmniPipeline.__call__'s output for `config` (extra: image=..., enable_sound=..., ...)."""
     return pipe(
         prompt=config.prompt,
         negative_prompt=config.negative_prompt,
@@ -68,7 +73,7 @@ def diffusers_latents(pipe, config, **extra):
         num_inference_steps=config.steps,
         guidance_scale=config.guidance,
         generator=torch.Generator("cpu").manual_seed(config.seed),
-        output_type="latent",
+        output_type=output_type,
         enable_safety_check=False,
         **extra,
-    ).video
+    )

@@ -16,7 +16,7 @@ from published_layout import (
     pickle_marker,
     write_published_checkpoint,
 )
-from tiny_models import relative_error
+from tiny_models import diffusers_output, relative_error
 
 from cosmos3_offload.app.config import GenerationConfig
 from cosmos3_offload.app.feasibility import request_of
@@ -77,19 +77,7 @@ def theirs(folder, config, output_type="np"):
     pipe.scheduler = UniPCMultistepScheduler.from_config(
         pipe.scheduler.config, flow_shift=config.flow_shift, use_karras_sigmas=False
     )
-    return pipe(
-        prompt=config.prompt,
-        negative_prompt=config.negative_prompt,
-        num_frames=config.frames,
-        height=config.height,
-        width=config.width,
-        num_inference_steps=config.steps,
-        guidance_scale=config.guidance,
-        generator=torch.Generator("cpu").manual_seed(config.seed),
-        enable_sound=config.sound,
-        output_type=output_type,
-        enable_safety_check=False,
-    )
+    return diffusers_output(pipe, config, output_type=output_type, enable_sound=config.sound)
 
 
 @pytest.mark.parametrize("sound", [False, True], ids=["video", "video+sound"])
