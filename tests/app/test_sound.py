@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import wave
 
@@ -103,3 +105,31 @@ def test_plan_counts_the_sound_decoder(capsys, published):
     out, err = capsys.readouterr()
     assert statuses == [0, 0, 2] and "request: 320x192, 9 frames" in out
     assert "--sound needs a --checkpoint with a sound_tokenizer/" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "other"}, "cannot build a Cosmos3AVAEAudioTokenizer"),
+        ({"sampling_rate": 1e300}, "sampling_rate"),
+        ({"sampling_rate": 0}, "sampling_rate"),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate", "plan"])
+def test_a_sound_tokenizer_config_that_cannot_run_is_refused(capsys, tmp_path, published, change, message, command):
+    """A sound config the class rejects or with a sampling rate no audio has: one line, exit 2, nothing written."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(published, folder)
+    config_file = folder / "sound_tokenizer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    output = tmp_path / "o.mp4"
+    args = ["--checkpoint", str(folder), "--sound", "--frames", "5", "--resolution", "256"]
+    if command == "plan":
+        argv = ["plan", "--vram-budget", "1GiB", *args]
+    else:
+        argv = ["generate", "--prompt", "a fox", "--device", "cpu", "--no-progress", "--output", str(output), *args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0]
+    assert not output.exists()

@@ -285,6 +285,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     check_number("fps", args.fps, MIN_FPS, MAX_FPS)
     if args.sound and not has_sound_tokenizer(args.checkpoint):
         raise InputError("--sound needs a --checkpoint with a sound_tokenizer/ folder (Nano, Super)")
+    if args.sound:
+        sound_config(args.checkpoint)  # builds, with a usable sampling rate
     if args.condition_frames is not None and args.video is None:
         raise InputError("--condition-frames picks latent frames of a --video clip; pass --video too, or drop it")
 

@@ -21,7 +21,7 @@ import torch
 from ..errors import InputError
 from ..loading.components import Components, load_components, model_configs
 from ..loading.files import check_checkpoint
-from ..loading.layout import default_negative_prompt, has_sound_tokenizer, pipeline_options
+from ..loading.layout import default_negative_prompt, has_sound_tokenizer, pipeline_options, sound_config
 from ..model.groups import GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
 from ..model.specs import model_spec
 from ..planning.plan import Plan
@@ -287,6 +287,7 @@ def check_sound(config: GenerationConfig, checkpoint: Path | None) -> None:
     if not has_sound_tokenizer(checkpoint):
         where = "the embedded model" if checkpoint is None else f"checkpoint {str(checkpoint)!r}"
         raise InputError(f"--sound needs a checkpoint with a sound_tokenizer/ folder, and {where} has none")
+    sound_config(checkpoint)  # builds, with a usable sampling rate
     transformer_config, _ = model_configs(checkpoint)
     if not transformer_config.get("sound_gen", False):
         raise InputError(

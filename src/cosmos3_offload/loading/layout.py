@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from .checkpoint import model_config
 from .files import read_json
 
 SOUND_TOKENIZER = "sound_tokenizer"
 NEGATIVE_PROMPT_T2V = "negative_prompt.json"
 NEGATIVE_PROMPT_CONDITIONED = "negative_prompt_i2v.json"
+MAX_SAMPLING_RATE = 768_000
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,16 @@ def has_sound_tokenizer(checkpoint: Path | None) -> bool:
 
 
 def sound_config(checkpoint: Path) -> dict:
-    """The sound tokenizer's config, to be built without its encoder (generation only decodes audio)."""
-    config = read_json(checkpoint / SOUND_TOKENIZER / "config.json", "sound tokenizer config")
+    """The sound tokenizer's config, checked to build its class and to name a usable sampling rate,
+    to be built without its encoder (generation only decodes audio)."""
+    config = model_config(checkpoint, SOUND_TOKENIZER)
+    rate = config.get("sampling_rate")
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= MAX_SAMPLING_RATE:
+        file = checkpoint / SOUND_TOKENIZER / "config.json"
+        raise InputError(
+            f"sound tokenizer config {str(file)!r} has sampling_rate {rate!r}; it must be a whole number of Hz "
+            f"from 1 to {MAX_SAMPLING_RATE} (Cosmos3's is 48000)"
+        )
     return {**config, "encoder_enabled": False}
 
 
@@ -130,6 +140,8 @@ def default_negative_prompt(checkpoint: Path | None, *, frames: int, conditioned
     for name in names:
         file = checkpoint / "assets" / name
         if file.is_file():
-            # Exactly what the docs pass: json.dumps(json.load(file)).
-            return json.dumps(read_json(file, "negative prompt", object_only=False))
+            try:  # exactly what the docs pass: json.dumps(json.load(file))
+                return json.dumps(read_json(file, "negative prompt", object_only=False))
+            except InputError as error:
+                raise InputError(f"{error}; repair it, or pass --negative-prompt to use your own") from None
     return None
