@@ -69,4 +69,5 @@ def mux(video: Path, audio: Path, path: Path) -> None:
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise OSError(f"ffmpeg could not mux the audio track: {result.stderr.strip().splitlines()[-1:]}")
+        said = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        raise OSError(f"ffmpeg could not mux the audio track: {said}")
