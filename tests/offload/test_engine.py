@@ -60,19 +60,16 @@ def test_staged_weights_round_trip_exactly_over_many_cycles():
                 assert inside(tensor, slab) and torch.equal(tensor, originals[group][name])
 
 
-def test_arena_holds_the_largest_group_then_shrinks_for_the_vae():
-    """The arena fits the largest staged group still to run; it shrinks as soon as the generator phase ends."""
+def test_arena_holds_only_the_group_in_use():
+    """The arena fits the staged group in use, never a larger one still to come; it is released once the
+    rest of the request needs less."""
     engine = load_components(None, CPU, torch.float32, Plan.from_offload(ALL)).engine
     sizes = {g: engine.placements[g].layout.nbytes for g in PLANNED_GROUPS}
-    with engine.use("reasoner"):
-        assert engine.arena.nbytes == max(sizes.values())
-    with engine.use("generator"):
-        pass
-    # Released before the decode allocates anything, unless the VAE itself is the largest group.
-    assert engine.arena.nbytes == (sizes["vae"] if sizes["vae"] == max(sizes.values()) else 0)
-    with engine.use("vae"):
-        assert engine.arena.nbytes == sizes["vae"]
+    for group in PLANNED_GROUPS:
+        with engine.use(group):
+            assert engine.arena.nbytes == sizes[group]
     assert engine.arena.nbytes == 0
+    assert engine.arena.peak_bytes == max(sizes.values())
 
 
 def generate(tmp_path, offload):

@@ -1,9 +1,11 @@
 """The offload engine: every group's placement, and moving a group in for the part that uses it.
 
 Generic over `nn.Module` groups (see placements.py). `OffloadEngine.use(name)` wraps the part of
-a request that uses group `name`; groups are used in the engine's `use_order`. The arena is sized
-for the largest need among the groups still to be used, and released as soon as the rest of the
-request needs less, so the transformer's arena is gone before the VAE decodes.
+a request that uses group `name`; groups are used in the engine's `use_order`. The arena holds what
+the group in use needs and no more: a part never carries the arena of a larger group still to come
+(the VAE's staged decoder is larger than a ring of FP8 generator layers, and the denoise loop's
+activations are the request's largest). It is kept from one part to the next when the next needs
+as much, and re-allocated otherwise once the part before has freed its activations.
 """
 
 from __future__ import annotations
@@ -39,25 +41,21 @@ class OffloadEngine:
         """Make group `name` usable on the device for the body of the `with`."""
         placement = self.placements[name]
         if placement.arena_bytes:
-            self._fit_arena(self._needed_from(name))
+            self._fit_arena(placement.arena_bytes)
         placement.enter(self.arena, self.copier)
         try:
             yield
         finally:
             placement.exit()
             later = self.use_order[self.use_order.index(name) + 1 :]
-            self._fit_arena(self._needed_from(later[0]) if later else 0, grow=False)
+            self._fit_arena(self.placements[later[0]].arena_bytes if later else 0, grow=False)
 
     def layers(self, name: str) -> Iterator[nn.Module] | None:
         """The layer sequence a part should run: streamed groups yield layers as they arrive."""
         return self.placements[name].layers_ready()
 
-    def _needed_from(self, name: str) -> int:
-        remaining = self.use_order[self.use_order.index(name) :]
-        return max([self.placements[n].arena_bytes for n in remaining] + [0])
-
     def _fit_arena(self, needed: int, *, grow: bool = True) -> None:
-        """Release the arena when it holds more than the rest of the request needs, then (re)reserve."""
+        """Release the arena when it holds more than `needed`, then (re)reserve."""
         if self.arena.nbytes > needed:
             self.arena.release()
         if grow and needed:

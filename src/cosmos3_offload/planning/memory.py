@@ -146,21 +146,17 @@ class Peaks:
 
 
 def peaks(plan: Plan, sizes: ModelSizes, request: Request) -> Peaks:
-    """Resident weights + the arena the remaining parts need + the reasoner memory + activations."""
+    """Resident weights + the arena of the part's own group + the reasoner memory + activations (the
+    engine sizes the arena for the group in use; see offload/engine.py)."""
     weights = weight_bytes(plan, sizes)
     arena = weights.arena
     memory = reasoner_memory_bytes(sizes, request)
-    later_than_prefill = max(arena[GENERATOR], arena[VAE], arena.get(SOUND, 0))
-    prefill = max(arena[REASONER], later_than_prefill)
     decode_work, _ = decode_cost(sizes, plan.decode_grid, request.height, request.width)
-    # The encode runs first; a staged encoder enters with the arena already sized for the largest
-    # part to come, a resident one before any arena exists.
-    arena_then = max(arena[VAE_ENCODER], prefill) if plan.vae.mode is Mode.STAGED else 0
-    encode = weights.resident + arena_then + encode_cost(request) if request.encode_frames else 0
+    encode = weights.resident + arena[VAE_ENCODER] + encode_cost(request) if request.encode_frames else 0
     return Peaks(
         encode=encode,
-        prefill=weights.resident + prefill + memory + activation_bytes(sizes, request, prompt=True, chunk=None),
-        denoise=weights.resident + later_than_prefill + memory + activation_bytes(sizes, request, chunk=plan.mlp_chunk),
+        prefill=weights.resident + arena[REASONER] + memory + activation_bytes(sizes, request, prompt=True, chunk=None),
+        denoise=weights.resident + arena[GENERATOR] + memory + activation_bytes(sizes, request, chunk=plan.mlp_chunk),
         decode=weights.resident + max(arena[VAE], arena.get(SOUND, 0)) + max(decode_work, sound_cost(sizes, request)),
     )
 
@@ -182,6 +178,10 @@ def activation_bytes(sizes: ModelSizes, request: Request, *, prompt: bool = Fals
     tokens = request.prompt_tokens * request.branches if prompt else request.tokens
     mlp_tokens = tokens if chunk is None else min(tokens, chunk)
     mlp = sizes.mlp_mats * mlp_tokens * sizes.intermediate * sizes.dtype_bytes
+    if sizes.fp8:
+        # The widest input (the MLP's down projection) scaled in the run's dtype, then its FP8 copy;
+        # or, in W8A16, the largest weight dequantized.
+        mlp += max(mlp_tokens * sizes.intermediate * (sizes.dtype_bytes + 1), sizes.dequantized_bytes)
     return int((ACTIVATION_HIDDENS + request.branches - 2) * tokens * sizes.hidden * sizes.dtype_bytes + mlp)
 
 

@@ -56,5 +56,9 @@ class ModelSizes:
     # channels of its last, full-rate stage (what its largest activations are made of).
     sound: GroupBytes = field(default_factory=GroupBytes.zero)
     sound_channels: int = 0
+    # FP8 linears: W8A16 dequantizes one weight at a time into the run's dtype (`dequantized_bytes`,
+    # the largest), W8A8 rounds each input to FP8 through a scaled copy (see planning/memory.py).
+    fp8: bool = False
+    dequantized_bytes: int = 0
     # planning.memory.weight_bytes per placement, filled as the planner asks (not part of the value).
     weight_bytes_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
