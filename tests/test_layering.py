@@ -11,16 +11,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cosmos3_offload"
 BASE = {"errors", "units"}
-LAYERS = ("model", "planning", "offload", "split", "vae", "loading", "app")
+LAYERS = ("model", "planning", "offload", "quant", "split", "vae", "loading", "app")
 # What each layer may import from this package (itself and `base` always).
 ALLOWED = {
     "base": set(),
     "model": set(),
     "planning": {"model"},
     "offload": set(),
+    "quant": set(),
     "split": set(),
     "vae": {"model", "planning", "offload"},
-    "loading": {"model", "planning", "offload", "vae"},
+    "loading": {"model", "planning", "offload", "quant", "vae"},
     "app": set(LAYERS),
 }
 # Third-party modules a layer must not import: the planner is arithmetic, the model facts are
@@ -29,6 +30,7 @@ FORBIDDEN = {
     "model": {"torch", "diffusers", "numpy", "safetensors"},
     "planning": {"torch", "diffusers", "numpy", "safetensors", "transformers", "accelerate"},
     "offload": {"diffusers", "transformers"},
+    "quant": {"diffusers", "transformers", "safetensors"},
     "split": {"safetensors"},
 }
 

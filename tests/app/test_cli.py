@@ -62,6 +62,9 @@ def run_cli(capsys, *args):
         (["--output", "{tmp}/missing/out.mp4"], "does not exist"),
         (["--checkpoint", "{tmp}"], "no model_index.json"),
         (["--checkpoint", "{tmp}/nowhere"], "is not a folder"),
+        (["--quantize", "int4"], "invalid choice"),
+        (["--fp8-mode", "fast"], "invalid choice"),
+        (["--quantize", "fp8", "--fp8-scales", "block"], "invalid choice"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(capsys, tmp_path, monkeypatch, args, message):
@@ -189,3 +192,28 @@ def test_generate_with_a_budget_follows_the_plan(capsys, tmp_path):
     assert main([*args, "--no-progress", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("plan for a 1.0 GiB budget") == 1 and "\nplan: " in printed and out.is_file()
+
+
+def test_plan_with_fp8_counts_one_byte_a_weight(capsys):
+    """`plan --quantize fp8` says what is quantized and what it saves, and fits Nano 720p x 189f in 4 GiB
+    with about half the pinned host memory of bf16."""
+    args = ["plan", "--vram-budget", "4GiB", "--model", "nano", "--h2d-gbps", "50"]
+    assert main([*args, "--quantize", "fp8"]) == 0
+    fp8 = capsys.readouterr().out
+    assert "504 linears in FP8" in fp8 and "12.93 GiB saved" in fp8 and "plan for a 4.0 GiB budget" in fp8
+    assert main(args) == 0
+    bf16 = capsys.readouterr().out
+    assert "bf16 as stored" in bf16
+
+    def pinned(out: str) -> float:
+        return float(out.split("pinned ")[1].split(" GiB")[0])
+
+    assert pinned(fp8) < 0.55 * pinned(bf16)
+
+
+def test_generate_with_fp8_reports_each_steps_precision(capsys, tmp_path):
+    """The summary names the FP8 precisions the request ran: the policy's W8A16 ends, W8A8 between."""
+    out = tmp_path / "o.mp4"
+    args = ["generate", "--prompt", "a fox", "--steps", "8", "--frames", "5", "--quantize", "fp8", "--fp8-mode"]
+    assert main([*args, "policy", "--no-progress", "--output", str(out)]) == 0
+    assert "fp8: reasoner W8A16; generator W8A16 x6, W8A8 x2" in capsys.readouterr().out and out.is_file()

@@ -22,6 +22,7 @@ from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.loading.components import load_components
 from cosmos3_offload.loading.placer import LAYER_MARK, weight_grouping
+from cosmos3_offload.loading.quantization import Fp8Options
 from cosmos3_offload.loading.sizes import model_sizes
 from cosmos3_offload.model.groups import (
     EMBEDDING,
@@ -88,6 +89,8 @@ def plan_kinds(layers: int) -> dict[str, Plan]:
 
 CASES = [(m, d, k) for m in MODELS for d in DTYPES for k in plan_kinds(layers_of(m))]
 
+FP8 = Fp8Options(quantize="fp8")
+
 
 @functools.cache
 def sizes_of(model: str, dtype: str):
@@ -144,7 +147,26 @@ def test_the_kinds_cover_every_placement_the_planner_considers(model):
 def test_engine_allocates_the_predicted_weight_bytes(model, dtype, kind):
     """If this fails, the planner's resident, arena or host bytes differ from the engine's: its budgets are wrong."""
     plan, components = load(model, dtype, kind)
-    engine, predicted = components.engine, weight_bytes(plan, sizes_of(model, dtype))
+    predicted = weight_bytes(plan, sizes_of(model, dtype))
+    assert_engine_allocates(components, predicted)
+    # The layout sums the nano test relies on agree with the engine where it can be measured.
+    assert loader_weight_bytes(plan, *meta_models(model), DTYPES[dtype]) == predicted
+
+
+@pytest.mark.parametrize("kind", plan_kinds(layers_of("tiny-deep")))
+def test_engine_allocates_the_predicted_fp8_weight_bytes(kind):
+    """With --quantize fp8 the planner counts each weight's own bytes (FP8 linears, float32 scales,
+    bf16 rest) exactly as the engine allocates them, in every kind of placement."""
+    plan = plan_kinds(layers_of("tiny-deep"))[kind]
+    components = load_components(None, CPU, torch.bfloat16, plan, random_model="tiny-deep", fp8=FP8)
+    spec = model_spec("tiny-deep")
+    sizes = model_sizes(spec.transformer, spec.vae, 2, quantization=components.quantization)
+    assert_engine_allocates(components, weight_bytes(plan, sizes))
+    assert sizes.towers["generator"].whole.payload < sizes_of("tiny-deep", "bf16").towers["generator"].whole.payload
+
+
+def assert_engine_allocates(components, predicted) -> None:
+    engine = components.engine
     assert set(engine.placements) == set(ENGINE_GROUPS)
     assert engine.placements[EMBEDDING].arena_bytes == 0
     for group, nbytes in predicted.arena.items():
@@ -157,8 +179,6 @@ def test_engine_allocates_the_predicted_weight_bytes(model, dtype, kind):
     assert predicted.host == sum(s.buffer.numel() for s in unpinned)
     assert predicted.pinned == sum(s.buffer.numel() for s in slabs if not any(s is u for u in unpinned))
     assert engine.pinned_bytes == 0  # nothing can be page-locked on the CPU
-    # The layout sums the nano test relies on agree with the engine where it can be measured.
-    assert loader_weight_bytes(plan, *meta_models(model), DTYPES[dtype]) == predicted
 
 
 # The arena peak follows from the placements' arena bytes (compared above for every case), so

@@ -20,6 +20,14 @@ from ..errors import InputError
 from ..loading.components import model_configs
 from ..loading.files import check_checkpoint
 from ..loading.layout import has_sound_tokenizer, pipeline_options, sound_config, sound_samples
+from ..loading.quantization import (
+    MODES,
+    QUANTIZE_CHOICES,
+    SCALE_CHOICES,
+    Fp8Options,
+    describe_quantization,
+    quantization_for,
+)
 from ..loading.sizes import model_sizes
 from ..model.geometry import frames_to_encode
 from ..model.specs import MODEL_SPECS, model_spec
@@ -156,6 +164,27 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         "--sound",
         action="store_true",
         help="generate the audio track too and mux it into the mp4 (a checkpoint with a sound_tokenizer/)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=None,
+        help="store the decoder layers' linears in FP8 as they load (half the bytes to hold and move); "
+        "an FP8 checkpoint needs no flag",
+    )
+    parser.add_argument(
+        "--fp8-mode",
+        choices=MODES,
+        default="auto",
+        help="FP8 linears: 'policy' follows the checkpoint's step policy (W8A16 first and last steps, W8A8 "
+        "between), 'w8a8' or 'w8a16' force one everywhere, 'auto' (default) is 'policy' on GPUs with FP8 "
+        "tensor cores and 'w8a16' elsewhere",
+    )
+    parser.add_argument(
+        "--fp8-scales",
+        choices=SCALE_CHOICES,
+        default="channel",
+        help="with --quantize: one weight scale per output channel (default, closer to bf16) or per tensor",
     )
     parser.add_argument(
         "--h2d-gbps",
@@ -317,7 +346,11 @@ def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: in
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.command == "plan" else None), device)
     budget = parse_budget(args.vram_budget)
     sound = sound_config(args.checkpoint) if args.sound else None  # the sound decoder, placed like the VAE
-    sizes = model_sizes(*model_configs(args.checkpoint, args.model), dtype_bytes=dtype.itemsize, sound_config=sound)
+    transformer_config, vae_config = model_configs(args.checkpoint, args.model)
+    quantization = quantization_for(args.checkpoint, transformer_config, _fp8(args))
+    sizes = model_sizes(
+        transformer_config, vae_config, dtype_bytes=dtype.itemsize, sound_config=sound, quantization=quantization
+    )
     encode = frames_to_encode(
         image=args.image is not None, video=args.video is not None, condition_frames=_condition_frames(args)
     )
@@ -330,8 +363,13 @@ def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: in
     # Measured last: the copies it times are the first thing that touches the GPU.
     bandwidth = args.h2d_gbps if args.h2d_gbps is not None else measure_h2d_GBps(device) or DeviceProfile().h2d_GBps
     profile = DeviceProfile(h2d_GBps=bandwidth)
-    mapped = args.checkpoint is not None  # only a checkpoint's files can be mapped
+    # Only a checkpoint's files can be mapped, and only as they are stored (not with --quantize).
+    mapped = args.checkpoint is not None and not quantization.on_load
     return choose_plan(sizes, request, budget, profile, host_budget=_host_budget(args), mapped=mapped), budget
+
+
+def _fp8(args: argparse.Namespace) -> Fp8Options:
+    return Fp8Options(quantize=args.quantize, mode=args.fp8_mode, scales=args.fp8_scales)
 
 
 def _host_budget(args: argparse.Namespace) -> int | None:
@@ -353,6 +391,8 @@ def _plan_command(args: argparse.Namespace) -> None:
     width, height = frame_size(shape["resolution"], args.aspect_ratio)
     choice, budget = _budget_choice(args, shape["frames"], width, height)
     _say(f"request: {width}x{height}, {shape['frames']} frames, {shape['steps']} steps")
+    transformer_config, _ = model_configs(args.checkpoint, args.model)
+    _say(describe_quantization(transformer_config, quantization_for(args.checkpoint, transformer_config, _fp8(args))))
     _say(describe_choice(choice, budget, _host_budget(args)))
 
 
@@ -380,6 +420,7 @@ def _generate_command(args: argparse.Namespace, argv: list[str] | None = None) -
         model=args.model,
         progress=not args.no_progress,
         budgeted=args.vram_budget is not None,
+        fp8=_fp8(args),
     )
     _say(report.summary())
 
@@ -411,6 +452,7 @@ def _samples_command(args: argparse.Namespace, argv: list[str]) -> int:
         plan=plan,
         model=args.model,
         progress=not args.no_progress,
+        fp8=_fp8(args),
         say=_say,
         warn=lambda line: print(printable(line, sys.stderr, one_line=True), file=sys.stderr),
     )

@@ -15,6 +15,7 @@ import torch
 from ..errors import InputError
 from ..loading.components import model_configs
 from ..loading.layout import sound_config, sound_samples
+from ..loading.quantization import NO_FP8_FLAGS, Fp8Options, quantization_for
 from ..loading.sizes import model_sizes
 from ..model.geometry import frames_to_encode
 from ..planning.memory import weight_bytes
@@ -70,11 +71,17 @@ def check_fits(
     model: str,
     device: torch.device,
     dtype: torch.dtype,
+    fp8: Fp8Options = NO_FP8_FLAGS,
 ) -> None:
     """An InputError, before anything loads, when the request cannot fit this machine's memory."""
     sound = sound_config(checkpoint) if config.sound else None  # (check_sound has run: the folder has one)
+    transformer_config, vae_config = model_configs(checkpoint, model)
     sizes = model_sizes(
-        *model_configs(checkpoint, model), dtype_bytes=4 if dtype == torch.float32 else 2, sound_config=sound
+        transformer_config,
+        vae_config,
+        dtype_bytes=4 if dtype == torch.float32 else 2,
+        sound_config=sound,
+        quantization=quantization_for(checkpoint, transformer_config, fp8),
     )
     request = request_of(config, sound)
     peak = predict(plan, sizes, request, DeviceProfile()).peak

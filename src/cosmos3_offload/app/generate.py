@@ -199,13 +199,15 @@ def denoise_latents(
     mlp_chunk: int | None = None,
     on_step: Callable[[int], None] | None = None,
     sampling: Sampling | None = None,
+    before_step: Callable[[int, int], None] | None = None,
 ) -> Latents:
     """The sampling loop: both CFG branches through each layer, `v_u + g (v_c - v_u)`, a scheduler step
     per modality (the sound's on its own copy of the schedule, as the pipeline keeps one per modality).
     `sampling` says how a distilled checkpoint's few-step schedule runs (see `Sampling`).
 
-    `layers()` gives each step's layer sequence (default `model.layers`); `on_step(i)` is called
-    after step i is queued (benchmarks synchronize and time there).
+    `layers()` gives each step's layer sequence (default `model.layers`); `before_step(i, steps)` is
+    called before step i (it sets the FP8 precision); `on_step(i)` after step i is queued
+    (benchmarks synchronize and time there).
     """
     model = pipe.transformer
     model_dtype = memories[0].keys[0].dtype
@@ -214,7 +216,10 @@ def denoise_latents(
     set_timesteps(pipe, config.steps, latents.vision.device, sampling.distilled_sigmas)
     vision, sound = latents
     sound_scheduler = copy.deepcopy(pipe.scheduler) if sound is not None else None
-    for index, t in enumerate(tqdm(pipe.scheduler.timesteps, desc="denoise", unit="step", disable=not progress)):
+    timesteps = pipe.scheduler.timesteps
+    for index, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
+        if before_step is not None:
+            before_step(index, len(timesteps))
         inputs = GeneratorInputs(
             vision=vision.to(model_dtype),
             timestep=t.item(),

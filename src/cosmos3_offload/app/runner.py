@@ -22,6 +22,7 @@ from ..errors import InputError
 from ..loading.components import Components, load_components, model_configs
 from ..loading.files import check_checkpoint
 from ..loading.layout import default_negative_prompt, has_sound_tokenizer, pipeline_options, sound_config
+from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..model.groups import GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
 from ..model.specs import model_spec
 from ..planning.plan import Plan
@@ -71,6 +72,8 @@ class RunReport:
         if self.components.random_weights:
             lines.append("note: random weights produce noise; pass --checkpoint DIR for a real video")
         lines.append(f"plan: {self.components.plan.describe()}")
+        if self.components.quantization.quantized:
+            lines.append(f"fp8: {self.components.switches.describe()}")
         lines.append(self.components.engine.summary())
         lines.append(self.timer.summary())
         return "\n".join(lines)
@@ -86,6 +89,7 @@ def run(
     model: str = "tiny",
     progress: bool = True,
     budgeted: bool = False,
+    fp8: Fp8Options = NO_FP8_FLAGS,
 ) -> RunReport:
     """Generate `config.output` following `plan` (default: everything resident).
 
@@ -94,7 +98,7 @@ def run(
     from the planner for a budget, so the fit against this machine's memory is not asked again.
     """
     loaded = LoadedModel.open(
-        checkpoint=checkpoint, device=device, dtype=dtype, plan=plan, model=model, sound=config.sound
+        checkpoint=checkpoint, device=device, dtype=dtype, plan=plan, model=model, sound=config.sound, fp8=fp8
     )
     config = loaded.check(config, budgeted=budgeted)
     # Read before the load: a conditioning file that cannot be used costs nothing.
@@ -116,6 +120,7 @@ class LoadedModel:
     plan: Plan
     model: str
     sound: bool = False
+    fp8: Fp8Options = NO_FP8_FLAGS
     components: Components | None = None
 
     @classmethod
@@ -128,8 +133,9 @@ class LoadedModel:
         plan: Plan | None = None,
         model: str = "tiny",
         sound: bool = False,
+        fp8: Fp8Options = NO_FP8_FLAGS,
     ) -> LoadedModel:
-        """`sound` loads the sound tokenizer too, for requests with sound."""
+        """`sound` loads the sound tokenizer too, for requests with sound; `fp8`: the FP8 flags."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         plan = plan or Plan()
@@ -139,7 +145,11 @@ class LoadedModel:
             check_checkpoint(checkpoint)
         else:
             model_spec(model)
-        return cls(checkpoint, torch_device, torch_dtype, plan, model, sound)
+        if fp8.quantize is not None and plan.maps_checkpoint:
+            raise InputError(
+                "--quantize writes FP8 copies of the weights, so the reasoner cannot be read from the files"
+            )
+        return cls(checkpoint, torch_device, torch_dtype, plan, model, sound, fp8)
 
     def check(self, config: GenerationConfig, *, budgeted: bool = False) -> GenerationConfig:
         """The request as this model runs it, or an InputError before anything loads: sound without a
@@ -151,7 +161,13 @@ class LoadedModel:
             raise InputError("this model was opened without sound; open it with sound=True for requests with sound")
         if not budgeted:
             check_fits(
-                config, self.plan, checkpoint=self.checkpoint, model=self.model, device=self.device, dtype=self.dtype
+                config,
+                self.plan,
+                checkpoint=self.checkpoint,
+                model=self.model,
+                device=self.device,
+                dtype=self.dtype,
+                fp8=self.fp8,
             )
         if config.negative_prompt is None:
             conditioned = config.image is not None or config.video is not None
@@ -172,6 +188,7 @@ class LoadedModel:
                     random_model=self.model,
                     sound=self.sound,
                     progress=progress,
+                    fp8=self.fp8,
                 )
         return self.components
 
@@ -233,6 +250,10 @@ def generate_video(
         sampling = Sampling()
         if options.distilled:
             sampling = Sampling(options.distilled_sigmas, generator, _anchor(vision, indexes) if indexes else None)
+        switches, schedule = components.switches, components.schedule
+        fp8 = components.quantization.quantized
+        if fp8:
+            switches.before_prefill(schedule)
         with timer.phase("prefill"), engine.use(REASONER):
             branches = prepare_branches(pipe, config, vision, indexes, sound)
             memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER))
@@ -248,6 +269,7 @@ def generate_video(
                 mlp_chunk=plan.mlp_chunk,
                 on_step=on_step,
                 sampling=sampling,
+                before_step=(lambda step, steps: switches.before_step(schedule, step, steps)) if fp8 else None,
             )
             del memories
         check_finite(

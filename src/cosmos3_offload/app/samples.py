@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..planning.plan import Plan
 from ..units import format_bytes
 from .config import GenerationConfig
@@ -99,6 +100,7 @@ def run_samples(
     plan: Plan | None = None,
     model: str = "tiny",
     progress: bool = True,
+    fp8: Fp8Options = NO_FP8_FLAGS,
     say: Say = logger.info,
     warn: Say = logger.warning,
 ) -> SamplesReport:
@@ -119,7 +121,7 @@ def run_samples(
     if requests:
         loaded = LoadedModel.open(
             checkpoint=checkpoint, device=device, dtype=dtype, plan=plan, model=model,
-            sound=any(config.sound for _, config in requests),
+            sound=any(config.sound for _, config in requests), fp8=fp8,
         )  # fmt: skip
         requests = _checked(loaded, requests, outcomes, warn)
     try:

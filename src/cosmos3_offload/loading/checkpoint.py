@@ -6,7 +6,7 @@ distilled repos, also `modular_model_index.json`; either one will do), `transfor
 `config.json` and either one `*.safetensors` file or shards listed by a `*.safetensors.index.json`.
 Before a single weight is allocated, every file's header is read and checked: every shard the index
 names exists and is whole, no stray weight file sits beside the shards, no weight appears twice,
-every weight is a floating-point tensor (FP8 is recognised but not loadable yet), every weight the
+every weight is a floating-point tensor (FP8: e4m3 with its scales), every weight the
 model needs is there with the shape its config implies, and nothing is there that the model does
 not have. The JSON files (the pipeline index, the model configs, the shard indexes, the scheduler
 and tokenizer files) are read too, and each config must build its model.
@@ -33,7 +33,9 @@ from diffusers.models.autoencoders.autoencoder_cosmos3_audio import Cosmos3AVAEA
 from ..errors import InputError, first_line
 from ..model.groups import UNUSED, sound_group_of, transformer_group_of, vae_group_of
 from ..offload.materialize import build_on_meta, group_layouts
+from ..quant.policy import TowerSwitches
 from .files import CheckpointWeights, Problems, check_checkpoint, part_problems, pipeline_problems, read_json
+from .quantization import NONE, Quantization, apply_quantization, quantization_of, stored_skip
 
 # The model folders whose weights are read, and the class each config must build.
 MODEL_CLASSES: dict[str, type] = {
@@ -111,6 +113,7 @@ class CheckpointContents:
     pipeline: bool = False  # the folder is a Cosmos3 pipeline, so its parts were checked
     configs: dict[str, dict] = field(default_factory=dict)  # model folder -> config that builds its class
     weights: dict[str, CheckpointWeights] = field(default_factory=dict)  # model folder -> its indexed weights
+    quantization: Quantization = NONE  # how the transformer's linears are stored
 
 
 def inspect_checkpoint(path: Path) -> CheckpointContents:
@@ -131,16 +134,18 @@ def inspect_checkpoint(path: Path) -> CheckpointContents:
             continue
         contents.configs[part] = config
         group_of = group_rule(part, config)
-        layouts = group_layouts(build_on_meta(cls, config), group_of, lambda name: torch.float32)
+        model = build_on_meta(cls, config)
+        if part == "transformer":
+            quantization = problems.attempt(functools.partial(quantization_of, config, weights))
+            if quantization is None:
+                continue
+            contents.quantization = quantization
+            apply_quantization(model, quantization, TowerSwitches())
+        layouts = group_layouts(model, group_of, lambda name: torch.float32)
         expected = [(e.names, e.shape) for group, layout in layouts.items() if group != UNUSED for e in layout.entries]
-        problems.extend(weights.problems_against(expected, unused_rule(group_of)))
+        problems.extend(weights.problems_against(expected, stored_skip(group_of, UNUSED)))
     contents.problems = list(dict.fromkeys(problems))  # a config read twice is one problem
     return contents
-
-
-def unused_rule(group_of: Callable[[str], str]) -> Callable[[str], bool]:
-    """Stored weights the model has but generation never reads: not checked, not read."""
-    return lambda key: group_of(key) == UNUSED
 
 
 def group_rule(part: str, config: dict) -> Callable[[str], str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,27 @@ from ..offload.engine import OffloadEngine
 from ..offload.materialize import build_on_meta, group_layouts, keep_fp32_dtype, move_buffers
 from ..offload.slabs import SlabEntry, SlabLayout
 from ..planning.plan import Plan
+from ..quant.fp8 import has_fp8_matmul
+from ..quant.linear import Precision, fp8_linear_paths, stored_dtypes
+from ..quant.policy import StepPolicy, TowerSwitches, Uniform, step_schedule
 from .checkpoint import model_configs_of
 from .files import CheckpointWeights, read_json
 from .layout import SOUND_TOKENIZER, PipelineOptions, has_sound_tokenizer, pipeline_options, sound_config
 from .mapped_files import MappedFiles
 from .placer import Placer, weight_grouping
-from .random_weights import RandomValues
+from .quantization import (
+    NO_FP8_FLAGS,
+    NONE,
+    Fp8Options,
+    Quantization,
+    QuantizingFill,
+    apply_quantization,
+    check_scales,
+    is_unstored,
+    quantization_of,
+    stored_skip,
+)
+from .random_weights import RandomValues, random_value
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +75,11 @@ class Components:
     plan: Plan
     options: PipelineOptions = PipelineOptions()
     sound_tokenizer: Cosmos3AVAEAudioTokenizer | None = None
+    quantization: Quantization = NONE
+    # Each tower's FP8 linears read their precision here, set per request and denoising step as
+    # `schedule` says (see quant/policy.py); both do nothing without FP8 linears.
+    switches: TowerSwitches = field(default_factory=TowerSwitches)
+    schedule: StepPolicy | Uniform = Uniform(Precision.W8A16)
 
 
 def model_configs(checkpoint: Path | None, random_model: str = "tiny") -> tuple[dict, dict]:
@@ -80,22 +100,34 @@ def load_components(
     seed: int = TINY_WEIGHT_SEED,
     sound: bool = False,
     progress: bool = False,
+    fp8: Fp8Options = NO_FP8_FLAGS,
 ) -> Components:
     """Build, place and fill every component as `plan` says (default: everything resident).
 
-    `sound` loads the checkpoint's sound tokenizer too (its decoder only).
+    `sound` loads the checkpoint's sound tokenizer too (its decoder only). An FP8 checkpoint's
+    linears load as FP8; `fp8.quantize` quantizes a bf16 one's as they load (see quantization.py);
+    `fp8.mode` picks W8A8 or W8A16 per step (see quant/policy.py).
     """
     plan = plan or Plan()
     if sound and not has_sound_tokenizer(checkpoint):
         raise InputError("sound needs a checkpoint with a sound_tokenizer/ folder")
     transformer_config, vae_config = model_configs(checkpoint, random_model)
+    stored_transformer = None if checkpoint is None else CheckpointWeights(checkpoint / "transformer")
+    quantization = quantization_of(transformer_config, stored_transformer, quantize=fp8.quantize, scales=fp8.scales)
+    schedule = step_schedule(fp8.mode, quantization.policy, fp8_cores=has_fp8_matmul(device))
+    if quantization.on_load and plan.maps_checkpoint:
+        raise InputError(
+            "--quantize writes FP8 copies of the weights, and a mapped reasoner reads them from the files as they "
+            "are: stream or stage the reasoner instead (or use an FP8 checkpoint, which maps as it is)"
+        )
     transformer = _build(Cosmos3OmniTransformer, transformer_config)
+    switches = TowerSwitches()
+    apply_quantization(transformer, quantization, switches)
     vae = _build(AutoencoderKLWan, vae_config)
     layers = transformer.config.num_hidden_layers
+    transformer_dtypes = stored_dtypes(transformer, keep_fp32_dtype(Cosmos3OmniTransformer, dtype))
     parts = [
-        _Part(
-            transformer, weight_grouping(plan, layers), keep_fp32_dtype(Cosmos3OmniTransformer, dtype), "transformer"
-        ),
+        _Part(transformer, weight_grouping(plan, layers), transformer_dtypes, "transformer"),
         _Part(vae, vae_group_of, keep_fp32_dtype(AutoencoderKLWan, dtype), "vae"),
     ]
     sound_tokenizer = None
@@ -106,10 +138,15 @@ def load_components(
         )
     layouts = [group_layouts(part.root, part.group_of, part.dtype_of) for part in parts]
     if checkpoint is not None:
-        weights = [CheckpointWeights(checkpoint / part.folder) for part in parts]
+        weights = [stored_transformer] + [CheckpointWeights(checkpoint / part.folder) for part in parts[1:]]
         for part, stored, layout in zip(parts, weights, layouts):
-            skip = _unused_rule(part.group_of)
-            stored.check_against(_shapes(layout, skip=UNUSED), skip)
+            expected = [
+                (names, shape)
+                for names, shape in _shapes(layout, skip=UNUSED)
+                if not is_unstored(names[0], quantization)
+            ]
+            stored.check_against(expected, stored_skip(part.group_of, UNUSED))
+        check_scales(MappedFiles(stored_transformer).view, quantization)
     # The tokenizer is cheap: load it before any weight memory exists, so a broken one costs nothing.
     tokenizer = build_tiny_tokenizer() if checkpoint is None else _checkpoint_tokenizer(checkpoint)
     placer = Placer(device, plan, None if checkpoint is None else weights[0])  # a mapped reasoner reads weights[0]
@@ -118,7 +155,17 @@ def load_components(
         total=sum(_nbytes(t) for t in targets), desc="load", unit="B", unit_scale=True, disable=not progress
     ) as bar:
         for index, part_targets in enumerate(targets):
-            fill = RandomValues(seed).fill if checkpoint is None else MappedFiles(weights[index]).fill
+            files = None if checkpoint is None else MappedFiles(weights[index])
+            fill = RandomValues(seed).fill if files is None else files.fill
+            if index == 0 and quantization.on_load:
+                value_of = files.view if files is not None else _random_value_of(seed)
+                fill = QuantizingFill(
+                    fill,
+                    value_of,
+                    frozenset(fp8_linear_paths(transformer)),
+                    part_targets,
+                    per_channel=quantization.per_channel,
+                )
             for batch in _batches(part_targets):
                 fill(batch)
                 bar.update(_nbytes(batch))
@@ -137,7 +184,15 @@ def load_components(
         plan=plan,
         options=pipeline_options(checkpoint),
         sound_tokenizer=sound_tokenizer,
+        quantization=quantization,
+        switches=switches,
+        schedule=schedule,
     )
+
+
+def _random_value_of(seed: int) -> Callable[[SlabEntry], torch.Tensor]:
+    """A random weight's full float32 value (what `--quantize` rounds to FP8 without a checkpoint)."""
+    return lambda entry: random_value(entry.names[0], entry.shape, seed)
 
 
 @dataclass(frozen=True)
@@ -148,11 +203,6 @@ class _Part:
     group_of: Callable[[str], str]
     dtype_of: Callable[[str], torch.dtype]
     folder: str
-
-
-def _unused_rule(group_of: Callable[[str], str]) -> Callable[[str], bool]:
-    """Stored weights the model has but never reads (`lm_head`, the sound encoder): not checked, not read."""
-    return lambda key: group_of(key) == UNUSED
 
 
 def _nbytes(targets: list[tuple[SlabEntry, torch.Tensor]]) -> int:

@@ -6,7 +6,8 @@ before torch or diffusers are even imported (the CLI refuses a damaged folder fr
 fraction of a second): the pipeline index names a Cosmos3 pipeline, the parts' folders and JSON
 files are there and parse, every shard the index names exists and has a whole header (parsed
 here, byte for byte as safetensors lays it out), no stray weight file sits beside the shards, no
-weight appears twice, every weight is floating point (FP8 recognised, not loadable yet), and each
+weight appears twice, every weight is floating point (FP8 as e4m3 only: loading/quantization.py
+checks its scales), and each
 index agrees with what the shards hold. `checkpoint.py` adds the checks that need the model
 classes (configs that build, weights of the right shapes).
 
@@ -31,12 +32,13 @@ PIPELINE_CLASS = "Cosmos3OmniPipeline"
 MODULAR_INDEX = "modular_model_index.json"  # the distilled repos' index; its class names vary by pipeline
 REQUIRED_PARTS = ("transformer", "vae", "text_tokenizer")
 SCHEDULER_CLASSES = ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
-# Bytes per element of each safetensors dtype; F8_* are FP8, recognised but not loadable yet.
+# Bytes per element of each safetensors dtype; F8_* are FP8 (F8_E4M3 loads, see quantization.py).
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }  # fmt: skip
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+LOADABLE_FP8 = "F8_E4M3"
 
 T = TypeVar("T")
 
@@ -223,23 +225,18 @@ class CheckpointWeights:
         return [self.folder / name for name in named if name not in self._unread]
 
     def _dtype_problems(self) -> list[str]:
-        """Weights that are not floating point (they would be cast silently into their homes), and FP8."""
-        odd = [(k, s) for k, s in self.tensors.items() if s.dtype not in FLOAT_DTYPES and not is_fp8(s.dtype)]
-        fp8 = [(k, s) for k, s in self.tensors.items() if is_fp8(s.dtype)]
-        problems = []
-        if odd:
-            key, stored = odd[0]
-            problems.append(
-                f"{stored.file.name} in {str(self.folder)!r} stores {key!r} as {stored.dtype}, which is no weight's "
-                f"dtype; weights are floating point{_more(odd)}"
-            )
-        if fp8:
-            key, stored = fp8[0]
-            problems.append(
-                f"{stored.file.name} in {str(self.folder)!r} stores {key!r} as {dtype_name(stored.dtype)}"
-                f"{_more(fp8)}; use a bf16 checkpoint"
-            )
-        return problems
+        """Weights that are not floating point (they would be cast silently into their homes), and FP8
+        other than e4m3 (the only FP8 that NVIDIA's checkpoints store and that runs here)."""
+        odd = [(k, s) for k, s in self.tensors.items() if s.dtype not in FLOAT_DTYPES and s.dtype != LOADABLE_FP8]
+        if not odd:
+            return []
+        key, stored = odd[0]
+        kind = (
+            "an FP8 format that does not run here (only F8_E4M3 does)"
+            if is_fp8(stored.dtype)
+            else ("no weight's dtype; weights are floating point")
+        )
+        return [f"{stored.file.name} in {str(self.folder)!r} stores {key!r} as {stored.dtype}, {kind}{_more(odd)}"]
 
     def _index_problems(self, index_file: Path, weight_map: dict[str, str]) -> list[str]:
         problems = []
@@ -307,9 +304,9 @@ def is_fp8(dtype: str) -> bool:
 
 
 def dtype_name(dtype: str) -> str:
-    """How a report names a safetensors dtype: bf16, fp32, ..., FP8 flagged as not loadable yet."""
+    """How a report names a safetensors dtype: bf16, fp32, fp8 (e4m3), ..."""
     if is_fp8(dtype):
-        return f"FP8 ({dtype}, not loadable yet)"
+        return f"fp8 ({dtype})"
     return {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}.get(dtype, dtype)
 
 

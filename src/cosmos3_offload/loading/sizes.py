@@ -12,8 +12,11 @@ from ..offload.materialize import build_on_meta, group_layouts, keep_fp32_dtype
 from ..offload.slabs import SlabLayout, align
 from ..planning.plan import GroupPlan, Mode, Plan
 from ..planning.sizes import GroupBytes, ModelSizes, TowerBytes
+from ..quant.linear import fp8_linear_paths, stored_dtypes
+from ..quant.policy import TowerSwitches
 from ..vae.structure import decoder_blocks
 from .placer import LAYER_MARK, weight_grouping
+from .quantization import NONE, Quantization, apply_quantization
 
 DTYPES = {2: torch.bfloat16, 4: torch.float32}
 
@@ -25,15 +28,21 @@ def group_bytes(layout: SlabLayout | None) -> GroupBytes:
 
 
 def model_sizes(
-    transformer_config: dict, vae_config: dict, dtype_bytes: int = 2, sound_config: dict | None = None
+    transformer_config: dict,
+    vae_config: dict,
+    dtype_bytes: int = 2,
+    sound_config: dict | None = None,
+    quantization: Quantization = NONE,
 ) -> ModelSizes:
     """Exact sizes from `meta` models grouped and packed the way the loader does it; with
-    `sound_config` (see loading/layout.py), the sound tokenizer's decoder too."""
+    `sound_config` (see loading/layout.py), the sound tokenizer's decoder too; with `quantization`,
+    the FP8 linears at one byte a weight element (and their scales)."""
     dtype = DTYPES[dtype_bytes]
     transformer = build_on_meta(Cosmos3OmniTransformer, transformer_config)
+    apply_quantization(transformer, quantization, TowerSwitches())
     config = transformer.config
     layers = config.num_hidden_layers
-    dtype_of = keep_fp32_dtype(Cosmos3OmniTransformer, dtype)
+    dtype_of = stored_dtypes(transformer, keep_fp32_dtype(Cosmos3OmniTransformer, dtype))
     # Every layer streamed: each layer's share of a tower is its own layout, the head stays apart.
     per_layer = Plan(reasoner=GroupPlan(mode=Mode.STREAMED), generator=GroupPlan(mode=Mode.STREAMED))
     split = group_layouts(transformer, weight_grouping(per_layer, layers), dtype_of)
@@ -68,6 +77,11 @@ def model_sizes(
         vae_encoder=group_bytes(vae_layouts[VAE_ENCODER]),
         layer_matmul_params=matmul,
         decoder_blocks=decoder_blocks(vae.decoder),
+        fp8=quantization.quantized,
+        dequantized_bytes=max(
+            (transformer.get_submodule(p).weight.numel() * dtype_bytes for p in fp8_linear_paths(transformer)),
+            default=0,
+        ),
         **({} if sound_config is None else _sound_sizes(sound_config, dtype)),
     )
 
