@@ -100,9 +100,10 @@ def wrong_dtype(ckpt: Path) -> tuple[str, ...]:
 
 
 def fp8_weights(ckpt: Path) -> tuple[str, ...]:
+    """FP8 weights in a folder whose config says nothing of how they were quantized."""
     file = shards(ckpt / "transformer")[0]
     rewrite(file, lambda t: t.update({k: v.to(torch.float8_e4m3fn) for k, v in t.items() if v.ndim == 2}))
-    return (file.name, "FP8 (F8_E4M3, not loadable yet)")
+    return (file.name, "in FP8", "no quantization_config")
 
 
 def unknown_class_name(ckpt: Path) -> tuple[str, ...]:
@@ -241,7 +242,7 @@ def test_published_folder_passes_and_is_described(ckpt, tmp_path, capsys, monkey
     assert "model: tiny size (hidden 64, 2 layers" in out
     assert "sound (sound_dim 8; decoded by sound_tokenizer/" in out and "action (action_dim 6; never loaded" in out
     assert "transformer 6 file(s): fp32" in out and "sound_tokenizer 1 file(s): fp32" in out
-    groups = out.split("groups, as loaded in bf16: ")[1].splitlines()[0]
+    groups = out.split("groups, as loaded (bf16): ")[1].splitlines()[0]
     for group in ("embedding", "reasoner", "generator", "vae", "vae_encoder", "sound", "never read:"):
         assert re.search(rf"(^| ){group} \d", groups), groups
     assert "plans for the default request (1280x720, 189 frames, 35 steps, guidance 6" in out

@@ -26,6 +26,7 @@ from ..errors import InputError, first_line
 from ..loading.checkpoint import CheckpointContents, group_rule, inspect_checkpoint
 from ..loading.files import dtype_name, read_json
 from ..loading.layout import SOUND_TOKENIZER, pipeline_options
+from ..loading.quantization import describe_quantization
 from ..loading.sizes import model_sizes
 from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, UNUSED, VAE, VAE_ENCODER
 from ..model.specs import MODEL_SPECS
@@ -104,7 +105,8 @@ def _run_problems(path: Path) -> list[str]:
 def describe(path: Path, contents: CheckpointContents, machine: Machine) -> str:
     """The report: what the folder holds and which plans fit `machine`."""
     config = contents.configs["transformer"]
-    sizes = model_sizes(config, contents.configs["vae"], dtype_bytes=2)
+    quantization = contents.quantization
+    sizes = model_sizes(config, contents.configs["vae"], dtype_bytes=2, quantization=quantization)
     sigmas = pipeline_options(path).distilled_sigmas
     lines = [
         f"checkpoint {str(path)!r}: a Cosmos3 pipeline; every check passed",
@@ -117,7 +119,9 @@ def describe(path: Path, contents: CheckpointContents, machine: Machine) -> str:
         "heads: " + _heads(path, config),
         "stored: " + "; ".join(_stored(part, w) for part, w in contents.weights.items()),
         _scheduler(path),
-        "groups, as loaded in bf16: " + _groups(sizes, contents),
+        describe_quantization(config, quantization),
+        f"groups, as loaded ({'FP8 linears, the rest ' if quantization.quantized else ''}bf16): "
+        + _groups(sizes, contents),
         *_plans(sizes, machine, None if sigmas is None else len(sigmas)),
     ]
     return "\n".join(lines)
