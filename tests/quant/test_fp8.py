@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cosmos3_offload.planning.memory import FP8_QUANTIZE_CHUNK_ROWS
+from cosmos3_offload.quant import fp8
 from cosmos3_offload.quant.fp8 import (
     FP8,
     FP8_MAX,
+    QUANTIZE_CHUNK_ROWS,
     dequantize,
     quantize,
     w8a8_linear,
@@ -73,9 +76,23 @@ def test_w8a8_rounds_the_inputs_to_fp8_too(static):
     out = w8a8_linear(x, stored, scale, input_scale, None)
     flat = x.reshape(-1, 64)
     rows = input_scale if static else flat.abs().amax(dim=1, keepdim=True) / FP8_MAX
-    rounded = (flat / rows).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * rows
+    rounded = (flat / rows).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * rows  # float32: rounded once
     expected = F.linear(rounded, dequantize(stored, scale, torch.float32)).view(2, 9, 48)
     assert out.shape == (2, 9, 48) and torch.allclose(out, expected, atol=1e-6)
     exact = F.linear(x, w)
     assert F.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.995
     assert not torch.equal(out, w8a16_linear(x, stored, scale, None))  # the inputs really were rounded
+
+
+def test_the_planner_counts_the_chunk_the_unfused_quantization_scales():
+    """The planner's FP8 working set assumes the chunk size the quantization really uses."""
+    assert FP8_QUANTIZE_CHUNK_ROWS == QUANTIZE_CHUNK_ROWS
+
+
+def test_chunked_activation_quantization_equals_the_whole_at_once():
+    """Rows quantized a chunk at a time (static or per-row scales) equal quantizing them all at once."""
+    x = torch.randn(fp8.QUANTIZE_CHUNK_ROWS * 2 + 5, 16).bfloat16()
+    for scale in (x.abs().max().float() / FP8_MAX, None):
+        chunked, scales = fp8.quantize_activations(x, scale)
+        whole, whole_scales = fp8._fused_quantize(x, scale)
+        assert torch.equal(chunked.view(torch.uint8), whole.view(torch.uint8)) and torch.equal(scales, whole_scales)

@@ -37,6 +37,7 @@ DECODE_FRAME_SLOWDOWN = {1: 1.33, 2: 1.13, 4: 1.0}
 # Live [channels, samples] tensors of the sound decoder's full-rate stage (a residual unit's input,
 # its two convolutions' outputs and the upsampled input): an estimate from its structure, not measured.
 SOUND_DECODE_LIVE = 4
+FP8_QUANTIZE_CHUNK_ROWS = 4096  # quant/fp8.py's QUANTIZE_CHUNK_ROWS (the planner imports no torch)
 ENCODE_BYTES_PER_PIXEL = 390
 ENCODE_BYTES_PER_PIXEL_FRAME = 900
 
@@ -179,9 +180,12 @@ def activation_bytes(sizes: ModelSizes, request: Request, *, prompt: bool = Fals
     mlp_tokens = tokens if chunk is None else min(tokens, chunk)
     mlp = sizes.mlp_mats * mlp_tokens * sizes.intermediate * sizes.dtype_bytes
     if sizes.fp8:
-        # The widest input (the MLP's down projection) scaled in the run's dtype, then its FP8 copy;
-        # or, in W8A16, the largest weight dequantized.
-        mlp += max(mlp_tokens * sizes.intermediate * (sizes.dtype_bytes + 1), sizes.dequantized_bytes)
+        # W8A8: the FP8 copy of a linear's largest input (the attention projections' over every token,
+        # or the MLP down projection's over a chunk), plus a chunk of it scaled in float32 where it is
+        # not fused (quant/fp8.py); W8A16: the largest weight dequantized.
+        widest = max(tokens * sizes.hidden, mlp_tokens * sizes.intermediate)
+        scaled_chunk = FP8_QUANTIZE_CHUNK_ROWS * sizes.intermediate * 4
+        mlp += max(widest + scaled_chunk, sizes.dequantized_bytes)
     return int((ACTIVATION_HIDDENS + request.branches - 2) * tokens * sizes.hidden * sizes.dtype_bytes + mlp)
 
 

@@ -13,12 +13,20 @@ scalar (per tensor) or one per output row (per channel), `amax / 448`.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
+
+from ..errors import first_line
+
+logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 MIN_SCALE = 1e-12  # an all-zero weight or row still gets a usable scale
+QUANTIZE_CHUNK_ROWS = 4096  # rows of activations scaled at a time without a fused kernel
 _GEMM_MULTIPLE = 16  # _scaled_mm needs both matrix dimensions of the weight divisible by 16
 
 
@@ -57,9 +65,7 @@ def w8a8_linear(
 ) -> torch.Tensor:
     """The linear layer with both operands in FP8; `input_scale` None: a dynamic scale per row."""
     flat = inputs.reshape(-1, inputs.shape[-1])  # [tokens, in]
-    if input_scale is None:
-        input_scale = weight_scales(flat, per_channel=True)[:, None]  # [tokens, 1]
-    quantized = _quantize_activations(flat, input_scale)
+    quantized, input_scale = quantize_activations(flat, input_scale)
     if _runs_on_fp8_cores(weight):
         out = _scaled_matmul(quantized, weight, input_scale, weight_scale, inputs.dtype)
     else:
@@ -70,14 +76,54 @@ def w8a8_linear(
     return out.view(*inputs.shape[:-1], weight.shape[0])
 
 
+def quantize_activations(flat: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[tokens, in] -> (FP8 [tokens, in], its scale: the static scalar, or [tokens, 1] amax / 448).
+
+    On a GPU one fused kernel (torch.compile) reads the activations once and writes one byte an
+    element; elsewhere, or when compiling fails, rows are quantized a chunk at a time, so the
+    float32 copy is never larger than a chunk. Both divide in float32, saturate at ±448 and round
+    to e4m3 once (so the two give the same bytes).
+    """
+    if flat.is_cuda and (compiled := _compiled_quantizer()) is not None:
+        return compiled(flat, scale)
+    out = torch.empty(flat.shape, dtype=FP8, device=flat.device)
+    scales = torch.empty(flat.shape[0], 1, dtype=torch.float32, device=flat.device) if scale is None else scale
+    for start in range(0, flat.shape[0], QUANTIZE_CHUNK_ROWS):
+        rows = flat[start : start + QUANTIZE_CHUNK_ROWS]
+        if scale is None:
+            scales[start : start + rows.shape[0]] = _row_scales(rows)
+        row_scale = scales[start : start + rows.shape[0]] if scale is None else scale
+        out[start : start + rows.shape[0]].copy_((rows.float() / row_scale).clamp_(-FP8_MAX, FP8_MAX))
+    return out, scales
+
+
+def _row_scales(rows: torch.Tensor) -> torch.Tensor:
+    return (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(MIN_SCALE)  # [rows, 1]
+
+
+def _fused_quantize(flat: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if scale is None:
+        scale = _row_scales(flat)
+    return (flat.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@functools.cache
+def _compiled_quantizer():
+    """`_fused_quantize` compiled for the GPU once per process; None where torch.compile cannot run."""
+    try:
+        compiled = torch.compile(_fused_quantize, dynamic=True)
+        probe = torch.ones(32, 32, device="cuda", dtype=torch.bfloat16)
+        compiled(probe, None)
+        compiled(probe, torch.ones((), device="cuda"))
+    except Exception as error:  # no triton, no compiler: the chunked path does the same math
+        logger.warning("FP8 activations are quantized unfused (torch.compile failed: %s)", first_line(error))
+        return None
+    return compiled
+
+
 def has_fp8_matmul(device: torch.device) -> bool:
     """Whether `device` runs FP8 GEMMs on tensor cores (CUDA compute capability 8.9 and up)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def _quantize_activations(flat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[tokens, in] -> FP8, divided by a scalar or a [tokens, 1] scale, in the activations' dtype."""
-    return (flat / scale.to(flat.dtype)).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def _runs_on_fp8_cores(weight: torch.Tensor) -> bool:
