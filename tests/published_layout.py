@@ -24,6 +24,7 @@ from tiny_models import flow_unipc, tiny_transformer, tiny_vae
 
 from cosmos3_offload.loading.random_weights import fill_random_
 from cosmos3_offload.model.tiny_tokenizer import build_tiny_tokenizer
+from cosmos3_offload.planning.plan import GroupPlan, Mode, Plan
 
 # A sound tokenizer with the shipped structure at toy width: 25 latent frames a second, stereo.
 TINY_SOUND_TOKENIZER = {
@@ -43,6 +44,16 @@ TINY_SOUND_TOKENIZER = {
 NEGATIVE_PROMPT = {"negative": "blurry, low quality, static", "style": ["cartoon"]}
 NEGATIVE_PROMPT_I2V = {"negative": "jitter, morphing, first frame ignored"}
 DISTILLED_SIGMAS = [1.0, 0.9375, 0.8333, 0.625]  # the shape of a 4-step student's schedule
+# One plan of each kind a published folder is checked under: every one must give the resident result.
+PLANS = {
+    "resident": Plan(),
+    "staged": Plan.from_offload(["reasoner", "generator", "vae"]),
+    "streamed": Plan(
+        reasoner=GroupPlan(mode=Mode.STREAMED, resident_layers=(1,)),
+        generator=GroupPlan(mode=Mode.STREAMED),
+        vae=GroupPlan(mode=Mode.STAGED),
+    ),
+}
 SHARD_SIZE = "200KB"  # splits the tiny transformer into several shards, as 5GB splits Nano's
 
 

@@ -11,6 +11,7 @@ from diffusers import Cosmos3OmniPipeline, UniPCMultistepScheduler
 from published_layout import (
     NEGATIVE_PROMPT,
     NEGATIVE_PROMPT_I2V,
+    PLANS,
     corrupt,
     never_read_files,
     pickle_marker,
@@ -29,19 +30,10 @@ from cosmos3_offload.loading.layout import default_negative_prompt, pipeline_opt
 from cosmos3_offload.loading.sizes import model_sizes
 from cosmos3_offload.model.groups import SOUND
 from cosmos3_offload.planning.memory import peaks, weight_bytes
-from cosmos3_offload.planning.plan import GroupPlan, Mode, Plan
+from cosmos3_offload.planning.plan import Plan
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4
-PLANS = {
-    "resident": Plan(),
-    "staged": Plan.from_offload(["reasoner", "generator", "vae"]),
-    "streamed": Plan(
-        reasoner=GroupPlan(mode=Mode.STREAMED, resident_layers=(1,)),
-        generator=GroupPlan(mode=Mode.STREAMED),
-        vae=GroupPlan(mode=Mode.STAGED),
-    ),
-}
 
 
 @pytest.fixture(scope="module")

@@ -165,6 +165,7 @@ def load_components(
                     frozenset(fp8_linear_paths(transformer)),
                     part_targets,
                     per_channel=quantization.per_channel,
+                    device=device,
                 )
             for batch in _batches(part_targets):
                 fill(batch)
