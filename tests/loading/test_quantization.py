@@ -108,3 +108,9 @@ def test_quantize_cannot_map_the_reasoner_from_files():
 def test_unknown_fp8_options_are_refused(options, message):
     with pytest.raises(InputError, match=message):
         Fp8Options(**options)
+
+
+def test_fp8_flags_without_fp8_weights_are_refused():
+    """--fp8-mode on a bf16 model without --quantize would do nothing: refused rather than ignored."""
+    with pytest.raises(InputError, match="--quantize fp8"):
+        load_components(None, CPU, torch.float32, fp8=Fp8Options(mode="w8a8"))

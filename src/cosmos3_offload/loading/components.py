@@ -114,6 +114,10 @@ def load_components(
     transformer_config, vae_config = model_configs(checkpoint, random_model)
     stored_transformer = None if checkpoint is None else CheckpointWeights(checkpoint / "transformer")
     quantization = quantization_of(transformer_config, stored_transformer, quantize=fp8.quantize, scales=fp8.scales)
+    if not quantization.quantized and (fp8.mode != NO_FP8_FLAGS.mode or fp8.scales != NO_FP8_FLAGS.scales):
+        raise InputError(
+            "--fp8-mode and --fp8-scales apply to FP8 weights: add --quantize fp8, or use an FP8 checkpoint"
+        )
     schedule = step_schedule(fp8.mode, quantization.policy, fp8_cores=has_fp8_matmul(device))
     if quantization.on_load and plan.maps_checkpoint:
         raise InputError(
