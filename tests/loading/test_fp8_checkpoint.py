@@ -24,6 +24,7 @@ from cosmos3_offload.app.config import GenerationConfig
 from cosmos3_offload.app.runner import LoadedModel, generate_video
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.errors import InputError
+from cosmos3_offload.loading.checkpoint import inspect_checkpoint
 from cosmos3_offload.loading.components import load_components
 from cosmos3_offload.loading.quantization import Fp8Options
 from cosmos3_offload.model.quantized import is_quantized_linear
@@ -235,9 +236,11 @@ def damage_scales(folder, tmp_path, edit) -> object:
 )
 def test_fp8_weights_without_usable_scales_are_refused(folder, tmp_path, edit, message):
     """Scales dropped or broken (pure noise in other loaders) end in one line before any weight is placed."""
+    damaged = damage_scales(folder, tmp_path, edit)
     with pytest.raises(InputError, match=message) as refused:
-        load_components(damage_scales(folder, tmp_path, edit), CPU, torch.float32)
+        load_components(damaged, CPU, torch.float32)
     assert len(str(refused.value).splitlines()) == 1
+    assert any(message in problem for problem in inspect_checkpoint(damaged).problems)  # `check` says so too
 
 
 def test_quantize_on_an_fp8_checkpoint_changes_nothing(folder, tmp_path, resident):

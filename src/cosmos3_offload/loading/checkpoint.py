@@ -35,7 +35,8 @@ from ..model.groups import UNUSED, sound_group_of, transformer_group_of, vae_gro
 from ..offload.materialize import build_on_meta, group_layouts
 from ..quant.policy import TowerSwitches
 from .files import CheckpointWeights, Problems, check_checkpoint, part_problems, pipeline_problems, read_json
-from .quantization import NONE, Quantization, apply_quantization, quantization_of, stored_skip
+from .mapped_files import MappedFiles
+from .quantization import NONE, Quantization, apply_quantization, check_scales, quantization_of, stored_skip
 
 # The model folders whose weights are read, and the class each config must build.
 MODEL_CLASSES: dict[str, type] = {
@@ -140,6 +141,8 @@ def inspect_checkpoint(path: Path) -> CheckpointContents:
             if quantization is None:
                 continue
             contents.quantization = quantization
+            if weights.complete:  # the scales' values too, as the loader checks them (a few bytes each)
+                problems.attempt(functools.partial(check_scales, MappedFiles(weights).view, quantization))
             apply_quantization(model, quantization, TowerSwitches())
         layouts = group_layouts(model, group_of, lambda name: torch.float32)
         expected = [(e.names, e.shape) for group, layout in layouts.items() if group != UNUSED for e in layout.entries]

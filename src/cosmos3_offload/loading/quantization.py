@@ -39,13 +39,13 @@ from ..quant.linear import Fp8Layout, apply_fp8_linears, fp8_linear_paths
 from ..quant.policy import MODES, StepPolicy, TowerSwitches, parse_step_policy
 from ..units import format_bytes
 from .files import CheckpointWeights, dtype_name, is_fp8
+from .mapped_files import FILL_THREADS
 
 QUANTIZE_CHOICES = ("fp8",)  # what --quantize takes
 SCALE_CHOICES = ("channel", "tensor")  # what --fp8-scales takes
 STORED_FP8 = "F8_E4M3"
 MODELOPT_BUFFERS = ("_quantizer.",)  # `weight_quantizer._amax`, `input_quantizer._scale`, ...
 WEIGHT, WEIGHT_SCALE, INPUT_SCALE = "weight", "weight_scale", "input_scale"
-FILL_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -115,11 +115,7 @@ def quantization_of(
     scales: str = "channel",
 ) -> Quantization:
     """The quantization of a checkpoint's transformer (`stored` None: random weights), or of
-    `--quantize` applied to a bf16 one (a no-op for an FP8 checkpoint)."""
-    if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise InputError(f"unknown --quantize {quantize!r}; choose from {' '.join(QUANTIZE_CHOICES)}")
-    if scales not in SCALE_CHOICES:
-        raise InputError(f"unknown --fp8-scales {scales!r}; choose from {' '.join(SCALE_CHOICES)}")
+    `--quantize` applied to a bf16 one (a no-op for an FP8 checkpoint); `Fp8Options` validated both."""
     config = transformer_config.get("quantization_config")
     fp8_weights = [] if stored is None else sorted(k for k, s in stored.tensors.items() if is_fp8(s.dtype))
     if config is None and not fp8_weights:

@@ -123,7 +123,13 @@ def _compiled_quantizer():
 
 def has_fp8_matmul(device: torch.device) -> bool:
     """Whether `device` runs FP8 GEMMs on tensor cores (CUDA compute capability 8.9 and up)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and _capability(device.index) >= (8, 9)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    """Asked once per device: every W8A8 linear call wants to know."""
+    return torch.cuda.get_device_capability(index)
 
 
 def _runs_on_fp8_cores(weight: torch.Tensor) -> bool:
