@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cosmos3_offload"
 BASE = {"errors", "units"}
-LAYERS = ("model", "planning", "offload", "quant", "split", "vae", "loading", "app")
+LAYERS = ("model", "planning", "offload", "quant", "kernels", "split", "vae", "loading", "app")
 # What each layer may import from this package (itself and `base` always).
 ALLOWED = {
     "base": set(),
@@ -19,7 +19,8 @@ ALLOWED = {
     "planning": {"model"},
     "offload": set(),
     "quant": set(),
-    "split": set(),
+    "kernels": set(),
+    "split": {"kernels"},
     "vae": {"model", "planning", "offload"},
     "loading": {"model", "planning", "offload", "quant", "vae"},
     "app": set(LAYERS),
@@ -31,6 +32,7 @@ FORBIDDEN = {
     "planning": {"torch", "diffusers", "numpy", "safetensors", "transformers", "accelerate"},
     "offload": {"diffusers", "transformers"},
     "quant": {"diffusers", "transformers", "safetensors"},
+    "kernels": {"diffusers", "transformers", "safetensors"},
     "split": {"safetensors"},
 }
 

@@ -16,6 +16,8 @@ from diffusers.models.transformers.transformer_cosmos3 import (
     _rotate_half,
 )
 
+from ..kernels.choice import EAGER, Kernels
+
 
 def rotary_tables(
     model: Cosmos3OmniTransformer, position_ids: torch.Tensor, dtype: torch.dtype
@@ -32,9 +34,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def attend(
-    attn: Cosmos3PackedMoTAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
+    attn: Cosmos3PackedMoTAttention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    kernels: Kernels = EAGER,
 ) -> torch.Tensor:
     """q: [q_tokens, heads, head_dim], k/v: [kv_tokens, kv_heads, head_dim] -> [q_tokens, heads * head_dim]."""
+    if kernels.attention is not None:
+        return kernels.attention(q, k, v, causal=causal).flatten(-2, -1)
     out = dispatch_attention_fn(
         q.unsqueeze(0),
         k.unsqueeze(0),

@@ -17,6 +17,7 @@ import torch
 from diffusers.models.transformers.transformer_cosmos3 import Cosmos3OmniTransformer, Cosmos3VLTextMoTDecoderLayer
 from torch import nn
 
+from ..kernels.choice import EAGER, Kernels
 from .attention import apply_rotary, attend, rotary_tables
 from .prefill import ReasonerMemory
 
@@ -112,6 +113,7 @@ def denoise_branches(
     *,
     layers: Iterable[nn.Module] | None = None,
     mlp_chunk: int | None = None,
+    kernels: Kernels = EAGER,
 ) -> list[GeneratorPrediction]:
     """Generator passes for several CFG branches sharing the latents, each layer once for all of them.
 
@@ -119,18 +121,45 @@ def denoise_branches(
     layers in order, each ready when yielded (default `model.layers`); `mlp_chunk` bounds the MLP's
     intermediate activations to that many tokens at a time.
     """
-    hidden, tables = [], []
-    for layout, memory in branches:
-        hidden.append(embed_generator_tokens(model, layout, inputs, memory.keys[0].dtype))
-        tables.append(rotary_tables(model, layout.position_ids, hidden[-1].dtype))
+    hidden = embed_branches(model, [layout for layout, _ in branches], inputs, branches[0][1].keys[0].dtype)
+    outputs = run_decoder_stack(model, branches, hidden, layers=layers, mlp_chunk=mlp_chunk, kernels=kernels)
+    return [read_out_predictions(model, layout, inputs, out) for (layout, _), out in zip(branches, outputs)]
+
+
+def embed_branches(
+    model: Cosmos3OmniTransformer, layouts: list[GeneratorLayout], inputs: GeneratorInputs, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Each branch's decoder-stack input [generator tokens, hidden] (see `embed_generator_tokens`)."""
+    return [embed_generator_tokens(model, layout, inputs, dtype) for layout in layouts]
+
+
+@torch.no_grad()
+def run_decoder_stack(
+    model: Cosmos3OmniTransformer,
+    branches: list[tuple[GeneratorLayout, ReasonerMemory]],
+    hidden: list[torch.Tensor],
+    *,
+    layers: Iterable[nn.Module] | None = None,
+    mlp_chunk: int | None = None,
+    kernels: Kernels = EAGER,
+) -> list[torch.Tensor]:
+    """The generator half of every decoder layer and the final norm, for each branch's `hidden`:
+    the span `Cosmos3OmniTransformer._run_decoder_stack` covers (and step caches skip)."""
+    hidden = list(hidden)
+    tables = [rotary_tables(model, layout.position_ids, h.dtype) for (layout, _), h in zip(branches, hidden)]
     for index, layer in enumerate(model.layers if layers is None else layers):
         for b, ((_, memory), (cos, sin)) in enumerate(zip(branches, tables)):
             hidden[b] = generator_layer(
-                layer, hidden[b], memory.keys[index], memory.values[index], cos, sin, mlp_chunk=mlp_chunk
+                layer,
+                hidden[b],
+                memory.keys[index],
+                memory.values[index],
+                cos,
+                sin,
+                mlp_chunk=mlp_chunk,
+                kernels=kernels,
             )
-    return [
-        read_out_predictions(model, layout, inputs, model.norm_moe_gen(h)) for (layout, _), h in zip(branches, hidden)
-    ]
+    return [model.norm_moe_gen(h) for h in hidden]
 
 
 def generator_layer(
@@ -142,6 +171,7 @@ def generator_layer(
     sin: torch.Tensor,
     *,
     mlp_chunk: int | None = None,
+    kernels: Kernels = EAGER,
 ) -> torch.Tensor:
     """One decoder layer's generator half. hidden: [generator tokens, hidden]."""
     attn = layer.self_attn
@@ -152,7 +182,7 @@ def generator_layer(
     del normed
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     # Non-causal: every generator query sees the whole prompt and every generator token.
-    out = attend(attn, q, torch.cat([memory_key, k]), torch.cat([memory_value, v]), causal=False)
+    out = attend(attn, q, torch.cat([memory_key, k]), torch.cat([memory_value, v]), causal=False, kernels=kernels)
     del q, k, v
     hidden = hidden + attn.to_add_out(out)
     del out

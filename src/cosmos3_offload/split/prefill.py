@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_cosmos3 import Cosmos3OmniTransformer, Cosmos3VLTextMoTDecoderLayer
 from torch import nn
 
+from ..kernels.choice import EAGER, Kernels
 from .attention import apply_rotary, attend, rotary_tables
 
 
@@ -61,6 +62,7 @@ def prefill_prompts(
     prompts: list[tuple[torch.Tensor, torch.Tensor]],
     *,
     layers: Iterable[nn.Module] | None = None,
+    kernels: Kernels = EAGER,
 ) -> list[ReasonerMemory]:
     """Prefill several prompts (the CFG branches), each layer once for all of them.
 
@@ -78,7 +80,9 @@ def prefill_prompts(
     last = len(model.layers) - 1
     for index, layer in enumerate(model.layers if layers is None else layers):
         for p, (cos, sin) in enumerate(tables):
-            hidden[p], key, value = _reasoner_layer(layer, hidden[p], cos, sin, with_output=index < last)
+            hidden[p], key, value = _reasoner_layer(
+                layer, hidden[p], cos, sin, with_output=index < last, kernels=kernels
+            )
             keys[p].append(key)
             values[p].append(value)
     return [ReasonerMemory(keys=tuple(k), values=tuple(v)) for k, v in zip(keys, values)]
@@ -91,6 +95,7 @@ def _reasoner_layer(
     sin: torch.Tensor,
     *,
     with_output: bool,
+    kernels: Kernels = EAGER,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoder layer's reasoner half: returns (next hidden, K for the generator, V)."""
     attn = layer.self_attn
@@ -102,7 +107,7 @@ def _reasoner_layer(
     k_for_gen = apply_rotary(k_for_gen, cos, sin)
     if not with_output:
         return hidden, k_for_gen, v
-    out = attend(attn, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, causal=True)
+    out = attend(attn, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, causal=True, kernels=kernels)
     hidden = hidden + attn.to_out(out)
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden, k_for_gen, v

@@ -1,0 +1,1 @@
+"""Which kernels the split forward runs: attention implementations, compiled fused elementwise ops."""
