@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cosmos3_offload"
 BASE = {"errors", "units"}
-LAYERS = ("model", "planning", "offload", "quant", "kernels", "split", "vae", "loading", "app")
+LAYERS = ("model", "planning", "offload", "quant", "kernels", "split", "stepcache", "vae", "loading", "app")
 # What each layer may import from this package (itself and `base` always).
 ALLOWED = {
     "base": set(),
@@ -21,6 +21,7 @@ ALLOWED = {
     "quant": set(),
     "kernels": set(),
     "split": {"kernels"},
+    "stepcache": set(),
     "vae": {"model", "planning", "offload"},
     "loading": {"model", "planning", "offload", "quant", "vae"},
     "app": set(LAYERS),

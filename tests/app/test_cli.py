@@ -65,6 +65,9 @@ def run_cli(capsys, *args):
         (["--quantize", "int4"], "invalid choice"),
         (["--fp8-mode", "fast"], "invalid choice"),
         (["--quantize", "fp8", "--fp8-scales", "block"], "invalid choice"),
+        (["--cache", "teacache"], "invalid choice"),
+        (["--cache-threshold", "0.3"], "pass --cache seacache too"),
+        (["--cache", "seacache", "--cache-threshold", "nan"], "cache threshold must be a finite number"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(capsys, tmp_path, monkeypatch, args, message):
@@ -140,6 +143,36 @@ def test_plan_prints_the_choice_and_predictions(capsys):
     assert "1280x720, 189 frames" in out and "generator streamed" in out
     assert "predicted peak:" in out and "s per step" in out
     assert "encode" not in out  # text to video encodes nothing
+
+
+def test_plan_counts_the_step_cache_memory(capsys):
+    """Under the same budget, --cache seacache plans for its residuals: fewer resident generator layers
+    or a higher denoise peak, never the same plan and peak."""
+    args = ["plan", "--vram-budget", "8GiB", "--model", "nano", "--resolution", "720", "--frames", "189"]
+    plans = []
+    for extra in ([], ["--cache", "seacache"]):
+        assert main([*args, *extra]) == 0
+        out = capsys.readouterr().out.splitlines()
+        plans.append((next(x for x in out if x.startswith("plan for")), next(x for x in out if "peak:" in x)))
+    assert plans[0] != plans[1]
+
+
+def test_generate_with_seacache_reports_computed_and_reused_steps(capsys, tmp_path):
+    """The summary says how many steps ran the generator and how many reused its residual."""
+    args = [
+        "--steps",
+        "8",
+        "--frames",
+        "9",
+        "--cache",
+        "seacache",
+        "--no-progress",
+        "--output",
+        str(tmp_path / "f.mp4"),
+    ]
+    assert main(["generate", "--prompt", "a fox", *args]) == 0
+    out = capsys.readouterr().out
+    assert "seacache (threshold 0.25): " in out and " of 8 steps computed, " in out
 
 
 def test_plan_prints_host_memory_under_a_host_budget(capsys):

@@ -41,9 +41,11 @@ MIN_FPS, MAX_FPS = 0.1, 240.0
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_PROMPT_CHARS = 20_000
 MIN_H2D_GBPS, MAX_H2D_GBPS = 0.1, 10_000.0  # --h2d-gbps: below PCIe 1.0 x1, ten times NVLink-C2C
+MAX_CACHE_THRESHOLD = 100.0  # an accumulated relative L1 distance: far above any step's (the default is 0.25)
 MAX_SHOWN_CHARS = 80  # of a refused value quoted back in an error message
 # Cosmos3's default request, the pipeline's and the docs': 720p, 189 frames, 35 steps, guidance 6.
 DEFAULT_RESOLUTION, DEFAULT_FRAMES, DEFAULT_STEPS, DEFAULT_GUIDANCE = 720, 189, 35, 6.0
+STEP_CACHES = ("none", "seacache")  # --cache: "seacache" reuses the generator's residual on steps that barely move
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -173,6 +175,16 @@ def check_request(
             check_input_file(kind, path)
 
 
+def check_cache(cache: object, threshold: object) -> None:
+    """--cache names a step cache; --cache-threshold is a finite number and goes with seacache only."""
+    if cache not in STEP_CACHES:
+        raise InputError(f"unknown cache {shown(cache)}; choose one of {', '.join(STEP_CACHES)}")
+    if threshold is not None:
+        if cache != "seacache":
+            raise InputError("--cache-threshold tunes SeaCache; pass --cache seacache too, or drop it")
+        check_number("cache threshold", threshold, 0.0, MAX_CACHE_THRESHOLD)
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerationConfig:
     """One text-to-video (or text-to-image, frames=1) request.
@@ -182,6 +194,8 @@ class GenerationConfig:
     frame 0 (image-to-video); `video` conditions the latent frames `condition_frames`
     (video-to-video, by default the first two: 5 pixel frames). `sound` generates the audio track
     too (a checkpoint with a sound tokenizer and a transformer trained with sound; video only).
+    `cache="seacache"` skips the generator's layers on steps whose latents barely moved (diffusers'
+    SeaCache; `cache_threshold` None is its default, 0.25).
     """
 
     prompt: str
@@ -199,6 +213,8 @@ class GenerationConfig:
     video: Path | None = None
     condition_frames: tuple[int, ...] = (0, 1)
     sound: bool = False
+    cache: str = "none"
+    cache_threshold: float | None = None
 
     def __post_init__(self) -> None:
         check_text("prompt", self.prompt, required=True)
@@ -227,6 +243,7 @@ class GenerationConfig:
             raise InputError("--sound goes with a video: use --frames 5 or more, or drop --sound")
         check_number("fps", self.fps, MIN_FPS, MAX_FPS)
         check_integer("seed", self.seed, 0, MAX_SEED)
+        check_cache(self.cache, self.cache_threshold)
         object.__setattr__(self, "output", Path(self.output))
         try:
             check_output(self.output, self.frames)

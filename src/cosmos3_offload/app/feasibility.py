@@ -22,6 +22,7 @@ from ..planning.memory import weight_bytes
 from ..planning.plan import Plan
 from ..planning.request import DeviceProfile, Request
 from ..planning.search import predict
+from ..stepcache.seacache import held_hiddens, seacache_config
 from ..units import GIB
 from .config import GenerationConfig
 
@@ -60,7 +61,13 @@ def request_of(config: GenerationConfig, sound: dict | None = None) -> Request:
         steps=config.steps,
         encode_frames=encode,
         sound_samples=samples,
+        cached_hiddens=cached_hiddens(config.cache, config.cache_threshold),
     )
+
+
+def cached_hiddens(cache: str, threshold: float | None) -> int:
+    """What a step cache holds per branch, in [tokens, hidden] tensors (0 without one)."""
+    return held_hiddens(seacache_config(threshold)) if cache == "seacache" else 0
 
 
 def check_fits(

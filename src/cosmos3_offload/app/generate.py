@@ -21,10 +21,19 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kernels.choice import EAGER, Kernels
 from ..loading.components import Components
 from ..planning.tiles import UNTILED, TileGrid
-from ..split.denoise import GeneratorInputs, GeneratorLayout, denoise_branches
+from ..split.denoise import (
+    GeneratorInputs,
+    GeneratorLayout,
+    GeneratorPrediction,
+    embed_branches,
+    read_out_predictions,
+    run_decoder_stack,
+)
 from ..split.prefill import ReasonerMemory, prefill_prompts
+from ..stepcache.seacache import SeaCache
 from ..vae.decode import decode_to_host
 from .config import GenerationConfig
 
@@ -162,11 +171,15 @@ def prepare_branches(
 
 
 def prefill_branches(
-    pipe: Cosmos3OmniPipeline, branches: list[Branch], *, layers: Iterable[nn.Module] | None = None
+    pipe: Cosmos3OmniPipeline,
+    branches: list[Branch],
+    *,
+    layers: Iterable[nn.Module] | None = None,
+    kernels: Kernels = EAGER,
 ) -> list[ReasonerMemory]:
     """One reasoner pass for all branches; nothing of the reasoner is needed after this."""
     prompts = [(b.input_ids, b.text_position_ids) for b in branches]
-    return prefill_prompts(pipe.transformer, prompts, layers=layers)
+    return prefill_prompts(pipe.transformer, prompts, layers=layers, kernels=kernels)
 
 
 @dataclass(frozen=True)
@@ -200,6 +213,8 @@ def denoise_latents(
     on_step: Callable[[int], None] | None = None,
     sampling: Sampling | None = None,
     before_step: Callable[[int, int], None] | None = None,
+    kernels: Kernels = EAGER,
+    step_cache: SeaCache | None = None,
 ) -> Latents:
     """The sampling loop: both CFG branches through each layer, `v_u + g (v_c - v_u)`, a scheduler step
     per modality (the sound's on its own copy of the schedule, as the pipeline keeps one per modality).
@@ -207,7 +222,9 @@ def denoise_latents(
 
     `layers()` gives each step's layer sequence (default `model.layers`); `before_step(i, steps)` is
     called before step i (it sets the FP8 precision); `on_step(i)` after step i is queued
-    (benchmarks synchronize and time there).
+    (benchmarks synchronize and time there). With a `step_cache`, a step it reuses runs no decoder
+    layer at all: `layers()` is not called, so a streamed generator copies nothing that step and its
+    ring stays as the last computed step left it (the next step's first layers already in their slots).
     """
     model = pipe.transformer
     model_dtype = memories[0].keys[0].dtype
@@ -225,8 +242,10 @@ def denoise_latents(
             timestep=t.item(),
             sound=None if sound is None else sound.to(model_dtype),
         )
-        step_layers = None if layers is None else layers()
-        predictions = denoise_branches(model, pairs, inputs, layers=step_layers, mlp_chunk=mlp_chunk)
+        sigma = float(pipe.scheduler.sigmas[index])
+        predictions = _predict(
+            model, pairs, inputs, (index, len(timesteps), sigma), step_cache, layers, mlp_chunk, kernels
+        )
         vision = _step(pipe.scheduler, _guided([p.vision for p in predictions], config), t, vision, sampling)
         if sampling.anchor is not None:
             mask, clean = sampling.anchor
@@ -236,6 +255,41 @@ def denoise_latents(
         if on_step is not None:
             on_step(index)
     return Latents(vision, sound)
+
+
+def _predict(
+    model: nn.Module,
+    pairs: list[tuple[GeneratorLayout, ReasonerMemory]],
+    inputs: GeneratorInputs,
+    step: tuple[int, int, float],
+    step_cache: SeaCache | None,
+    layers: Callable[[], Iterable[nn.Module]] | None,
+    mlp_chunk: int | None,
+    kernels: Kernels,
+) -> list[GeneratorPrediction]:
+    """Every branch's predictions for one step (index, steps, sigma); the cache decides per branch
+    whether the decoder stack runs or its residual is reused."""
+    states = embed_branches(model, [layout for layout, _ in pairs], inputs, pairs[0][1].keys[0].dtype)
+    compute = [True] * len(pairs) if step_cache is None else step_cache.decide(*step, inputs.vision)
+    ran = [b for b, yes in enumerate(compute) if yes]
+    stack_inputs = [states[b] for b in ran]
+    for b in ran:
+        states[b] = None  # the stack replaces its inputs as it goes; without a cache nothing else holds them
+    if ran:
+        step_layers = None if layers is None else layers()
+        branches = [pairs[b] for b in ran]
+        kept = list(stack_inputs) if step_cache is not None else None  # the cache's residual needs them
+        outputs = run_decoder_stack(
+            model, branches, stack_inputs, layers=step_layers, mlp_chunk=mlp_chunk, kernels=kernels
+        )
+        for b, out, stack_input in zip(ran, outputs, kept or [None] * len(ran)):
+            states[b] = out
+            if step_cache is not None:
+                step_cache.record(b, stack_input, out)
+    for b, yes in enumerate(compute):
+        if not yes:
+            states[b] = step_cache.reuse(b, states[b])
+    return [read_out_predictions(model, layout, inputs, out) for (layout, _), out in zip(pairs, states)]
 
 
 def set_timesteps(

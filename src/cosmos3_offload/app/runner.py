@@ -26,6 +26,7 @@ from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..model.groups import GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
 from ..model.specs import model_spec
 from ..planning.plan import Plan
+from ..stepcache.seacache import SeaCache, seacache_config
 from ..vae.encode import condition_pixels, conditioned_noise
 from .config import GenerationConfig, resolve_device, resolve_dtype
 from .feasibility import check_fits
@@ -60,6 +61,7 @@ class RunReport:
     device: torch.device
     dtype: torch.dtype
     timer: PhaseTimer
+    step_cache: SeaCache | None = None
 
     def summary(self) -> str:
         c = self.config
@@ -74,6 +76,8 @@ class RunReport:
         lines.append(f"plan: {self.components.plan.describe()}")
         if self.components.quantization.quantized:
             lines.append(f"fp8: {self.components.switches.describe()}")
+        if self.step_cache is not None:
+            lines.append(self.step_cache.summary())
         lines.append(self.components.engine.summary())
         lines.append(self.timer.summary())
         return "\n".join(lines)
@@ -205,13 +209,14 @@ class LoadedModel:
         video = generate_video(config, components, timer, progress=progress, conditioning=conditioning)
         with timer.phase("write"):
             write_output(video.frames, config.output, config.fps, sound=video.sound)
-        return RunReport(config, components, self.device, self.dtype, timer)
+        return RunReport(config, components, self.device, self.dtype, timer, video.step_cache)
 
 
 class GeneratedVideo(NamedTuple):
     latents: torch.Tensor  # [1, C, T, H, W] float32, after the last step
     frames: np.ndarray  # uint8 [T, H, W, 3]
     sound: Sound | None = None  # the audio track of a request with sound
+    step_cache: SeaCache | None = None  # with --cache seacache: which steps it computed and reused
 
 
 def generate_video(
@@ -257,6 +262,9 @@ def generate_video(
         with timer.phase("prefill"), engine.use(REASONER):
             branches = prepare_branches(pipe, config, vision, indexes, sound)
             memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER))
+        step_cache = (
+            SeaCache(seacache_config(config.cache_threshold), len(branches)) if config.cache != "none" else None
+        )
         with timer.phase("denoise"), engine.use(GENERATOR):
             latents = denoise_latents(
                 pipe,
@@ -270,6 +278,7 @@ def generate_video(
                 on_step=on_step,
                 sampling=sampling,
                 before_step=(lambda step, steps: switches.before_step(schedule, step, steps)) if fp8 else None,
+                step_cache=step_cache,
             )
             del memories
         check_finite(
@@ -282,7 +291,7 @@ def generate_video(
             if latents.sound is not None:
                 with engine.use(SOUND):
                     audio = decode_sound(pipe, latents.sound)
-        return GeneratedVideo(latents.vision, frames, audio)
+        return GeneratedVideo(latents.vision, frames, audio, step_cache)
 
 
 def _anchor(conditioned: torch.Tensor, indexes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,8 @@ FLAG_FIELDS = (
     "video",
     "condition_frames",
     "sound",
+    "cache",
+    "cache_threshold",
 )
 ARGS_FILE, OUTPUTS_FILE = "sample_args.json", "sample_outputs.json"
 

@@ -186,7 +186,8 @@ def activation_bytes(sizes: ModelSizes, request: Request, *, prompt: bool = Fals
         widest = max(tokens * sizes.hidden, mlp_tokens * sizes.intermediate)
         scaled_chunk = FP8_QUANTIZE_CHUNK_ROWS * sizes.intermediate * 4
         mlp += max(widest + scaled_chunk, sizes.dequantized_bytes)
-    return int((ACTIVATION_HIDDENS + request.branches - 2) * tokens * sizes.hidden * sizes.dtype_bytes + mlp)
+    held = 0 if prompt else request.branches * request.cached_hiddens  # a step cache's residuals and inputs
+    return int((ACTIVATION_HIDDENS + request.branches - 2 + held) * tokens * sizes.hidden * sizes.dtype_bytes + mlp)
 
 
 def encode_cost(request: Request) -> int:

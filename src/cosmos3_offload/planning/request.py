@@ -23,12 +23,14 @@ class Request:
     steps: int = 35
     encode_frames: int = 0  # pixel frames the VAE encodes for conditioning (0: text to video)
     sound_samples: int = 0  # audio samples per channel the sound decoder writes (0: no sound)
+    # [tokens, hidden] tensors a step cache keeps per branch while the decoder stack runs (0: no cache)
+    cached_hiddens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("tokens", "prompt_tokens", "branches", "frames", "height", "width", "steps"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("encode_frames", "sound_samples"):
+        for name in ("encode_frames", "sound_samples", "cached_hiddens"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -144,8 +144,11 @@ def run_decoder_stack(
     kernels: Kernels = EAGER,
 ) -> list[torch.Tensor]:
     """The generator half of every decoder layer and the final norm, for each branch's `hidden`:
-    the span `Cosmos3OmniTransformer._run_decoder_stack` covers (and step caches skip)."""
-    hidden = list(hidden)
+    the span `Cosmos3OmniTransformer._run_decoder_stack` covers (and step caches skip).
+
+    The entries of `hidden` are replaced as the layers run, so the list holds no input alive that
+    the caller does not hold itself.
+    """
     tables = [rotary_tables(model, layout.position_ids, h.dtype) for (layout, _), h in zip(branches, hidden)]
     for index, layer in enumerate(model.layers if layers is None else layers):
         for b, ((_, memory), (cos, sin)) in enumerate(zip(branches, tables)):
