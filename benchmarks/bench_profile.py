@@ -26,6 +26,7 @@ from bench_common import PROMPT, ResultsFile
 from cosmos3_offload.app.config import GenerationConfig
 from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.timer import PhaseTimer
+from cosmos3_offload.kernels.choice import EAGER, Kernels
 from cosmos3_offload.loading.components import load_components
 from cosmos3_offload.loading.quantization import Fp8Options
 
@@ -77,7 +78,7 @@ def breakdown(profiler, wall_s: float) -> dict:
     }
 
 
-def profile_step(components, tier: int, frames: int, device: torch.device) -> dict:
+def profile_step(components, tier: int, frames: int, device: torch.device, kernels: Kernels = EAGER) -> dict:
     config = GenerationConfig(prompt=PROMPT, frames=frames, resolution=tier, steps=2, output=Path("/tmp/profile.mp4"))
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -100,7 +101,7 @@ def profile_step(components, tier: int, frames: int, device: torch.device) -> di
             raise _Profiled
 
     try:
-        generate_video(config, components, PhaseTimer(device), progress=False, on_step=on_step)
+        generate_video(config, components, PhaseTimer(device), progress=False, on_step=on_step, kernels=kernels)
     except _Profiled:
         pass
     return {"height": config.height, "width": config.width, "frames": frames, **breakdown(profiler, started["wall"])}

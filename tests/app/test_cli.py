@@ -66,6 +66,9 @@ def run_cli(capsys, *args):
         (["--fp8-mode", "fast"], "invalid choice"),
         (["--quantize", "fp8", "--fp8-scales", "block"], "invalid choice"),
         (["--cache", "teacache"], "invalid choice"),
+        (["--attention", "fastest"], "invalid choice"),
+        (["--attention", "flash-attn-4"], "cannot run here"),
+        (["--compile", "maybe"], "invalid choice"),
         (["--cache-threshold", "0.3"], "pass --cache seacache too"),
         (["--cache", "seacache", "--cache-threshold", "nan"], "cache threshold must be a finite number"),
     ],
@@ -173,6 +176,7 @@ def test_generate_with_seacache_reports_computed_and_reused_steps(capsys, tmp_pa
     assert main(["generate", "--prompt", "a fox", *args]) == 0
     out = capsys.readouterr().out
     assert "seacache (threshold 0.25): " in out and " of 8 steps computed, " in out
+    assert "kernels: attention diffusers' dispatcher; eager norms and rotary" in out  # the CPU's choice
 
 
 def test_plan_prints_host_memory_under_a_host_budget(capsys):

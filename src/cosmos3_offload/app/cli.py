@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
+from ..kernels.attention import available_attention
+from ..kernels.probe import ATTENTION_CHOICES
 from ..loading.components import model_configs
 from ..loading.files import check_checkpoint
 from ..loading.layout import has_sound_tokenizer, pipeline_options, sound_config, sound_samples
@@ -32,12 +34,12 @@ from ..loading.sizes import model_sizes
 from ..model.geometry import frames_to_encode
 from ..model.specs import MODEL_SPECS, model_spec
 from ..model.tiers import ASPECT_RATIOS, DEFAULT_SHIFT, RESOLUTION_TIERS, frame_size
-from ..offload.streams import measure_h2d_GBps
 from ..planning.plan import Plan
-from ..planning.request import DeviceProfile, Request, parse_budget
+from ..planning.request import Request, parse_budget
 from ..planning.search import choose_plan, describe_choice
 from .check import CheckpointProblems, check_folder
 from .config import (
+    COMPILE_CHOICES,
     DEFAULT_FRAMES,
     DEFAULT_GUIDANCE,
     DEFAULT_RESOLUTION,
@@ -49,6 +51,7 @@ from .config import (
     MIN_H2D_GBPS,
     STEP_CACHES,
     GenerationConfig,
+    KernelOptions,
     check_cache,
     check_input_folder,
     check_number,
@@ -57,6 +60,7 @@ from .config import (
     resolve_dtype,
 )
 from .console import PROG, printable
+from .device_profile import device_setup, probe_shape
 from .feasibility import cached_hiddens
 from .runner import check_single_process, run
 from .samples import FLAG_FIELDS, run_samples
@@ -188,6 +192,20 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SCALE_CHOICES,
         default="channel",
         help="with --quantize: one weight scale per output channel (default, closer to bf16) or per tensor",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_CHOICES,
+        default="auto",
+        help="the attention implementation: 'auto' (default) measures the exact ones once per GPU and "
+        "takes the fastest (the result is cached); 'diffusers' is diffusers' dispatcher; or name one",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=COMPILE_CHOICES,
+        default="auto",
+        help="fuse each layer's norms, rotary, gating and residual adds with torch.compile; 'auto' "
+        "(default) is on for a GPU and off on the CPU",
     )
     parser.add_argument(
         "--cache",
@@ -332,6 +350,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         check_number("h2d-gbps", args.h2d_gbps, MIN_H2D_GBPS, MAX_H2D_GBPS)
     check_number("fps", args.fps, MIN_FPS, MAX_FPS)
     check_cache(args.cache, args.cache_threshold)
+    _kernel_options(args)
     if args.sound and not has_sound_tokenizer(args.checkpoint):
         raise InputError("--sound needs a --checkpoint with a sound_tokenizer/ folder (Nano, Super)")
     if args.sound:
@@ -389,12 +408,23 @@ def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: in
         sound_samples=samples,
         cached_hiddens=cached_hiddens(args.cache, args.cache_threshold),
     )
-    # Measured last: the copies it times are the first thing that touches the GPU.
-    bandwidth = args.h2d_gbps if args.h2d_gbps is not None else measure_h2d_GBps(device) or DeviceProfile().h2d_GBps
-    profile = DeviceProfile(h2d_GBps=bandwidth)
+    # Measured last: the probe and the copies it times are the first thing that touches the GPU.
+    setup = device_setup(
+        device, attention=args.attention, shape=probe_shape(transformer_config), dtype=dtype, h2d_GBps=args.h2d_gbps
+    )
+    profile = setup.profile
     # Only a checkpoint's files can be mapped, and only as they are stored (not with --quantize).
     mapped = args.checkpoint is not None and not quantization.on_load
-    return choose_plan(sizes, request, budget, profile, host_budget=_host_budget(args), mapped=mapped), budget
+    choice = choose_plan(sizes, request, budget, profile, host_budget=_host_budget(args), mapped=mapped)
+    return choice, budget, profile
+
+
+def _kernel_options(args: argparse.Namespace) -> KernelOptions:
+    options = KernelOptions(attention=args.attention, compile=args.compile)
+    if args.attention not in ("auto", "diffusers"):  # a named one must run here, before anything is measured
+        device = resolve_device(args.device)
+        available_attention(args.attention, device, resolve_dtype(args.dtype, device))
+    return options
 
 
 def _fp8(args: argparse.Namespace) -> Fp8Options:
@@ -418,8 +448,9 @@ def _plan_command(args: argparse.Namespace) -> None:
     )
     _check_flags(args)
     width, height = frame_size(shape["resolution"], args.aspect_ratio)
-    choice, budget = _budget_choice(args, shape["frames"], width, height)
+    choice, budget, profile = _budget_choice(args, shape["frames"], width, height)
     _say(f"request: {width}x{height}, {shape['frames']} frames, {shape['steps']} steps")
+    _say(f"device profile: {profile.source}")
     transformer_config, _ = model_configs(args.checkpoint, args.model)
     _say(describe_quantization(transformer_config, quantization_for(args.checkpoint, transformer_config, _fp8(args))))
     _say(describe_choice(choice, budget, _host_budget(args)))
@@ -437,7 +468,7 @@ def _generate_command(args: argparse.Namespace, argv: list[str] | None = None) -
     plan = Plan.from_offload(args.offload_stages)
     check_single_process(plan)  # WORLD_SIZE, before a budget's bandwidth is measured
     if args.vram_budget is not None:
-        choice, budget = _budget_choice(args, config.frames, config.width, config.height)
+        choice, budget, _ = _budget_choice(args, config.frames, config.width, config.height)
         _say(describe_choice(choice, budget, _host_budget(args)))
         plan = choice.plan
     report = run(
@@ -450,6 +481,7 @@ def _generate_command(args: argparse.Namespace, argv: list[str] | None = None) -
         progress=not args.no_progress,
         budgeted=args.vram_budget is not None,
         fp8=_fp8(args),
+        kernels=_kernel_options(args),
     )
     _say(report.summary())
 
@@ -482,6 +514,7 @@ def _samples_command(args: argparse.Namespace, argv: list[str]) -> int:
         model=args.model,
         progress=not args.no_progress,
         fp8=_fp8(args),
+        kernels=_kernel_options(args),
         say=_say,
         warn=lambda line: print(printable(line, sys.stderr, one_line=True), file=sys.stderr),
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..kernels.probe import check_attention_choice
 from ..model.geometry import latent_frames
 from ..model.tiers import DEFAULT_SHIFT, check_frame_count, frame_size
 from .outputs import check_output
@@ -183,6 +184,30 @@ def check_cache(cache: object, threshold: object) -> None:
         if cache != "seacache":
             raise InputError("--cache-threshold tunes SeaCache; pass --cache seacache too, or drop it")
         check_number("cache threshold", threshold, 0.0, MAX_CACHE_THRESHOLD)
+
+
+COMPILE_CHOICES = ("auto", "on", "off")  # --compile: auto is on for a GPU, off on the CPU
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelOptions:
+    """Which kernels a run may use: `attention` is "auto" (the probe's fastest exact one on a GPU,
+    diffusers' dispatcher on the CPU), "diffusers" or a registered implementation; `compile` fuses
+    the layers' norms, rotary, gating and residual adds with torch.compile ("auto": on a GPU)."""
+
+    attention: str = "auto"
+    compile: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_attention_choice(self.attention)
+        if self.compile not in COMPILE_CHOICES:
+            raise InputError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {shown(self.compile)}")
+
+    def fused(self, device: torch.device) -> bool:
+        return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
+
+
+DEFAULT_KERNELS = KernelOptions()
 
 
 @dataclass(frozen=True, kw_only=True)

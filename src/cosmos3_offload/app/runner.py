@@ -19,6 +19,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..kernels.attention import available_attention
+from ..kernels.choice import EAGER, Kernels
+from ..kernels.probe import choose_attention, kernel_rates
 from ..loading.components import Components, load_components, model_configs
 from ..loading.files import check_checkpoint
 from ..loading.layout import default_negative_prompt, has_sound_tokenizer, pipeline_options, sound_config
@@ -28,7 +31,8 @@ from ..model.specs import model_spec
 from ..planning.plan import Plan
 from ..stepcache.seacache import SeaCache, seacache_config
 from ..vae.encode import condition_pixels, conditioned_noise
-from .config import GenerationConfig, resolve_device, resolve_dtype
+from .config import DEFAULT_KERNELS, GenerationConfig, KernelOptions, resolve_device, resolve_dtype
+from .device_profile import probe_shape
 from .feasibility import check_fits
 from .generate import (
     Latents,
@@ -62,6 +66,7 @@ class RunReport:
     dtype: torch.dtype
     timer: PhaseTimer
     step_cache: SeaCache | None = None
+    kernels: Kernels = EAGER
 
     def summary(self) -> str:
         c = self.config
@@ -76,6 +81,7 @@ class RunReport:
         lines.append(f"plan: {self.components.plan.describe()}")
         if self.components.quantization.quantized:
             lines.append(f"fp8: {self.components.switches.describe()}")
+        lines.append(f"kernels: {describe_kernels(self.kernels)}")
         if self.step_cache is not None:
             lines.append(self.step_cache.summary())
         lines.append(self.components.engine.summary())
@@ -94,6 +100,7 @@ def run(
     progress: bool = True,
     budgeted: bool = False,
     fp8: Fp8Options = NO_FP8_FLAGS,
+    kernels: KernelOptions = DEFAULT_KERNELS,
 ) -> RunReport:
     """Generate `config.output` following `plan` (default: everything resident).
 
@@ -102,7 +109,14 @@ def run(
     from the planner for a budget, so the fit against this machine's memory is not asked again.
     """
     loaded = LoadedModel.open(
-        checkpoint=checkpoint, device=device, dtype=dtype, plan=plan, model=model, sound=config.sound, fp8=fp8
+        checkpoint=checkpoint,
+        device=device,
+        dtype=dtype,
+        plan=plan,
+        model=model,
+        sound=config.sound,
+        fp8=fp8,
+        kernel_options=kernels,
     )
     config = loaded.check(config, budgeted=budgeted)
     # Read before the load: a conditioning file that cannot be used costs nothing.
@@ -125,7 +139,9 @@ class LoadedModel:
     model: str
     sound: bool = False
     fp8: Fp8Options = NO_FP8_FLAGS
+    kernel_options: KernelOptions = DEFAULT_KERNELS
     components: Components | None = None
+    kernels: Kernels | None = None  # chosen by `load` (a GPU's probe, cached per GPU)
 
     @classmethod
     def open(
@@ -138,8 +154,10 @@ class LoadedModel:
         model: str = "tiny",
         sound: bool = False,
         fp8: Fp8Options = NO_FP8_FLAGS,
+        kernel_options: KernelOptions = DEFAULT_KERNELS,
     ) -> LoadedModel:
-        """`sound` loads the sound tokenizer too, for requests with sound; `fp8`: the FP8 flags."""
+        """`sound` loads the sound tokenizer too, for requests with sound; `fp8`: the FP8 flags;
+        `kernel_options`: the attention and compile choices (a named attention is checked here)."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         plan = plan or Plan()
@@ -153,7 +171,9 @@ class LoadedModel:
             raise InputError(
                 "--quantize writes FP8 copies of the weights, so the reasoner cannot be read from the files"
             )
-        return cls(checkpoint, torch_device, torch_dtype, plan, model, sound, fp8)
+        if kernel_options.attention not in ("auto", "diffusers"):
+            available_attention(kernel_options.attention, torch_device, torch_dtype)
+        return cls(checkpoint, torch_device, torch_dtype, plan, model, sound, fp8, kernel_options)
 
     def check(self, config: GenerationConfig, *, budgeted: bool = False) -> GenerationConfig:
         """The request as this model runs it, or an InputError before anything loads: sound without a
@@ -182,6 +202,8 @@ class LoadedModel:
         return config
 
     def load(self, timer: PhaseTimer, *, progress: bool = False) -> Components:
+        if self.kernels is None:
+            self.kernels = self._choose_kernels(timer)
         if self.components is None:
             with timer.phase("load"):
                 self.components = load_components(
@@ -196,6 +218,16 @@ class LoadedModel:
                 )
         return self.components
 
+    def _choose_kernels(self, timer: PhaseTimer) -> Kernels:
+        """The attention (a GPU's probe picks it, once per GPU: see kernels/probe.py) and the fused ops."""
+        options = self.kernel_options
+        rates = None
+        if self.device.type == "cuda":
+            with timer.phase("probe"):
+                rates = kernel_rates(self.device, probe_shape(model_configs(self.checkpoint, self.model)[0]))
+        kernels = choose_attention(self.device, options.attention, dtype=self.dtype, rates=rates)
+        return dataclasses.replace(kernels, fused=options.fused(self.device))
+
     def write(
         self,
         config: GenerationConfig,
@@ -206,10 +238,12 @@ class LoadedModel:
     ) -> RunReport:
         """Generate one request into `config.output` (the caller holds its OutputLock)."""
         components = self.load(timer)
-        video = generate_video(config, components, timer, progress=progress, conditioning=conditioning)
+        video = generate_video(
+            config, components, timer, progress=progress, conditioning=conditioning, kernels=self.kernels
+        )
         with timer.phase("write"):
             write_output(video.frames, config.output, config.fps, sound=video.sound)
-        return RunReport(config, components, self.device, self.dtype, timer, video.step_cache)
+        return RunReport(config, components, self.device, self.dtype, timer, video.step_cache, self.kernels)
 
 
 class GeneratedVideo(NamedTuple):
@@ -227,8 +261,10 @@ def generate_video(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     conditioning: Conditioning | None = None,
+    kernels: Kernels = EAGER,
 ) -> GeneratedVideo:
-    """(Encode,) prefill, denoise and decode, each while its group's weights are on the device."""
+    """(Encode,) prefill, denoise and decode, each while its group's weights are on the device;
+    the reasoner and generator layers run on `kernels` (attention implementation, fused ops)."""
     if config.sound and components.sound_tokenizer is None:
         raise InputError("this model was loaded without its sound tokenizer; load it with sound to generate sound")
     options = components.options
@@ -261,7 +297,7 @@ def generate_video(
             switches.before_prefill(schedule)
         with timer.phase("prefill"), engine.use(REASONER):
             branches = prepare_branches(pipe, config, vision, indexes, sound)
-            memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER))
+            memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER), kernels=kernels)
         step_cache = (
             SeaCache(seacache_config(config.cache_threshold), len(branches)) if config.cache != "none" else None
         )
@@ -279,6 +315,7 @@ def generate_video(
                 sampling=sampling,
                 before_step=(lambda step, steps: switches.before_step(schedule, step, steps)) if fp8 else None,
                 step_cache=step_cache,
+                kernels=kernels,
             )
             del memories
         check_finite(
@@ -292,6 +329,13 @@ def generate_video(
                 with engine.use(SOUND):
                     audio = decode_sound(pipe, latents.sound)
         return GeneratedVideo(latents.vision, frames, audio, step_cache)
+
+
+def describe_kernels(kernels: Kernels) -> str:
+    """'attention flash-attn-4; fused norms, rotary and gating (compiled)' and the like."""
+    attention = "diffusers' dispatcher" if kernels.attention is None else kernels.attention_name
+    fused = "fused norms, rotary, gating and residual adds (compiled)" if kernels.fused else "eager norms and rotary"
+    return f"attention {attention}; {fused}"
 
 
 def _anchor(conditioned: torch.Tensor, indexes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..planning.plan import Plan
 from ..units import format_bytes
-from .config import GenerationConfig
+from .config import DEFAULT_KERNELS, GenerationConfig, KernelOptions
 from .inputs import read_conditioning
 from .outputs import OutputLock
 from .runner import LoadedModel
@@ -103,6 +103,7 @@ def run_samples(
     model: str = "tiny",
     progress: bool = True,
     fp8: Fp8Options = NO_FP8_FLAGS,
+    kernels: KernelOptions = DEFAULT_KERNELS,
     say: Say = logger.info,
     warn: Say = logger.warning,
 ) -> SamplesReport:
@@ -123,7 +124,7 @@ def run_samples(
     if requests:
         loaded = LoadedModel.open(
             checkpoint=checkpoint, device=device, dtype=dtype, plan=plan, model=model,
-            sound=any(config.sound for _, config in requests), fp8=fp8,
+            sound=any(config.sound for _, config in requests), fp8=fp8, kernel_options=kernels,
         )  # fmt: skip
         requests = _checked(loaded, requests, outcomes, warn)
     try:

@@ -49,7 +49,8 @@ class Request:
 
 @dataclass(frozen=True, kw_only=True)
 class DeviceProfile:
-    """Rates of the target GPU. Defaults: measured on an H200 (2026-11-26); an H100 PCIe is close on H2D."""
+    """Rates of the target GPU. Defaults: measured on an H200 (2026-11-26); an H100 PCIe is close on H2D.
+    `source` says where the rates came from (app/device_profile.py measures them on the GPU at hand)."""
 
     h2d_GBps: float = 55.0
     linear_TFLOPs: float = 450.0
@@ -58,6 +59,7 @@ class DeviceProfile:
     # hop); a typical server core, not measured here.
     host_copy_GBps: float = 8.0
     headroom: float = 0.9  # share of a budget (device or host) a plan may fill (allocator rounding and fragmentation)
+    source: str = "built-in H200 rates (2026-11-26)"
 
     def __post_init__(self) -> None:
         for name in ("h2d_GBps", "linear_TFLOPs", "attention_TFLOPs", "host_copy_GBps"):

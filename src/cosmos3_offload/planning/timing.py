@@ -2,9 +2,14 @@
 streamed copies on the ring of slots against that compute (a mapped layer's copy is the slower of
 its host memcpy from the page cache and its copy to the device).
 
-Compute rates and the decode's seconds per pixel were measured on an H200 (2026-11-26,
-benchmarks/results/streaming-H200-2026-11-26.json, decode-H200-2026-11-26.json); on another GPU
-the times are estimates until recalibrated.
+The compute rates come from the `DeviceProfile`: on a GPU, app/device_profile.py fills them from
+kernels/probe.py, which measures (once per GPU, torch version and head layout, then cached) a bf16
+GEMM at a decoder layer's MLP shape and the attention implementation the run will use at a long
+non-causal shape; `profile.source` says which GPU and whether the figures were measured now or read
+from the cache. Without a GPU the built-in rates stand (measured on an H200, 2026-11-26). The
+decode's seconds per pixel and the copy contention below are still the H200's
+(benchmarks/results/streaming-H200-2026-11-26.json, decode-H200-2026-11-26.json); on another GPU
+those parts are estimates.
 """
 
 from __future__ import annotations
