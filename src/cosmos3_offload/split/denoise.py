@@ -18,6 +18,7 @@ from diffusers.models.transformers.transformer_cosmos3 import Cosmos3OmniTransfo
 from torch import nn
 
 from ..kernels.choice import EAGER, Kernels
+from . import fused_layer
 from .attention import apply_rotary, attend, rotary_tables
 from .prefill import ReasonerMemory
 
@@ -177,6 +178,8 @@ def generator_layer(
     kernels: Kernels = EAGER,
 ) -> torch.Tensor:
     """One decoder layer's generator half. hidden: [generator tokens, hidden]."""
+    if kernels.fused:
+        return _fused_generator_layer(layer, hidden, memory_key, memory_value, cos, sin, mlp_chunk, kernels)
     attn = layer.self_attn
     normed = layer.input_layernorm_moe_gen(hidden)
     q = attn.norm_added_q(attn.add_q_proj(normed).view(-1, attn.num_attention_heads, attn.head_dim))
@@ -190,6 +193,34 @@ def generator_layer(
     hidden = hidden + attn.to_add_out(out)
     del out
     return _mlp_residual(layer, hidden, mlp_chunk)
+
+
+def _fused_generator_layer(
+    layer: Cosmos3VLTextMoTDecoderLayer,
+    hidden: torch.Tensor,
+    memory_key: torch.Tensor,
+    memory_value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mlp_chunk: int | None,
+    kernels: Kernels,
+) -> torch.Tensor:
+    """`generator_layer` with the norms, QK-norm + rotary, the K/V join, the MLP activation and the
+    residual adds as fused kernels (attention-out add and post-attention norm in one)."""
+    attn = layer.self_attn
+    normed = fused_layer.norm(layer.input_layernorm_moe_gen, hidden)
+    q = attn.add_q_proj(normed).view(-1, attn.num_attention_heads, attn.head_dim)  # [tokens, heads, head_dim]
+    k = attn.add_k_proj(normed).view(-1, attn.num_key_value_heads, attn.head_dim)  # [tokens, kv_heads, head_dim]
+    v = attn.add_v_proj(normed).view(-1, attn.num_key_value_heads, attn.head_dim)
+    del normed
+    q = fused_layer.norm_rotary(attn.norm_added_q, q, cos, sin)
+    k, v = fused_layer.join_memory(attn.norm_added_k, memory_key, memory_value, k, v, cos, sin)  # [memory+tokens, ..]
+    out = attend(attn, q, k, v, causal=False, kernels=kernels)
+    del q, k, v
+    update = attn.to_add_out(out)  # [tokens, hidden]; receives the layer's output
+    del out
+    post_norm, mlp = layer.post_attention_layernorm_moe_gen, layer.mlp_moe_gen
+    return fused_layer.residual_mlp(post_norm, mlp, hidden, update, mlp_chunk)
 
 
 def _mlp_residual(layer: Cosmos3VLTextMoTDecoderLayer, hidden: torch.Tensor, chunk: int | None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from diffusers.models.transformers.transformer_cosmos3 import Cosmos3OmniTransfo
 from torch import nn
 
 from ..kernels.choice import EAGER, Kernels
+from . import fused_layer
 from .attention import apply_rotary, attend, rotary_tables
 
 
@@ -98,6 +99,8 @@ def _reasoner_layer(
     kernels: Kernels = EAGER,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoder layer's reasoner half: returns (next hidden, K for the generator, V)."""
+    if kernels.fused:
+        return _fused_reasoner_layer(layer, hidden, cos, sin, with_output=with_output, kernels=kernels)
     attn = layer.self_attn
     normed = layer.input_layernorm(hidden)
     q = attn.norm_q(attn.to_q(normed).view(-1, attn.num_attention_heads, attn.head_dim))
@@ -110,4 +113,37 @@ def _reasoner_layer(
     out = attend(attn, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, causal=True, kernels=kernels)
     hidden = hidden + attn.to_out(out)
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, k_for_gen, v
+
+
+def _fused_reasoner_layer(
+    layer: Cosmos3VLTextMoTDecoderLayer,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    with_output: bool,
+    kernels: Kernels,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_reasoner_layer` with the norms, QK-norm + rotary, the MLP activation and the residual adds as
+    fused kernels; the last layer's queries, which nothing reads, are not computed."""
+    attn = layer.self_attn
+    normed = fused_layer.norm(layer.input_layernorm, hidden)
+    k = attn.to_k(normed).view(-1, attn.num_key_value_heads, attn.head_dim)  # [tokens, kv_heads, head_dim]
+    v = attn.to_v(normed).view(-1, attn.num_key_value_heads, attn.head_dim)
+    if attn.k_norm_und_for_gen is None:
+        k = k_for_gen = fused_layer.norm_rotary(attn.norm_k, k, cos, sin)
+    else:
+        k = fused_layer.norm(attn.norm_k, k)
+        k_for_gen = fused_layer.norm_rotary(attn.k_norm_und_for_gen, k, cos, sin)
+        k = fused_layer.rotary(k, cos, sin)
+    if not with_output:
+        return hidden, k_for_gen, v
+    q = attn.to_q(normed).view(-1, attn.num_attention_heads, attn.head_dim)  # [tokens, heads, head_dim]
+    del normed
+    q = fused_layer.norm_rotary(attn.norm_q, q, cos, sin)
+    out = attend(attn, q, k, v, causal=True, kernels=kernels)
+    update = attn.to_out(out)  # [tokens, hidden]; receives the layer's output
+    del q, out
+    hidden = fused_layer.residual_mlp(layer.post_attention_layernorm, layer.mlp, hidden, update, None)
     return hidden, k_for_gen, v
