@@ -124,3 +124,22 @@ def set_cap(cap_gib: float | None) -> None:
     if cap_gib is not None:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total))
+
+
+def timed_ms(fn, repeats: int, device: torch.device) -> float:
+    """Milliseconds per call (CUDA events on a GPU), after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    if device.type != "cuda":
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - started) * 1e3 / repeats
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats

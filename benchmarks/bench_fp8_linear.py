@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import ResultsFile
+from bench_common import ResultsFile, timed_ms
 
 from cosmos3_offload.quant.fp8 import FP8_MAX, dequantize, quantize, w8a8_linear, w8a16_linear, weight_scales
 
@@ -25,19 +25,6 @@ SHAPES = {  # name: (out, in)
     "gate_proj": (INTERMEDIATE, HIDDEN),
     "down_proj": (HIDDEN, INTERMEDIATE),
 }
-
-
-def timed_ms(fn, repeats: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def measure(name: str, out_features: int, in_features: int, tokens: int) -> dict:
@@ -58,7 +45,7 @@ def measure(name: str, out_features: int, in_features: int, tokens: int) -> dict
         "w8a8_dynamic": lambda: w8a8_linear(x, stored, scale, None, None),
     }
     for case, fn in cases.items():
-        ms = timed_ms(fn)
+        ms = timed_ms(fn, 10, torch.device("cuda"))
         run[f"{case}_ms"] = round(ms, 3)
         run[f"{case}_tflops"] = round(flops / ms / 1e9, 1)
     rounded = (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import environment
+from bench_common import environment, timed_ms
 from bench_profile import breakdown
 from diffusers.models.transformers.transformer_cosmos3 import (
     Cosmos3VLTextMoTDecoderLayer,
@@ -78,25 +78,6 @@ def run(layer, inputs, kernels: Kernels) -> torch.Tensor:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()  # benchmark only: wall times must cover the kernels
-
-
-def timed_ms(fn, repeats: int, device: torch.device) -> float:
-    """Milliseconds per call (CUDA events on a GPU), after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    if device.type != "cuda":
-        started = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - started) * 1e3 / repeats
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def profiled(fn, calls: int, device: torch.device) -> dict:
