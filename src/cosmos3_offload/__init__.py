@@ -9,7 +9,9 @@ The package is layered, and imports only go down (tests/test_layering.py checks 
 - `model`: facts about Cosmos3 (towers, weight groups, sizes, tiers, latent geometry, tokenizer);
 - `planning`: the plan value and the planner, pure arithmetic (no torch);
 - `offload`: the generic engine (host slabs, arena, streams, placements), no Cosmos3;
+- `kernels`: which attention and fused elementwise kernels the split math runs (probed per GPU);
 - `split`: the prefill/denoise math, no devices;
+- `stepcache`: SeaCache's gate over the generator's decoder stack;
 - `vae`: the tiled decode and the conditioning encode;
 - `loading`: checkpoints and weights into the engine's homes;
 - `app`: the request, the run, inputs and outputs, the CLI.
