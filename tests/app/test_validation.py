@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cosmos3_offload.app import cli, runner
+from cosmos3_offload.app import device_profile, runner
 from cosmos3_offload.app.cli import main
 from cosmos3_offload.app.config import MAX_PROMPT_CHARS
 
@@ -138,10 +138,12 @@ def folder(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
     def tripwire(*args, **kwargs):
-        raise AssertionError("a refused request reached the load or the bandwidth measurement")
+        raise AssertionError("a refused request reached the load, the kernel probe or the bandwidth measurement")
 
     monkeypatch.setattr(runner, "load_components", tripwire)
-    monkeypatch.setattr(cli, "measure_h2d_GBps", tripwire)
+    monkeypatch.setattr(runner, "kernel_rates", tripwire)
+    monkeypatch.setattr(device_profile, "kernel_rates", tripwire)
+    monkeypatch.setattr(device_profile, "measure_h2d_GBps", tripwire)
     return tmp_path
 
 
