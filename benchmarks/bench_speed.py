@@ -43,6 +43,7 @@ from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.schedule import flow_scheduler
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.kernels.choice import EAGER, Kernels
+from cosmos3_offload.kernels.fused import compile_seconds
 from cosmos3_offload.loading.components import load_components, model_configs
 from cosmos3_offload.loading.sizes import model_sizes
 from cosmos3_offload.model.specs import model_spec
@@ -51,14 +52,6 @@ from cosmos3_offload.planning.search import choose_plan
 from cosmos3_offload.units import GIB
 
 CUDA = torch.device("cuda")
-
-
-def compile_seconds() -> float:
-    try:
-        from cosmos3_offload.kernels.fused import compile_seconds as seconds
-    except ImportError:  # before the fused kernels exist
-        return 0.0
-    return seconds()
 
 
 def setup(model: str):

@@ -276,16 +276,19 @@ def _predict(
     for b in ran:
         states[b] = None  # the stack replaces its inputs as it goes; without a cache nothing else holds them
     if ran:
-        step_layers = None if layers is None else layers()
-        branches = [pairs[b] for b in ran]
-        kept = list(stack_inputs) if step_cache is not None else None  # the cache's residual needs them
+        kept = list(stack_inputs) if step_cache is not None else []  # the cache's residual needs them
         outputs = run_decoder_stack(
-            model, branches, stack_inputs, layers=step_layers, mlp_chunk=mlp_chunk, kernels=kernels
+            model,
+            [pairs[b] for b in ran],
+            stack_inputs,
+            layers=None if layers is None else layers(),
+            mlp_chunk=mlp_chunk,
+            kernels=kernels,
         )
-        for b, out, stack_input in zip(ran, outputs, kept or [None] * len(ran)):
+        for b, out in zip(ran, outputs):
             states[b] = out
-            if step_cache is not None:
-                step_cache.record(b, stack_input, out)
+        for b, stack_input in zip(ran, kept):
+            step_cache.record(b, stack_input, states[b])
     for b, yes in enumerate(compute):
         if not yes:
             states[b] = step_cache.reuse(b, states[b])

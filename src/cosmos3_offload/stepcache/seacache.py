@@ -64,6 +64,7 @@ class SeaCache:
         self._gate = SeaCacheSharedState()
         self._states = [SeaCacheContextState() for _ in range(self.branches)]
         self._residuals: list[torch.Tensor | None] = [None] * self.branches
+        self._step = -1  # the step `decide` was last asked about
 
     @property
     def computed(self) -> int:
@@ -80,6 +81,7 @@ class SeaCache:
         vision: the step's latents as the model sees them, [1, C, T, H, W] in the model's dtype;
         sigma: the scheduler's sigma for the step.
         """
+        self._step = step
         metadata = _SeaCacheForwardMetadata(step_index=step, sigma=sigma, num_inference_steps=steps)
         metadata.raw_vision = [vision.squeeze(0)]  # [C, T, H, W], as diffusers' Cosmos3 adapter passes it
         indicator = _build_indicator(self.config, metadata)
@@ -89,10 +91,7 @@ class SeaCache:
 
     def _decide_branch(self, branch: int, metadata: _SeaCacheForwardMetadata, indicator: list[torch.Tensor]) -> bool:
         """The gate of diffusers' `SeaCacheRootHook.prepare_decoder_stack` for one cache context."""
-        state = self._states[branch]
-        state.reset_forward()
-        state.full_execution_pending = state.cacheable_execution = True
-        state.step_index = metadata.step_index
+        state = self._states[branch]  # only its gate and history fields: the per-forward ones are the hooks'
         gate = self._gate.resolve_gate(state, metadata, indicator, self.config)
         compute = gate or not state.history  # a hit without any residual yet runs in full
         if compute and not gate:
@@ -105,7 +104,6 @@ class SeaCache:
             self._residuals[branch] = None
             return True
         self._residuals[branch] = self._predicted_residual(state, metadata.step_index)
-        state.reset_forward()
         state.consecutive_cached += 1
         return False
 
@@ -125,9 +123,8 @@ class SeaCache:
         assert stack_output.shape == stack_input.shape, (stack_output.shape, stack_input.shape)
         state = self._states[branch]
         # diffusers' `_record_full_execution` (without its extra clone of the fresh residual).
-        state.history.append((state.step_index, None, stack_output - stack_input))
+        state.history.append((self._step, None, stack_output - stack_input))  # (step, und output, residual)
         state.consecutive_cached = 0
-        state.reset_forward()
 
     def reuse(self, branch: int, stack_input: torch.Tensor) -> torch.Tensor:
         """The stack's output on a reused step: its input plus the predicted residual."""
