@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from ..kernels.attention import available_attention
 from ..kernels.probe import ATTENTION_CHOICES
 from ..loading.components import model_configs
 from ..loading.files import check_checkpoint
@@ -212,8 +211,8 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         choices=STEP_CACHES,
         default="none",
         help="'seacache' skips the generator's layers on steps whose latents barely moved and reuses its "
-        "residual (diffusers' SeaCache for Cosmos3, about 1.5-2x fewer computed steps; not exact, so off "
-        "by default); the summary says how many steps were computed",
+        "residual (diffusers' SeaCache for Cosmos3; not exact, so off by default); the summary says how "
+        "many steps were computed",
     )
     parser.add_argument(
         "--cache-threshold",
@@ -421,9 +420,8 @@ def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: in
 
 def _kernel_options(args: argparse.Namespace) -> KernelOptions:
     options = KernelOptions(attention=args.attention, compile=args.compile)
-    if args.attention not in ("auto", "diffusers"):  # a named one must run here, before anything is measured
-        device = resolve_device(args.device)
-        available_attention(args.attention, device, resolve_dtype(args.dtype, device))
+    device = resolve_device(args.device)
+    options.check_available(device, resolve_dtype(args.dtype, device))
     return options
 
 

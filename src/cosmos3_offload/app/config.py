@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..kernels.probe import check_attention_choice
+from ..kernels.attention import available_attention
+from ..kernels.probe import AUTO, DIFFUSERS, check_attention_choice
 from ..model.geometry import latent_frames
 from ..model.tiers import DEFAULT_SHIFT, check_frame_count, frame_size
 from .outputs import check_output
@@ -202,6 +203,11 @@ class KernelOptions:
         check_attention_choice(self.attention)
         if self.compile not in COMPILE_CHOICES:
             raise InputError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {shown(self.compile)}")
+
+    def check_available(self, device: torch.device, dtype: torch.dtype) -> None:
+        """A named attention must run on `device` in `dtype`: refused before anything is measured or loaded."""
+        if self.attention not in (AUTO, DIFFUSERS):
+            available_attention(self.attention, device, dtype)
 
     def fused(self, device: torch.device) -> bool:
         return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..kernels.attention import available_attention
 from ..kernels.choice import EAGER, Kernels
 from ..kernels.fused import compile_failed, compile_seconds
 from ..kernels.probe import choose_attention, kernel_rates
@@ -172,8 +171,7 @@ class LoadedModel:
             raise InputError(
                 "--quantize writes FP8 copies of the weights, so the reasoner cannot be read from the files"
             )
-        if kernel_options.attention not in ("auto", "diffusers"):
-            available_attention(kernel_options.attention, torch_device, torch_dtype)
+        kernel_options.check_available(torch_device, torch_dtype)
         return cls(checkpoint, torch_device, torch_dtype, plan, model, sound, fp8, kernel_options)
 
     def check(self, config: GenerationConfig, *, budgeted: bool = False) -> GenerationConfig:
