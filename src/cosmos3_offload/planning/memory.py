@@ -12,6 +12,10 @@ encode working sets are models fitted on an H200 (2026-11-26):
   largest block input of a tile, the tile's causal caches, DECODE_FIXED_BYTES, x DECODE_SLACK
   (decode-H200-2026-11-26.json);
 - encode of conditioning frames: two points, 1 and 5 frames at 720p (same file).
+
+With a parallel request (`Request.parallel`) the device figures are one GPU's: every GPU holds the
+weights its plan places, the reasoner memory of its own CFG branches and the activations of its
+branches over its share of the tokens (see `activation_bytes`); host memory is one host's.
 """
 
 from __future__ import annotations
@@ -75,9 +79,11 @@ class HostMemory:
 
 
 def host_memory(plan: Plan, sizes: ModelSizes) -> HostMemory:
-    """Pinned, page-cache and private host bytes of the weights under `plan`. The files are assumed to
-    store the run's dtype (as a bf16 checkpoint does for a bf16 run); where they store another, mapped
-    layers are read from that many file bytes, and the embedding table is a private cast copy."""
+    """Pinned, page-cache and private host bytes of the weights under `plan`, per host: the GPUs of one
+    host all read one shared copy of the slabs, so the figure does not grow with the GPU count. The
+    files are assumed to store the run's dtype (as a bf16 checkpoint does for a bf16 run); where they
+    store another, mapped layers are read from that many file bytes, and the embedding table is a
+    private cast copy."""
     weights = weight_bytes(plan, sizes)
     return HostMemory(pinned=weights.pinned, page_cache=weights.mapped, private=weights.host)
 
@@ -169,14 +175,45 @@ def sound_cost(sizes: ModelSizes, request: Request) -> int:
 
 
 def reasoner_memory_bytes(sizes: ModelSizes, request: Request) -> int:
-    """The prefill's keys and values, every layer, every branch."""
+    """The prefill's keys and values, every layer, every branch this GPU runs (all heads: a branch's
+    memory is replicated on each of its sequence-parallel GPUs, which read their block of heads)."""
     per_token = 2 * sizes.layers * sizes.kv_heads * sizes.head_dim * sizes.dtype_bytes
-    return per_token * request.prompt_tokens * request.branches
+    return per_token * request.prompt_tokens * request.rank_branches
 
 
 def activation_bytes(sizes: ModelSizes, request: Request, *, prompt: bool = False, chunk: int | None = None) -> int:
-    """Live activations of one layer: the prompts of all branches (prefill) or the video tokens (denoise)."""
-    tokens = request.prompt_tokens * request.branches if prompt else request.tokens
+    """Live activations of one layer on one GPU: the prompts of its branches (prefill, whole on every
+    GPU) or its branches' video tokens (denoise). With sequence-parallel see `_sequence_parallel_bytes`."""
+    if prompt:
+        return _layer_bytes(sizes, request, request.prompt_tokens * request.rank_branches, None, prompt=True)
+    layer = _layer_bytes(sizes, request, request.rank_tokens, chunk, prompt=False)
+    return layer if request.parallel.sequence == 1 else _sequence_parallel_bytes(sizes, request, layer)
+
+
+def _sequence_parallel_bytes(sizes: ModelSizes, request: Request, layer: int) -> int:
+    """One GPU's denoise activations under Ulysses of degree s over T tokens: `layer` (the per-token
+    working set over its T/s rows) plus
+    - the exchanged q, k, v [T, (heads + 2 kv_heads)/s, head_dim], which live beside the rank's own
+      rows until the last of the three exchanges is done;
+    - one all-to-all's send and receive buffers of the largest tensor exchanged (q or the attention
+      output, [T/s, heads, head_dim] each);
+    - each branch's whole sequence [T, hidden]: embedded before the rows are split (alive through the
+      first layer, and through all of them under a step cache, whose inputs are views of it);
+    or, if larger, the gather before the read-out: each branch's joined rows beside the parts
+    received (every rank's rows) and the rank's own rows."""
+    s, t, nbytes = request.parallel.sequence, request.tokens, sizes.dtype_bytes
+    rows = request.rank_tokens
+    attention_width = sizes.heads * sizes.head_dim
+    exchanged = t * (sizes.heads + 2 * sizes.kv_heads) // s * sizes.head_dim * nbytes
+    buffers = 2 * rows * attention_width * nbytes
+    whole = request.rank_branches * t * sizes.hidden * nbytes
+    gather = ((request.rank_branches + 1) * t + request.rank_branches * rows) * sizes.hidden * nbytes
+    return max(layer + exchanged + buffers + whole, gather)
+
+
+def _layer_bytes(sizes: ModelSizes, request: Request, tokens: int, chunk: int | None, *, prompt: bool) -> int:
+    """The fitted working set of one layer over `tokens` rows of this GPU's branches."""
+    branches = request.rank_branches
     mlp_tokens = tokens if chunk is None else min(tokens, chunk)
     mlp = sizes.mlp_mats * mlp_tokens * sizes.intermediate * sizes.dtype_bytes
     if sizes.fp8:
@@ -186,8 +223,8 @@ def activation_bytes(sizes: ModelSizes, request: Request, *, prompt: bool = Fals
         widest = max(tokens * sizes.hidden, mlp_tokens * sizes.intermediate)
         scaled_chunk = FP8_QUANTIZE_CHUNK_ROWS * sizes.intermediate * 4
         mlp += max(widest + scaled_chunk, sizes.dequantized_bytes)
-    held = 0 if prompt else request.branches * request.cached_hiddens  # a step cache's residuals and inputs
-    return int((ACTIVATION_HIDDENS + request.branches - 2 + held) * tokens * sizes.hidden * sizes.dtype_bytes + mlp)
+    held = 0 if prompt else branches * request.cached_hiddens  # a step cache's residuals and inputs (its rows)
+    return int((ACTIVATION_HIDDENS + branches - 2 + held) * tokens * sizes.hidden * sizes.dtype_bytes + mlp)
 
 
 def encode_cost(request: Request) -> int:
@@ -201,6 +238,28 @@ def decode_cost(sizes: ModelSizes, grid: TileGrid, height: int, width: int) -> t
     """(device bytes besides the weights, time relative to an untiled decode) of decoding
     `height` x `width` pixel frames in `grid`."""
     return _decode_cost(sizes.decoder_blocks, sizes.dtype_bytes, grid, *latent_size(height, width))
+
+
+def decode_rank_share(sizes: ModelSizes, grid: TileGrid, height: int, width: int, ranks: int) -> float:
+    """The share of the tile work (up blocks and head, halos included) that the busiest of `ranks`
+    GPUs does when rank r decodes tiles r, r + ranks, ... of `grid` (as the runner deals them). A grid
+    with fewer tiles than GPUs leaves some idle: a single tile is all on one."""
+    return _decode_rank_share(sizes.decoder_blocks, grid, *latent_size(height, width), ranks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_rank_share(blocks: tuple[DecoderBlock, ...], grid: TileGrid, height: int, width: int, ranks: int) -> float:
+    frame = (height, width)
+
+    def work(tile) -> float:
+        regions = (block_region(b, tile, frame) for b in blocks)
+        return sum(
+            b.macs * (bottom - top) * (right - left) / b.scale**2
+            for b, (top, bottom, left, right) in zip(blocks, regions)
+        )
+
+    tiles = [work(tile) for tile in grid.tiles(height, width)]
+    return max(sum(tiles[rank::ranks]) for rank in range(ranks)) / sum(tiles)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..model.geometry import generator_tokens
 from ..units import GIB, MIB
+from .parallel import SINGLE, ParallelLayout
 
 
 @dataclass(frozen=True, kw_only=True)
 class Request:
-    """The shape of one generation: latent tokens per branch, prompt tokens, branches, video size."""
+    """The shape of one generation: latent tokens per branch, prompt tokens, branches, video size, and
+    how it spreads over GPUs (`parallel`; `branches` stays the request's total, see `rank_branches`)."""
 
     tokens: int
     prompt_tokens: int = 512
@@ -25,6 +27,7 @@ class Request:
     sound_samples: int = 0  # audio samples per channel the sound decoder writes (0: no sound)
     # [tokens, hidden] tensors a step cache keeps per branch while the decoder stack runs (0: no cache)
     cached_hiddens: int = 0
+    parallel: ParallelLayout = SINGLE
 
     def __post_init__(self) -> None:
         for name in ("tokens", "prompt_tokens", "branches", "frames", "height", "width", "steps"):
@@ -33,6 +36,24 @@ class Request:
         for name in ("encode_frames", "sound_samples", "cached_hiddens"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.parallel, ParallelLayout):
+            raise InputError(f"parallel must be a ParallelLayout (planning/parallel.py), got {self.parallel!r}")
+        if self.parallel.cfg == 2 and self.branches != 2:
+            raise InputError(
+                f"CFG-parallel runs the two CFG branches side by side, but this request has {self.branches}; "
+                "use guidance > 1 or --cfg-parallel off"
+            )
+        self.parallel.check_tokens(self.tokens)
+
+    @property
+    def rank_branches(self) -> int:
+        """CFG branches each GPU runs: all of them, or one each with CFG-parallel."""
+        return self.branches // self.parallel.cfg
+
+    @property
+    def rank_tokens(self) -> int:
+        """Generator tokens each GPU holds for its per-token work (norms, projections, MLP)."""
+        return self.tokens // self.parallel.sequence
 
     @classmethod
     def for_video(cls, frames: int, height: int, width: int, *, cfg: bool = True, steps: int = 35, **kw) -> Request:
@@ -58,11 +79,26 @@ class DeviceProfile:
     # One host thread's memcpy from cached file pages into a pinned buffer (a mapped layer's first
     # hop); a typical server core, not measured here.
     host_copy_GBps: float = 8.0
+    # Per-GPU all-to-all bandwidth between the GPUs of a multi-GPU run, one direction. 300 stands for
+    # H100/H200 NVLink and is an assumption until measured; GPUs that talk over PCIe get about 25.
+    interconnect_GBps: float = 300.0
+    # Host memory read bandwidth shared by every GPU of one host (they all read the same host slabs):
+    # each of n GPUs copying at once gets min(h2d_GBps, host_read_GBps / n). A typical two-socket
+    # server's order of magnitude, not measured here.
+    host_read_GBps: float = 200.0
     headroom: float = 0.9  # share of a budget (device or host) a plan may fill (allocator rounding and fragmentation)
     source: str = "built-in H200 rates (2026-11-26)"
 
     def __post_init__(self) -> None:
-        for name in ("h2d_GBps", "linear_TFLOPs", "attention_TFLOPs", "host_copy_GBps"):
+        rates = (
+            "h2d_GBps",
+            "linear_TFLOPs",
+            "attention_TFLOPs",
+            "host_copy_GBps",
+            "interconnect_GBps",
+            "host_read_GBps",
+        )
+        for name in rates:
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 < value <= MAX_RATE):
                 raise InputError(

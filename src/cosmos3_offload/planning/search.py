@@ -6,6 +6,10 @@ checkpoint, the reasoner also mapped from its files), with MLP token chunks and 
 the fastest whose predicted device peak fits the usable share of the device budget, and whose
 pinned + private host memory fits the usable share of the host budget, wins, ties going to the plan
 that moves fewer bytes, then to the one that holds less memory.
+
+A parallel request (`Request.parallel`) is planned per GPU: every GPU places its own copy of the
+weights by the same plan, the budget is each GPU's, and the predicted memory and times are one
+GPU's (host memory is one host's: the GPUs share its slabs).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, replace
 from ..errors import InputError
 from ..units import GIB
 from .memory import DECODE_FRAME_SLOWDOWN, HostMemory, Peaks, host_memory, peaks
+from .parallel import SINGLE, ParallelLayout
 from .plan import GroupPlan, Mode, Plan
 from .request import DeviceProfile, Request
 from .sizes import ModelSizes
@@ -45,7 +50,8 @@ class Prediction:
 
 def predict(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfile) -> Prediction:
     """Peak device bytes of each part of the request, the time of a step, the prefill and the decode,
-    and the host memory of the weights."""
+    and the host memory of the weights (per GPU, and per host, for a parallel request)."""
+    request.parallel.check_model(heads=sizes.heads, kv_heads=sizes.kv_heads)
     return Prediction(peaks(plan, sizes, request), times(plan, sizes, request, profile), host_memory(plan, sizes))
 
 
@@ -83,6 +89,7 @@ def candidates(sizes: ModelSizes, *, mapped: bool = False) -> list[Plan]:
 class Choice:
     plan: Plan
     prediction: Prediction
+    layout: ParallelLayout = SINGLE  # the request's GPUs: the plan is each one's, the prediction one's
 
 
 def choose_plan(
@@ -97,14 +104,17 @@ def choose_plan(
     """The fastest predicted plan whose peak fits the budget (and whose pinned + private host memory
     fits `host_budget`, when given); among equally fast ones the one that moves the fewest bytes,
     then the one with the lowest peak. `mapped`: a checkpoint exists, so the reasoner may be mapped
-    from its files. An InputError with the least budget that works when nothing fits."""
-    scored = [Choice(p, predict(p, sizes, request, profile)) for p in candidates(sizes, mapped=mapped)]
+    from its files. An InputError with the least budget that works when nothing fits. With a parallel
+    request the budget is each GPU's and every GPU follows the plan."""
+    layout = request.parallel
+    scored = [Choice(p, predict(p, sizes, request, profile), layout) for p in candidates(sizes, mapped=mapped)]
     usable = budget_bytes * profile.headroom
     fitting = [c for c in scored if c.prediction.peak <= usable]
     if not fitting:
         least = min(c.prediction.peak for c in scored) / profile.headroom
+        per_gpu = f" per GPU over {layout.describe()}" if layout.parallel else ""
         raise InputError(
-            f"nothing fits a {budget_bytes / GIB:.1f} GiB budget for this request; it needs at least "
+            f"nothing fits a {budget_bytes / GIB:.1f} GiB budget{per_gpu} for this request; it needs at least "
             f"{_gib_up(least)} GiB (or fewer frames or a lower resolution)"
         )
     if host_budget is not None:
@@ -140,12 +150,20 @@ def least_budget(sizes: ModelSizes, request: Request, profile: DeviceProfile) ->
 
 
 def describe_choice(choice: Choice, budget_bytes: int, host_budget: int | None = None) -> str:
-    """The plan and its predictions, for `cosmos3-offload plan` and the run summary."""
+    """The plan and its predictions, for `cosmos3-offload plan` and the run summary; with several GPUs
+    the layout first, and the budget, memory and times are each GPU's."""
     p, t, h = choice.prediction.peaks, choice.prediction.times, choice.prediction.host
     host = "" if host_budget is None else f" and a {host_budget / GIB:.1f} GiB host budget"
+    layout = choice.layout
+    per_gpu = " per GPU" if layout.parallel else ""
+    parallel = (
+        f"parallel: {layout.describe()}; every GPU follows the plan; "
+        "device memory and times are per GPU, host memory per host"
+    )
     return "\n".join(
-        [
-            f"plan for a {budget_bytes / GIB:.1f} GiB budget{host}: {choice.plan.describe()}",
+        ([parallel] if layout.parallel else [])
+        + [
+            f"plan for a {budget_bytes / GIB:.1f} GiB budget{per_gpu}{host}: {choice.plan.describe()}",
             "predicted peak: "
             + (f"encode {p.encode / GIB:.2f} GiB, " if p.encode else "")
             + f"prefill {p.prefill / GIB:.2f} GiB, denoise {p.denoise / GIB:.2f} GiB, decode {p.decode / GIB:.2f} GiB",

@@ -10,6 +10,10 @@ from the cache. Without a GPU the built-in rates stand (measured on an H200, 202
 decode's seconds per pixel and the copy contention below are still the H200's
 (benchmarks/results/streaming-H200-2026-11-26.json, decode-H200-2026-11-26.json); on another GPU
 those parts are estimates.
+
+With a parallel request (`Request.parallel`) the times are one GPU's: its branches over its share of
+the tokens, the exchanges between GPUs over `interconnect_GBps`, copies at its share of the host's
+read bandwidth (`rank_h2d_GBps`), and its share of the decode's tiles.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..model.geometry import latent_frames, latent_size
 from ..model.groups import GENERATOR, REASONER, VAE_ENCODER
-from .memory import decode_cost, weight_bytes
+from .memory import decode_cost, decode_rank_share, weight_bytes
+from .parallel import ParallelLayout
 from .plan import GroupPlan, Mode, Plan
 from .request import DeviceProfile, Request
 from .sizes import ModelSizes
@@ -31,6 +37,15 @@ DECODE_SECONDS_PER_PIXEL_FRAME = 9.6 / (1280 * 720 * 189)  # our untiled 720p x 
 # 8 GiB cap (about 12 GB streamed a step): steps 1.003x and 1.008x the resident step, that is
 # 0.08 and 0.24 s of slowdown per second of copies (streaming-720p-8gib- and streaming-H200-2026-11-26.json).
 STREAM_CONTENTION = 0.1
+# The decode's low-resolution pass (post_quant_conv, conv_in and the mid block over whole frames) runs
+# on every GPU of a shared decode; only the tiles are dealt out. From Wan2.2's structure: 0.12 GMAC a
+# latent pixel against 9.3 in the up blocks and head (1.3%), rounded up for its frame-by-frame loop
+# and whole-frame attention. An estimate, not measured.
+DECODE_LOW_RESOLUTION_SHARE = 0.02
+# CFG-parallel exchanges the branches' vision velocities once a step (app/generate.py `all_branches`):
+# float32 over Wan2.2's 48 latent channels.
+LATENT_CHANNELS = 48
+VELOCITY_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -42,8 +57,12 @@ class Times:
 
 
 def times(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfile) -> Times:
-    bandwidth = profile.h2d_GBps * 1e9
-    host_copy = profile.host_copy_GBps * 1e9
+    """One GPU's times: a step, the prefill, the decode, and the whole request."""
+    layout = request.parallel
+    bandwidth = rank_h2d_GBps(profile, layout) * 1e9
+    host_copy = _rank_share(profile.host_copy_GBps, profile, layout) * 1e9
+    # Copies hidden behind compute slow it by the device memory traffic they make: bytes at the device's rate.
+    device_copy = profile.h2d_GBps * 1e9
 
     def copy_seconds(tower: str) -> tuple[float, ...]:
         layers = sizes.towers[tower].layers
@@ -52,18 +71,31 @@ def times(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfil
             return tuple(max(layer.payload / host_copy, layer.packed / bandwidth) for layer in layers)
         return tuple(layer.packed / bandwidth for layer in layers)
 
-    step = simulate_ring(
-        plan.generator, copy_seconds(GENERATOR), layer_seconds(sizes, request, profile, request.tokens)
-    )
-    step += STREAM_CONTENTION * streamed_bytes(plan, sizes, GENERATOR) / bandwidth
+    step = simulate_ring(plan.generator, copy_seconds(GENERATOR), generator_layer_seconds(sizes, request, profile))
+    step += STREAM_CONTENTION * streamed_bytes(plan, sizes, GENERATOR) / device_copy
+    if layout.parallel:
+        step += step_exchange_seconds(sizes, request, profile)
     prefill = simulate_ring(
         plan.reasoner, copy_seconds(REASONER), layer_seconds(sizes, request, profile, request.prompt_tokens), passes=1
     )
-    prefill += STREAM_CONTENTION * streamed_bytes(plan, sizes, REASONER) / bandwidth
+    prefill += STREAM_CONTENTION * streamed_bytes(plan, sizes, REASONER) / device_copy
     _, decode_share = decode_cost(sizes, plan.decode_grid, request.height, request.width)
     decode = DECODE_SECONDS_PER_PIXEL_FRAME * request.height * request.width * request.frames * decode_share
+    if layout.parallel:
+        tiles = decode_rank_share(sizes, plan.decode_grid, request.height, request.width, layout.world_size)
+        decode *= DECODE_LOW_RESOLUTION_SHARE + (1 - DECODE_LOW_RESOLUTION_SHARE) * tiles
     total = prefill + request.steps * step + decode + staged_bytes(plan, sizes, request) / bandwidth
     return Times(step=step, prefill=prefill, decode=decode, total=total)
+
+
+def rank_h2d_GBps(profile: DeviceProfile, layout: ParallelLayout) -> float:
+    """Host-to-device rate of one GPU while every GPU of the host copies at once: each has its own
+    link, but they share the host's read bandwidth. One GPU's measured rate stands as it is."""
+    return _rank_share(profile.h2d_GBps, profile, layout)
+
+
+def _rank_share(rate: float, profile: DeviceProfile, layout: ParallelLayout) -> float:
+    return rate if not layout.parallel else min(rate, profile.host_read_GBps / layout.world_size)
 
 
 def staged_bytes(plan: Plan, sizes: ModelSizes, request: Request) -> int:
@@ -90,12 +122,42 @@ def moved_bytes(plan: Plan, sizes: ModelSizes, request: Request) -> int:
     return staged_bytes(plan, sizes, request) + streamed
 
 
-def layer_seconds(sizes: ModelSizes, request: Request, profile: DeviceProfile, tokens: int) -> float:
-    """One tower layer for all branches: matmuls plus attention over [prompt ; tokens]."""
-    linear = 2 * tokens * sizes.layer_matmul_params / (profile.linear_TFLOPs * 1e12)
+def layer_seconds(
+    sizes: ModelSizes, request: Request, profile: DeviceProfile, tokens: int, *, sequence: int = 1
+) -> float:
+    """One tower layer for this GPU's branches: matmuls over its tokens/sequence rows plus attention of
+    every token over [prompt ; tokens] for its heads/sequence heads (Ulysses)."""
+    linear = 2 * (tokens // sequence) * sizes.layer_matmul_params / (profile.linear_TFLOPs * 1e12)
     keys = tokens + request.prompt_tokens
-    attention = 4 * tokens * keys * sizes.heads * sizes.head_dim / (profile.attention_TFLOPs * 1e12)
-    return request.branches * (linear + attention)
+    attention = 4 * tokens * keys * (sizes.heads // sequence) * sizes.head_dim / (profile.attention_TFLOPs * 1e12)
+    return request.rank_branches * (linear + attention)
+
+
+def generator_layer_seconds(sizes: ModelSizes, request: Request, profile: DeviceProfile) -> float:
+    """One generator layer on one GPU: its compute and, with sequence-parallel, its all-to-alls."""
+    sequence = request.parallel.sequence
+    compute = layer_seconds(sizes, request, profile, request.tokens, sequence=sequence)
+    return compute if sequence == 1 else compute + all_to_all_seconds(sizes, request, profile)
+
+
+def all_to_all_seconds(sizes: ModelSizes, request: Request, profile: DeviceProfile) -> float:
+    """One layer's four Ulysses exchanges on one GPU: q, k, v before attention and the output after,
+    each [rows, heads or kv_heads, head_dim] of which (s-1)/s leaves (and as much arrives) per branch."""
+    s = request.parallel.sequence
+    width = 2 * (sizes.heads + sizes.kv_heads) * sizes.head_dim  # q and out, k and v
+    sent = request.rank_branches * request.rank_tokens * width * sizes.dtype_bytes * (s - 1) / s
+    return sent / (profile.interconnect_GBps * 1e9)
+
+
+def step_exchange_seconds(sizes: ModelSizes, request: Request, profile: DeviceProfile) -> float:
+    """Once a step on one GPU: with sequence-parallel, the gather of each branch's rows [tokens, hidden]
+    before the read-out; with CFG-parallel, the other branch's vision velocity."""
+    layout = request.parallel
+    received = request.rank_branches * (layout.sequence - 1) * request.rank_tokens * sizes.hidden * sizes.dtype_bytes
+    if layout.cfg == 2:
+        height, width = latent_size(request.height, request.width)
+        received += latent_frames(request.frames) * height * width * LATENT_CHANNELS * VELOCITY_BYTES
+    return received / (profile.interconnect_GBps * 1e9)
 
 
 def simulate_ring(how: GroupPlan, copy_s: Sequence[float], layer_s: float, passes: int = 2) -> float:
