@@ -9,10 +9,15 @@ the sound tokenizer's decoder) are built on `meta`, each group gets its home (de
 slab when it is offloaded), and every weight is written once into that home, straight from the
 safetensors file, with a progress bar over bytes. A checkpoint's files are checked against the
 model before any home is allocated. What generation never reads (see layout.py) is never opened.
+
+With a `HostShare` (several processes on one host, one GPU each), every host slab is one file the
+host's processes all map, written by the owner alone, so host memory does not grow with the number
+of processes; the load follows the protocol in offload/shared.py.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +36,7 @@ from ..model.specs import model_spec
 from ..model.tiny_tokenizer import build_tiny_tokenizer
 from ..offload.engine import OffloadEngine
 from ..offload.materialize import build_on_meta, group_layouts, keep_fp32_dtype, move_buffers
+from ..offload.shared import HostShare
 from ..offload.slabs import SlabEntry, SlabLayout
 from ..planning.plan import Plan
 from ..quant.fp8 import has_fp8_matmul
@@ -101,12 +107,15 @@ def load_components(
     sound: bool = False,
     progress: bool = False,
     fp8: Fp8Options = NO_FP8_FLAGS,
+    host_share: HostShare | None = None,
 ) -> Components:
     """Build, place and fill every component as `plan` says (default: everything resident).
 
     `sound` loads the checkpoint's sound tokenizer too (its decoder only). An FP8 checkpoint's
     linears load as FP8; `fp8.quantize` quantizes a bf16 one's as they load (see quantization.py);
-    `fp8.mode` picks W8A8 or W8A16 per step (see quant/policy.py).
+    `fp8.mode` picks W8A8 or W8A16 per step (see quant/policy.py). `host_share`: the host slabs are
+    shared with the host's other processes, and filled by its owner (see offload/shared.py); every
+    process of the host must call this with the same model, plan and share.
     """
     plan = plan or Plan()
     if sound and not has_sound_tokenizer(checkpoint):
@@ -153,8 +162,15 @@ def load_components(
         check_scales(MappedFiles(stored_transformer).view, quantization)
     # The tokenizer is cheap: load it before any weight memory exists, so a broken one costs nothing.
     tokenizer = build_tiny_tokenizer() if checkpoint is None else _checkpoint_tokenizer(checkpoint)
-    placer = Placer(device, plan, None if checkpoint is None else weights[0])  # a mapped reasoner reads weights[0]
-    targets = [placer.place(part.root, layout) for part, layout in zip(parts, layouts)]
+    # A mapped reasoner reads weights[0].
+    placer = Placer(device, plan, None if checkpoint is None else weights[0], host_share=host_share)
+    try:
+        targets = [placer.place(part.root, layout) for part, layout in zip(parts, layouts)]
+        if host_share is not None:
+            host_share.wait()  # every process has mapped every shared file: their names can go
+    finally:
+        if placer.shared_files is not None:
+            placer.shared_files.unlink()  # the mappings stay valid; nothing is left behind, error or not
     with tqdm(
         total=sum(_nbytes(t) for t in targets), desc="load", unit="B", unit_scale=True, disable=not progress
     ) as bar:
@@ -174,10 +190,13 @@ def load_components(
             for batch in _batches(part_targets):
                 fill(batch)
                 bar.update(_nbytes(batch))
+    if host_share is not None:
+        host_share.wait()  # the owner has filled the shared slabs: no process reads or pins one before
     for slab in placer.slabs_to_pin:
         slab.pin()
     for part in parts:
         move_buffers(part.root, device)
+    _return_freed_heap()
     return Components(
         transformer=transformer,
         vae=vae,
@@ -193,6 +212,15 @@ def load_components(
         switches=switches,
         schedule=schedule,
     )
+
+
+def _return_freed_heap() -> None:
+    """Give the fill's freed scratch back to the system (glibc keeps freed chunks in per-thread arenas:
+    gigabytes after a many-threaded fill, counted against every process of a multi-GPU run)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 def _random_value_of(seed: int) -> Callable[[SlabEntry], torch.Tensor]:

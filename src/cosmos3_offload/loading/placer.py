@@ -3,7 +3,8 @@
 `weight_grouping` names the group of every transformer weight (a streamed or mapped tower's
 non-resident layers get a group each: "<tower>@<layer>"); `Placer` gives each group its home
 (device tensors, a pinned host slab, an unpinned host slab, or, for a mapped tower's layers, the
-checkpoint's memory-mapped files) and builds the engine's placements.
+checkpoint's memory-mapped files) and builds the engine's placements. With a `HostShare`, every host
+slab is a file the host's processes share (see offload/shared.py), written by the owner alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, UNUSED, VAE, V
 from ..offload.mapped import Mapped, MappedLayer, ReadInPlace
 from ..offload.materialize import allocate_on_device
 from ..offload.placements import HostOnly, Placement, Resident, Staged, bind_views
+from ..offload.shared import HostShare, SharedFiles
 from ..offload.slabs import HostSlab, SlabEntry, SlabLayout
 from ..offload.streaming import Streamed
 from ..planning.plan import BOUNCE_SLOTS, Mode, Plan
@@ -45,12 +47,20 @@ def weight_grouping(plan: Plan, layers: int) -> Callable[[str], str]:
 
 
 class Placer:
-    """Gives each group its home and returns (entry, home) pairs for the values to be written into.
+    """Gives each group its home and returns (entry, home) pairs for the values this process writes.
 
     `stored`: the transformer's checkpoint weights, which a mapped tower's layers are read from, in
-    place (so they get no (entry, home) pair: nothing is written into them)."""
+    place (so they get no (entry, home) pair: nothing is written into them). `host_share`: every host
+    slab is mapped from a file shared by the host's processes; only its owner gets their pairs, and
+    `shared_files.unlink()` removes the files once every process has mapped them."""
 
-    def __init__(self, device: torch.device, plan: Plan, stored: CheckpointWeights | None = None):
+    def __init__(
+        self,
+        device: torch.device,
+        plan: Plan,
+        stored: CheckpointWeights | None = None,
+        host_share: HostShare | None = None,
+    ):
         if plan.maps_checkpoint and stored is None:
             raise InputError(
                 "a mapped reasoner is read from the checkpoint's files, and random weights have none; "
@@ -59,6 +69,7 @@ class Placer:
         self.device = device
         self.plan = plan
         self.files = None if stored is None else MappedFiles(stored)
+        self.shared_files = None if host_share is None else SharedFiles(host_share)
         self.placements: dict[str, Placement] = {}
         # Slabs that are copied to the device are pinned after they are filled (faulting pages in
         # from many threads is faster than pinning untouched memory).
@@ -82,30 +93,45 @@ class Placer:
                     self.placements[group] = ReadInPlace(group, stored)
                 bind_views(root, layout, stored.source_of().__getitem__)
                 continue
-            if index:
-                slab = self._host_slab(layout, pin=True)
-                streamed[tower][int(index)] = slab
-                view = slab.view
-            elif group == EMBEDDING and self.plan.reasoner.moves_weights:
-                # Read row by row on the host (see prefill); never copied, so never pinned.
-                slab = self._host_slab(layout, pin=False)
-                self.placements[group] = HostOnly(group, slab)
-                view = slab.view
-            elif group != EMBEDDING and self.plan.group(group).mode is Mode.STAGED:
-                slab = self._host_slab(layout, pin=True)
-                self.placements[group] = Staged(group, root, slab)
-                view = slab.view
-            else:
+            slab = self._host_home(group, layout, root, streamed)
+            if slab is None:
                 view = self._device_homes(layout)
                 on_device[group] = layout
+            else:
+                view = slab.view
             bind_views(root, layout, view)
-            targets += [(entry, view(entry)) for entry in layout.entries]
+            if slab is None or self._writes(slab):
+                targets += [(entry, view(entry)) for entry in layout.entries]
         for group in (EMBEDDING, REASONER, GENERATOR, VAE, VAE_ENCODER, SOUND):
             if group in self.placements or (group not in on_device and not (streamed.get(group) or mapped.get(group))):
                 continue  # placed above, or a group of another root
             head = on_device.get(group, SlabLayout.pack([]))
             self.placements[group] = self._tower(group, root, head, streamed.get(group), mapped.get(group))
         return targets
+
+    def _host_home(
+        self, group: str, layout: SlabLayout, root: nn.Module, streamed: dict[str, dict[int, HostSlab]]
+    ) -> HostSlab | None:
+        """The host slab of an offloaded group (and its placement, but for a streamed layer's, which its
+        tower's takes); None for a group kept on the device."""
+        tower, _, index = group.partition(LAYER_MARK)
+        if index:
+            slab = self._host_slab(group, layout, pin=True)
+            streamed[tower][int(index)] = slab
+        elif group == EMBEDDING and self.plan.reasoner.moves_weights:
+            # Read row by row on the host (see prefill); never copied, so never pinned.
+            slab = self._host_slab(group, layout, pin=False)
+            self.placements[group] = HostOnly(group, slab)
+        elif group != EMBEDDING and self.plan.group(group).mode is Mode.STAGED:
+            slab = self._host_slab(group, layout, pin=True)
+            self.placements[group] = Staged(group, root, slab)
+        else:
+            return None
+        return slab
+
+    def _writes(self, slab: HostSlab) -> bool:
+        """Whether this process writes `slab`'s values: its own slab, or a shared one it owns."""
+        return not slab.shared or self.shared_files.share.owner
 
     def _stored(self, group: str, layout: SlabLayout) -> MappedLayer | None:
         """The file views of a group read from the checkpoint in place: a mapped tower's streamed layers,
@@ -142,8 +168,11 @@ class Placer:
             return Streamed(group, root, root.layers, streamed, head, ring=how.ring, prefetch=how.prefetch)
         return Resident(group, head)
 
-    def _host_slab(self, layout: SlabLayout, *, pin: bool) -> HostSlab:
-        slab = HostSlab(layout)
+    def _host_slab(self, group: str, layout: SlabLayout, *, pin: bool) -> HostSlab:
+        if self.shared_files is None:
+            slab = HostSlab(layout)
+        else:
+            slab = HostSlab(layout, shared_buffer=self.shared_files.map(group, layout.nbytes))
         if pin and self.device.type == "cuda":
             self.slabs_to_pin.append(slab)
         return slab

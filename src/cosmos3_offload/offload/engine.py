@@ -72,6 +72,12 @@ class OffloadEngine:
         return sum(s.layout.nbytes for p in self.placements.values() for s in p.host_slabs)
 
     @property
+    def shared_bytes(self) -> int:
+        """Bytes of the host slabs shared with this host's other processes (held once per host, not per
+        process; see shared.py), pinned or not; included in `host_bytes`."""
+        return sum(s.layout.nbytes for p in self.placements.values() for s in p.host_slabs if s.shared)
+
+    @property
     def pinned_bytes(self) -> int:
         return sum(s.layout.nbytes for p in self.placements.values() for s in p.host_slabs if s.pinned)
 
@@ -92,6 +98,8 @@ class OffloadEngine:
                 line += f"  {format_bytes(moved)} copied in {len(p.copies)} copies at {rate:.1f} GB/s"
             lines.append(line)
         line = f"arena       {format_bytes(self.arena.peak_bytes)}; pinned host {format_bytes(self.pinned_bytes)}"
+        if self.shared_bytes:
+            line += f"; host slabs shared by this host's processes {format_bytes(self.shared_bytes)}"
         if self.mapped_bytes:
             line += f"; mapped from files {format_bytes(self.mapped_bytes)}"
         lines.append(line)

@@ -5,7 +5,8 @@ allocates exactly `layout.nbytes` and, where CUDA is present, page-locks that al
 with `cudaHostRegister`: `pin_memory()` per tensor would go through PyTorch's caching host
 allocator, which rounds every request up to a power of two. Tied tensors (one tensor bound under
 several names) get one entry. The slab is the master copy of its weights: staging only ever
-copies host -> device.
+copies host -> device. A slab may instead live in a file mapped by every process of the host
+(see shared.py); each process then page-locks its own mapping of the same pages.
 """
 
 from __future__ import annotations
@@ -70,11 +71,19 @@ def tensor_view(buffer: torch.Tensor, entry: SlabEntry) -> torch.Tensor:
 
 
 class HostSlab:
-    """An exact-size host buffer holding one layout; `pin()` page-locks it in place."""
+    """An exact-size host buffer holding one layout; `pin()` page-locks it in place.
 
-    def __init__(self, layout: SlabLayout):
+    `shared_buffer`: exactly `layout.nbytes` of uint8 mapped from a file the host's processes share
+    (`shared.SharedFiles.map`), to hold the layout instead of this process's own allocation."""
+
+    def __init__(self, layout: SlabLayout, *, shared_buffer: torch.Tensor | None = None):
         self.layout = layout
-        self.buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+        if shared_buffer is None:
+            self.buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+        else:
+            assert shared_buffer.dtype == torch.uint8 and shared_buffer.shape == (layout.nbytes,), shared_buffer.shape
+            self.buffer = shared_buffer
+        self.shared = shared_buffer is not None
         self.pinned = False
 
     def pin(self) -> None:
