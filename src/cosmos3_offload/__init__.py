@@ -10,6 +10,7 @@ The package is layered, and imports only go down (tests/test_layering.py checks 
 - `planning`: the plan value and the planner, pure arithmetic (no torch);
 - `offload`: the generic engine (host slabs, arena, streams, placements), no Cosmos3;
 - `kernels`: which attention and fused elementwise kernels the split math runs (probed per GPU);
+- `parallel`: the process groups of several GPUs and the exchanges the split makes over them;
 - `split`: the prefill/denoise math, no devices;
 - `stepcache`: SeaCache's gate over the generator's decoder stack;
 - `vae`: the tiled decode and the conditioning encode;

@@ -4,6 +4,11 @@ The generator's tokens (vision, and sound/action where the model has them) are e
 the model's own patchify/pack helpers, run through the generator half of every decoder layer
 with queries attending non-causally to [memory K/V ; generator K/V], and read out with the
 model's own unpack helpers. Only generator weights are touched.
+
+With `sequence` shards (Ulysses, parallel/ulysses.py) the decoder stack runs on this rank's row
+block of the generator tokens; attention trades rows for heads and back, and reads this rank's
+block of the memory's key/value heads. `denoise_branches` shards after the embedding and gathers
+before the read-out, so its predictions are those of the whole sequence on every rank.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from diffusers.models.transformers.transformer_cosmos3 import Cosmos3OmniTransfo
 from torch import nn
 
 from ..kernels.choice import EAGER, Kernels
+from ..parallel.ulysses import SequenceShards
 from . import fused_layer
 from .attention import apply_rotary, attend, rotary_tables
 from .prefill import ReasonerMemory
@@ -115,15 +121,23 @@ def denoise_branches(
     layers: Iterable[nn.Module] | None = None,
     mlp_chunk: int | None = None,
     kernels: Kernels = EAGER,
+    sequence: SequenceShards | None = None,
 ) -> list[GeneratorPrediction]:
     """Generator passes for several CFG branches sharing the latents, each layer once for all of them.
 
     Each branch's result is exactly what `denoise` gives it alone. `layers` yields the decoder
     layers in order, each ready when yielded (default `model.layers`); `mlp_chunk` bounds the MLP's
-    intermediate activations to that many tokens at a time.
+    intermediate activations to that many tokens at a time; with `sequence` the stack runs on this
+    rank's rows (every rank of the group calls this with the same inputs).
     """
     hidden = embed_branches(model, [layout for layout, _ in branches], inputs, branches[0][1].keys[0].dtype)
-    outputs = run_decoder_stack(model, branches, hidden, layers=layers, mlp_chunk=mlp_chunk, kernels=kernels)
+    if sequence is not None:
+        hidden = [sequence.shard(h) for h in hidden]
+    outputs = run_decoder_stack(
+        model, branches, hidden, layers=layers, mlp_chunk=mlp_chunk, kernels=kernels, sequence=sequence
+    )
+    if sequence is not None:
+        outputs = [sequence.gather(out) for out in outputs]
     return [read_out_predictions(model, layout, inputs, out) for (layout, _), out in zip(branches, outputs)]
 
 
@@ -143,14 +157,18 @@ def run_decoder_stack(
     layers: Iterable[nn.Module] | None = None,
     mlp_chunk: int | None = None,
     kernels: Kernels = EAGER,
+    sequence: SequenceShards | None = None,
 ) -> list[torch.Tensor]:
     """The generator half of every decoder layer and the final norm, for each branch's `hidden`:
-    the span `Cosmos3OmniTransformer._run_decoder_stack` covers (and step caches skip).
+    the span `Cosmos3OmniTransformer._run_decoder_stack` covers (and step caches skip). With
+    `sequence`, `hidden` holds this rank's rows of each branch and so does the result.
 
     The entries of `hidden` are replaced as the layers run, so the list holds no input alive that
     the caller does not hold itself.
     """
     tables = [rotary_tables(model, layout.position_ids, h.dtype) for (layout, _), h in zip(branches, hidden)]
+    if sequence is not None:
+        tables = [(sequence.shard(cos), sequence.shard(sin)) for cos, sin in tables]
     for index, layer in enumerate(model.layers if layers is None else layers):
         for b, ((_, memory), (cos, sin)) in enumerate(zip(branches, tables)):
             hidden[b] = generator_layer(
@@ -162,6 +180,7 @@ def run_decoder_stack(
                 sin,
                 mlp_chunk=mlp_chunk,
                 kernels=kernels,
+                sequence=sequence,
             )
     return [model.norm_moe_gen(h) for h in hidden]
 
@@ -176,10 +195,11 @@ def generator_layer(
     *,
     mlp_chunk: int | None = None,
     kernels: Kernels = EAGER,
+    sequence: SequenceShards | None = None,
 ) -> torch.Tensor:
-    """One decoder layer's generator half. hidden: [generator tokens, hidden]."""
+    """One decoder layer's generator half. hidden: [generator tokens (this rank's rows), hidden]."""
     if kernels.fused:
-        return _fused_generator_layer(layer, hidden, memory_key, memory_value, cos, sin, mlp_chunk, kernels)
+        return _fused_generator_layer(layer, hidden, memory_key, memory_value, cos, sin, mlp_chunk, kernels, sequence)
     attn = layer.self_attn
     normed = layer.input_layernorm_moe_gen(hidden)
     q = attn.norm_added_q(attn.add_q_proj(normed).view(-1, attn.num_attention_heads, attn.head_dim))
@@ -187,9 +207,13 @@ def generator_layer(
     v = attn.add_v_proj(normed).view(-1, attn.num_key_value_heads, attn.head_dim)
     del normed
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if sequence is not None:
+        q, k, v, memory_key, memory_value = _exchange_heads(sequence, q, k, v, memory_key, memory_value)
     # Non-causal: every generator query sees the whole prompt and every generator token.
     out = attend(attn, q, torch.cat([memory_key, k]), torch.cat([memory_value, v]), causal=False, kernels=kernels)
     del q, k, v
+    if sequence is not None:
+        out = _rows_back(sequence, out, attn.head_dim)
     hidden = hidden + attn.to_add_out(out)
     del out
     return _mlp_residual(layer, hidden, mlp_chunk)
@@ -204,9 +228,11 @@ def _fused_generator_layer(
     sin: torch.Tensor,
     mlp_chunk: int | None,
     kernels: Kernels,
+    sequence: SequenceShards | None = None,
 ) -> torch.Tensor:
     """`generator_layer` with the norms, QK-norm + rotary, the K/V join, the MLP activation and the
-    residual adds as fused kernels (attention-out add and post-attention norm in one)."""
+    residual adds as fused kernels (attention-out add and post-attention norm in one). With
+    `sequence` the keys are normed and rotated on this rank's rows and joined after the exchange."""
     attn = layer.self_attn
     normed = fused_layer.norm(layer.input_layernorm_moe_gen, hidden)
     q = attn.add_q_proj(normed).view(-1, attn.num_attention_heads, attn.head_dim)  # [tokens, heads, head_dim]
@@ -214,13 +240,40 @@ def _fused_generator_layer(
     v = attn.add_v_proj(normed).view(-1, attn.num_key_value_heads, attn.head_dim)
     del normed
     q = fused_layer.norm_rotary(attn.norm_added_q, q, cos, sin)
-    k, v = fused_layer.join_memory(attn.norm_added_k, memory_key, memory_value, k, v, cos, sin)  # [memory+tokens, ..]
+    if sequence is None:
+        k, v = fused_layer.join_memory(attn.norm_added_k, memory_key, memory_value, k, v, cos, sin)  # [memory+tokens]
+    else:
+        k = fused_layer.norm_rotary(attn.norm_added_k, k, cos, sin)
+        q, k, v, memory_key, memory_value = _exchange_heads(sequence, q, k, v, memory_key, memory_value)
+        k, v = torch.cat([memory_key, k]), torch.cat([memory_value, v])
     out = attend(attn, q, k, v, causal=False, kernels=kernels)
     del q, k, v
+    if sequence is not None:
+        out = _rows_back(sequence, out, attn.head_dim)
     update = attn.to_add_out(out)  # [tokens, hidden]; receives the layer's output
     del out
     post_norm, mlp = layer.post_attention_layernorm_moe_gen, layer.mlp_moe_gen
     return fused_layer.residual_mlp(post_norm, mlp, hidden, update, mlp_chunk)
+
+
+def _exchange_heads(
+    sequence: SequenceShards,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    memory_key: torch.Tensor,
+    memory_value: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """This rank's rows of q, k, v [tokens/n, heads, head_dim] -> all tokens of its head block
+    [tokens, heads/n, head_dim], and the memory's matching key/value heads [prompt, kv_heads/n, head_dim]."""
+    heads = sequence.heads(memory_key.shape[1])
+    q, k, v = (sequence.heads_to_tokens(t) for t in (q, k, v))
+    return q, k, v, memory_key[:, heads], memory_value[:, heads]
+
+
+def _rows_back(sequence: SequenceShards, out: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Attention output [tokens, heads/n * head_dim] -> this rank's rows [tokens/n, heads * head_dim]."""
+    return sequence.tokens_to_heads(out.view(out.shape[0], -1, head_dim)).flatten(-2, -1)
 
 
 def _mlp_residual(layer: Cosmos3VLTextMoTDecoderLayer, hidden: torch.Tensor, chunk: int | None) -> torch.Tensor:

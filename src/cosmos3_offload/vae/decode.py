@@ -15,9 +15,14 @@ It drives diffusers' own `AutoencoderKLWan` decoder modules in two passes:
 
 Decoded tiles become bytes on the device and leave through pinned buffers without stopping the
 decode (`HostLanding`; plain copies on the CPU).
+
+Tiles are independent once the low-resolution pass is done, so several processes can share a decode:
+each decodes the tiles it is given (`only`) and leaves the others' pixels zero.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -109,13 +114,18 @@ class _TileDecoder:
 
 
 @torch.no_grad()
-def decode_tiles(vae: AutoencoderKLWan, z: torch.Tensor, grid: TileGrid, emit) -> None:
+def decode_tiles(
+    vae: AutoencoderKLWan, z: torch.Tensor, grid: TileGrid, emit, only: Collection[int] | None = None
+) -> None:
     """Decode raw latents z [1, C, T, h, w] tile by tile: emit(frames, rows, cols, pixels) receives
-    each decoded piece, pixels [frames, H_tile, W_tile, 3] in [-1, 1] on the device."""
+    each decoded piece, pixels [frames, H_tile, W_tile, 3] in [-1, 1] on the device. `only`: the
+    indexes (in `grid.tiles` order) of the tiles to decode; default every tile."""
     blocks = decoder_blocks(vae.decoder)
     low = low_resolution_pass(vae, z)
     height, width = z.shape[-2:]
-    for tile in grid.tiles(height, width):
+    for index, tile in enumerate(grid.tiles(height, width)):
+        if only is not None and index not in only:
+            continue
         decoder = _TileDecoder(vae, blocks, tile, (height, width), grid.frames, emit)
         for t in range(low.shape[0]):
             decoder.latent_frame(low[t].to(z.device, non_blocking=True)[None, :, None], first_chunk=t == 0)
@@ -127,13 +137,18 @@ def to_bytes(pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_to_host(vae: AutoencoderKLWan, z: torch.Tensor, grid: TileGrid = UNTILED) -> np.ndarray:
-    """Raw latents z [1, C, T, h, w] -> uint8 frames [frames, H, W, 3] on the host."""
+def decode_to_host(
+    vae: AutoencoderKLWan, z: torch.Tensor, grid: TileGrid = UNTILED, only: Collection[int] | None = None
+) -> np.ndarray:
+    """Raw latents z [1, C, T, h, w] -> uint8 frames [frames, H, W, 3] on the host (zero outside the
+    tiles of `only`, when given)."""
     _, _, latent_frames, height, width = z.shape
     scale = vae.spatial_compression_ratio
     frames = 1 + vae.config.scale_factor_temporal * (latent_frames - 1)
     video = torch.empty(frames, height * scale, width * scale, 3, dtype=torch.uint8)
     landing = HostLanding()
-    decode_tiles(vae, z, grid, lambda f, r, c, pixels: landing.put(video[f, r, c], to_bytes(pixels)))
+    if only is not None:
+        video.zero_()
+    decode_tiles(vae, z, grid, lambda f, r, c, pixels: landing.put(video[f, r, c], to_bytes(pixels)), only)
     landing.drain()
     return video.numpy()
