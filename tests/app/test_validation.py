@@ -169,8 +169,10 @@ def test_bad_flag_values_are_refused(capsys, folder, command, args, phrase):
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "0", "1.5", " x ", "\udcff", "2", "99999999999999999999"])
-def test_world_size_that_forbids_staging_is_refused(capsys, folder, monkeypatch, value):
-    """Fails when staging starts under a multi-process or malformed WORLD_SIZE instead of a one-line refusal."""
+def test_world_size_without_a_launcher_is_refused(capsys, folder, monkeypatch, value):
+    """Fails when staging starts under a malformed WORLD_SIZE, or one > 1 that no launcher set up (no
+    MASTER_ADDR), instead of a one-line refusal."""
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.setenv("WORLD_SIZE", value)
     err = refused(capsys, folder, [*GENERATE, "--offload-stages", "vae"])
     assert "WORLD_SIZE" in err

@@ -33,6 +33,8 @@ from ..loading.sizes import model_sizes
 from ..model.geometry import frames_to_encode
 from ..model.specs import MODEL_SPECS, model_spec
 from ..model.tiers import ASPECT_RATIOS, DEFAULT_SHIFT, RESOLUTION_TIERS, frame_size
+from ..parallel.mesh import Environment
+from ..planning.parallel import CFG_PARALLEL_CHOICES, MAX_GPUS, ParallelLayout
 from ..planning.plan import Plan
 from ..planning.request import Request, parse_budget
 from ..planning.search import choose_plan, describe_choice
@@ -60,8 +62,9 @@ from .config import (
 )
 from .console import PROG, printable
 from .device_profile import device_setup, probe_shape
+from .distributed import layout_for, rank_device
 from .feasibility import cached_hiddens
-from .runner import check_single_process, run
+from .runner import run
 from .samples import FLAG_FIELDS, run_samples
 
 # Without a checkpoint the embedded tiny model runs on any CPU; Cosmos3's 720p x 189-frame
@@ -223,6 +226,22 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 0.25, diffusers' and NVIDIA's; 0 computes every step, larger reuses more)",
     )
     parser.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run on N GPUs of this machine (one process each, started for you; or launch with "
+        "`torchrun --nproc-per-node N -m cosmos3_offload generate ...`): the CFG branches side by side "
+        "and each branch's tokens split over the rest (Ulysses); with --device cpu, N processes on the CPU",
+    )
+    parser.add_argument(
+        "--cfg-parallel",
+        choices=CFG_PARALLEL_CHOICES,
+        default="auto",
+        help="with several GPUs: run the conditional and unconditional branches on different GPUs; 'auto' "
+        "(default) does when there are two branches and an even GPU count, 'on' demands it",
+    )
+    parser.add_argument(
         "--h2d-gbps",
         type=float,
         default=None,
@@ -348,6 +367,10 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.h2d_gbps is not None:
         check_number("h2d-gbps", args.h2d_gbps, MIN_H2D_GBPS, MAX_H2D_GBPS)
     check_number("fps", args.fps, MIN_FPS, MAX_FPS)
+    if args.gpus is not None and not 1 <= args.gpus <= MAX_GPUS:
+        raise InputError(f"--gpus must be 1 to {MAX_GPUS}, got {args.gpus}")
+    if args.cfg_parallel != "auto" and args.gpus is None and not Environment.read().distributed:
+        raise InputError(f"--cfg-parallel {args.cfg_parallel} applies to several GPUs; add --gpus N, or drop it")
     check_cache(args.cache, args.cache_threshold)
     _kernel_options(args)
     if args.sound and not has_sound_tokenizer(args.checkpoint):
@@ -381,7 +404,7 @@ def _config_from_args(args: argparse.Namespace) -> GenerationConfig:
 
 def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: int):
     """The planner's pick for this request under --vram-budget (flags checked already)."""
-    device = resolve_device(args.device)
+    device = rank_device(resolve_device(args.device))
     # Plans are for a GPU: without --dtype they assume the GPU default (bfloat16), even when run on a CPU.
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.command == "plan" else None), device)
     budget = parse_budget(args.vram_budget)
@@ -397,6 +420,8 @@ def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: in
     shape = _defaults(args)
     cfg = shape["guidance"] != 1.0
     samples = 0 if sound is None else sound_samples(sound, frames, args.fps)
+    ranks = args.gpus if args.gpus is not None else Environment.read().world_size
+    layout = ParallelLayout.for_ranks(ranks, guidance=cfg, cfg_parallel=args.cfg_parallel)
     request = Request.for_video(
         frames,
         height,
@@ -406,6 +431,7 @@ def _budget_choice(args: argparse.Namespace, frames: int, width: int, height: in
         encode_frames=encode,
         sound_samples=samples,
         cached_hiddens=cached_hiddens(args.cache, args.cache_threshold),
+        parallel=layout,
     )
     # Measured last: the probe and the copies it times are the first thing that touches the GPU.
     setup = device_setup(
@@ -464,10 +490,13 @@ def _generate_command(args: argparse.Namespace, argv: list[str] | None = None) -
     if args.vram_budget is not None and args.offload_stages:
         raise InputError("pass either --vram-budget or --offload-stages, not both")
     plan = Plan.from_offload(args.offload_stages)
-    check_single_process(plan)  # WORLD_SIZE, before a budget's bandwidth is measured
+    environment = Environment.read()  # torchrun's variables, before a budget's bandwidth is measured
+    if args.gpus is not None:
+        return _launch_command(args, argv, environment, config)
     if args.vram_budget is not None:
         choice, budget, _ = _budget_choice(args, config.frames, config.width, config.height)
-        _say(describe_choice(choice, budget, _host_budget(args)))
+        if environment.rank == 0:
+            _say(describe_choice(choice, budget, _host_budget(args)))
         plan = choice.plan
     report = run(
         config,
@@ -480,8 +509,26 @@ def _generate_command(args: argparse.Namespace, argv: list[str] | None = None) -
         budgeted=args.vram_budget is not None,
         fp8=_fp8(args),
         kernels=_kernel_options(args),
+        cfg_parallel=args.cfg_parallel,
     )
-    _say(report.summary())
+    if report is not None:  # rank 0 (or the only process)
+        _say(report.summary())
+
+
+def _launch_command(
+    args: argparse.Namespace, argv: list[str] | None, environment: Environment, config: GenerationConfig
+) -> int:
+    """`generate --gpus N`: start N workers running the rest of the command line (see app/workers.py)."""
+    if environment.distributed:
+        raise InputError("--gpus starts its own processes; under torchrun leave it out")
+    from .workers import check_gpu_count, launch_workers, strip_gpus_flag  # starts processes: only here
+
+    rest, count = strip_gpus_flag(sys.argv[1:] if argv is None else list(argv))
+    check_gpu_count(count, args.device)
+    layout_for(config, model_configs(args.checkpoint, args.model)[0], count, args.cfg_parallel)  # refused once, here
+    if count == 1:
+        return main(rest)  # one GPU: no group to form
+    return launch_workers(rest, count)
 
 
 def _samples_command(args: argparse.Namespace, argv: list[str]) -> int:
@@ -496,7 +543,8 @@ def _samples_command(args: argparse.Namespace, argv: list[str]) -> int:
         raise InputError("--vram-budget plans one request; with -i pass --offload-stages (see `plan`)")
     _check_flags(args)
     plan = Plan.from_offload(args.offload_stages)
-    check_single_process(plan)
+    if args.gpus is not None or Environment.read().distributed:
+        raise InputError("sample files (-i) run on one GPU; drop --gpus (or torchrun), or pass one --prompt")
     defaults = {field: getattr(args, field) for field in FLAG_FIELDS} | _defaults(args)
     defaults["condition_frames"] = _condition_frames(args)
     typed = _typed_flags(argv)

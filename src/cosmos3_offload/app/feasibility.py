@@ -19,6 +19,7 @@ from ..loading.quantization import NO_FP8_FLAGS, Fp8Options, quantization_for
 from ..loading.sizes import model_sizes
 from ..model.geometry import frames_to_encode
 from ..planning.memory import weight_bytes
+from ..planning.parallel import SINGLE, ParallelLayout
 from ..planning.plan import Plan
 from ..planning.request import DeviceProfile, Request
 from ..planning.search import predict
@@ -47,8 +48,9 @@ def device_free_bytes(device: torch.device) -> int | None:
     return free
 
 
-def request_of(config: GenerationConfig, sound: dict | None = None) -> Request:
-    """The planner's view of `config`; `sound`: the sound tokenizer's config for a request with sound."""
+def request_of(config: GenerationConfig, sound: dict | None = None, layout: ParallelLayout = SINGLE) -> Request:
+    """The planner's view of `config` on one GPU of `layout`; `sound`: the sound tokenizer's config for a
+    request with sound."""
     encode = frames_to_encode(
         image=config.image is not None, video=config.video is not None, condition_frames=config.condition_frames
     )
@@ -62,6 +64,7 @@ def request_of(config: GenerationConfig, sound: dict | None = None) -> Request:
         encode_frames=encode,
         sound_samples=samples,
         cached_hiddens=cached_hiddens(config.cache, config.cache_threshold),
+        parallel=layout,
     )
 
 
@@ -79,8 +82,10 @@ def check_fits(
     device: torch.device,
     dtype: torch.dtype,
     fp8: Fp8Options = NO_FP8_FLAGS,
+    layout: ParallelLayout = SINGLE,
 ) -> None:
-    """An InputError, before anything loads, when the request cannot fit this machine's memory."""
+    """An InputError, before anything loads, when the request cannot fit this machine's memory (one GPU's
+    share of it under `layout`)."""
     sound = sound_config(checkpoint) if config.sound else None  # (check_sound has run: the folder has one)
     transformer_config, vae_config = model_configs(checkpoint, model)
     sizes = model_sizes(
@@ -90,7 +95,7 @@ def check_fits(
         sound_config=sound,
         quantization=quantization_for(checkpoint, transformer_config, fp8),
     )
-    request = request_of(config, sound)
+    request = request_of(config, sound, layout)
     peak = predict(plan, sizes, request, DeviceProfile()).peak
     weights = weight_bytes(plan, sizes)
     host_need = weights.pinned + weights.host + (peak if device.type == "cpu" else 0)

@@ -5,11 +5,17 @@ diffusers' `Cosmos3OmniPipeline` and its components; what this module changes is
 work: the reasoner runs once per prompt (`prefill`) and the loop runs the generator alone
 (`denoise`) against that memory. The result equals `Cosmos3OmniPipeline.__call__` for the same
 seed.
+
+On several processes (a `ProcessMesh`), a rank runs the branches `mesh_branches` gives it and its
+row block of their tokens; the velocities of both CFG branches meet once a step
+(`ProcessMesh.gather_branches`), so every rank takes the same scheduler step and holds the same
+latents throughout.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -23,6 +29,8 @@ from tqdm.auto import tqdm
 
 from ..kernels.choice import EAGER, Kernels
 from ..loading.components import Components
+from ..parallel.mesh import ProcessMesh
+from ..parallel.ulysses import SequenceShards
 from ..planning.tiles import UNTILED, TileGrid
 from ..split.denoise import (
     GeneratorInputs,
@@ -215,6 +223,7 @@ def denoise_latents(
     before_step: Callable[[int, int], None] | None = None,
     kernels: Kernels = EAGER,
     step_cache: SeaCache | None = None,
+    mesh: ProcessMesh | None = None,
 ) -> Latents:
     """The sampling loop: both CFG branches through each layer, `v_u + g (v_c - v_u)`, a scheduler step
     per modality (the sound's on its own copy of the schedule, as the pipeline keeps one per modality).
@@ -225,6 +234,7 @@ def denoise_latents(
     (benchmarks synchronize and time there). With a `step_cache`, a step it reuses runs no decoder
     layer at all: `layers()` is not called, so a streamed generator copies nothing that step and its
     ring stays as the last computed step left it (the next step's first layers already in their slots).
+    With a `mesh`, `branches` are this rank's (see `mesh_branches`) and every rank of the mesh calls this.
     """
     model = pipe.transformer
     model_dtype = memories[0].keys[0].dtype
@@ -234,6 +244,7 @@ def denoise_latents(
     vision, sound = latents
     sound_scheduler = copy.deepcopy(pipe.scheduler) if sound is not None else None
     timesteps = pipe.scheduler.timesteps
+    sequence = None if mesh is None else mesh.sequence
     for index, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
         if before_step is not None:
             before_step(index, len(timesteps))
@@ -244,8 +255,9 @@ def denoise_latents(
         )
         sigma = float(pipe.scheduler.sigmas[index])
         predictions = _predict(
-            model, pairs, inputs, (index, len(timesteps), sigma), step_cache, layers, mlp_chunk, kernels
+            model, pairs, inputs, (index, len(timesteps), sigma), step_cache, layers, mlp_chunk, kernels, sequence
         )
+        predictions = all_branches(predictions, mesh)
         vision = _step(pipe.scheduler, _guided([p.vision for p in predictions], config), t, vision, sampling)
         if sampling.anchor is not None:
             mask, clean = sampling.anchor
@@ -266,10 +278,14 @@ def _predict(
     layers: Callable[[], Iterable[nn.Module]] | None,
     mlp_chunk: int | None,
     kernels: Kernels,
+    sequence: SequenceShards | None = None,
 ) -> list[GeneratorPrediction]:
     """Every branch's predictions for one step (index, steps, sigma); the cache decides per branch
-    whether the decoder stack runs or its residual is reused."""
+    whether the decoder stack runs or its residual is reused. With `sequence` the stack (and the
+    cache's residuals) hold this rank's rows; the rows meet again before the read-out."""
     states = embed_branches(model, [layout for layout, _ in pairs], inputs, pairs[0][1].keys[0].dtype)
+    if sequence is not None:
+        states = [sequence.shard(h) for h in states]
     compute = [True] * len(pairs) if step_cache is None else step_cache.decide(*step, inputs.vision)
     ran = [b for b, yes in enumerate(compute) if yes]
     stack_inputs = [states[b] for b in ran]
@@ -284,6 +300,7 @@ def _predict(
             layers=None if layers is None else layers(),
             mlp_chunk=mlp_chunk,
             kernels=kernels,
+            sequence=sequence,
         )
         for b, out in zip(ran, outputs):
             states[b] = out
@@ -292,7 +309,33 @@ def _predict(
     for b, yes in enumerate(compute):
         if not yes:
             states[b] = step_cache.reuse(b, states[b])
+    if sequence is not None:
+        states = [sequence.gather(h) for h in states]
     return [read_out_predictions(model, layout, inputs, out) for (layout, _), out in zip(pairs, states)]
+
+
+def mesh_branches(branches: list[Branch], mesh: ProcessMesh | None) -> list[Branch]:
+    """The branches this rank runs: all of them, or with CFG-parallel the one of its CFG group index."""
+    if mesh is None or mesh.layout.cfg == 1:
+        return branches
+    assert len(branches) == mesh.layout.cfg, (len(branches), mesh.layout)
+    return [branches[mesh.branch]]
+
+
+def all_branches(predictions: list[GeneratorPrediction], mesh: ProcessMesh | None) -> list[GeneratorPrediction]:
+    """Every branch's predictions on every rank: with CFG-parallel, one exchange of this rank's
+    branch (vision and sound velocities in one buffer) with the other branch's rank."""
+    if mesh is None or mesh.layout.cfg == 1:
+        return predictions
+    (mine,) = predictions
+    parts = [mine.vision] + ([] if mine.sound is None else [mine.sound])
+    flat = torch.cat([p.float().flatten() for p in parts])  # one exchange a step
+    gathered = []
+    for buffer in mesh.gather_branches(flat):
+        pieces = buffer.split([p.numel() for p in parts])
+        shaped = [piece.view(p.shape).to(p.dtype) for piece, p in zip(pieces, parts)]
+        gathered.append(GeneratorPrediction(vision=shaped[0], sound=shaped[1] if len(shaped) > 1 else None))
+    return gathered
 
 
 def set_timesteps(
@@ -334,13 +377,31 @@ def decode_sound(pipe: Cosmos3OmniPipeline, sound: torch.Tensor) -> Sound:
 
 
 @torch.no_grad()
-def decode_frames(pipe: Cosmos3OmniPipeline, latents: torch.Tensor, *, grid: TileGrid = UNTILED) -> np.ndarray:
+def decode_frames(
+    pipe: Cosmos3OmniPipeline, latents: torch.Tensor, *, grid: TileGrid = UNTILED, mesh: ProcessMesh | None = None
+) -> np.ndarray | None:
     """Normalized latents [1, C, T, H, W] -> uint8 frames [T, H, W, 3] on the host.
 
     Decoded in the tiles of `grid` (one tile: diffusers' untiled decode); frames leave the device
-    as they are decoded (see vae/decode.py).
+    as they are decoded (see vae/decode.py). With a `mesh` every rank decodes every n-th tile of a
+    grid with at least n tiles, and the leader gets the frames (the others None).
     """
     vae = pipe.vae
     mean = pipe._vae_latents_mean.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
     inv_std = pipe._vae_latents_inv_std.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
-    return decode_to_host(vae, latents.to(vae.dtype) / inv_std + mean, grid)
+    raw = latents.to(vae.dtype) / inv_std + mean
+    if mesh is None or mesh.layout.world_size == 1:
+        return decode_to_host(vae, raw, grid)
+    grid = at_least_tiles(grid, mesh.layout.world_size)
+    tiles = grid.rows * grid.cols
+    mine = range(mesh.rank, tiles, mesh.layout.world_size)
+    frames = torch.from_numpy(decode_to_host(vae, raw, grid, only=set(mine)))
+    frames = mesh.sum_to_leader(frames, latents.device)  # the tiles are disjoint: the sum is each pixel once
+    return None if frames is None else frames.numpy()
+
+
+def at_least_tiles(grid: TileGrid, count: int) -> TileGrid:
+    """`grid`, or with more rows when it has fewer than `count` tiles (one for each rank)."""
+    if grid.rows * grid.cols >= count:
+        return grid
+    return dataclasses.replace(grid, rows=-(-count // grid.cols))

@@ -3,14 +3,18 @@
 This is the library's entry point (`cosmos3_offload.run`); the CLI only translates flags into
 its arguments and prints the report it returns. Everything that can be refused is refused before
 anything loads; the output is held (locked) for the run and written whole or not at all.
+
+Launched over several processes (torchrun, or `generate --gpus N`), each rank runs this same code on
+its own GPU with its part of the work (see app/distributed.py); rank 0 plans, writes the output and
+returns the report, the others return None.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -21,18 +25,22 @@ import torch
 from ..errors import InputError
 from ..kernels.choice import EAGER, Kernels
 from ..kernels.fused import compile_failed, compile_seconds
-from ..kernels.probe import choose_attention, kernel_rates
+from ..kernels.probe import DIFFUSERS, choose_attention, kernel_rates
 from ..loading.components import Components, load_components, model_configs
 from ..loading.files import check_checkpoint
 from ..loading.layout import default_negative_prompt, has_sound_tokenizer, pipeline_options, sound_config
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..model.groups import GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
 from ..model.specs import model_spec
+from ..offload.shared import HostShare
+from ..parallel.mesh import ProcessMesh
+from ..planning.parallel import SINGLE, ParallelLayout
 from ..planning.plan import Plan
 from ..stepcache.seacache import SeaCache, seacache_config
 from ..vae.encode import condition_pixels, conditioned_noise
 from .config import DEFAULT_KERNELS, GenerationConfig, KernelOptions, resolve_device, resolve_dtype
 from .device_profile import probe_shape
+from .distributed import parallel_layout, rank_device, start_mesh
 from .feasibility import check_fits
 from .generate import (
     Latents,
@@ -44,6 +52,7 @@ from .generate import (
     helper_pipeline,
     initial_noise,
     initial_sound_noise,
+    mesh_branches,
     noise_generator,
     prefill_branches,
     prepare_branches,
@@ -67,6 +76,7 @@ class RunReport:
     timer: PhaseTimer
     step_cache: SeaCache | None = None
     kernels: Kernels = EAGER
+    layout: ParallelLayout = SINGLE
 
     def summary(self) -> str:
         c = self.config
@@ -79,6 +89,8 @@ class RunReport:
         if self.components.random_weights:
             lines.append("note: random weights produce noise; pass --checkpoint DIR for a real video")
         lines.append(f"plan: {self.components.plan.describe()}")
+        if self.layout.parallel:
+            lines.append(f"parallel: {self.layout.describe()}; the plan, memory and copies are per GPU")
         if self.components.quantization.quantized:
             lines.append(f"fp8: {self.components.switches.describe()}")
         lines.append(f"kernels: {describe_kernels(self.kernels)}")
@@ -101,12 +113,15 @@ def run(
     budgeted: bool = False,
     fp8: Fp8Options = NO_FP8_FLAGS,
     kernels: KernelOptions = DEFAULT_KERNELS,
-) -> RunReport:
+    cfg_parallel: str = "auto",
+) -> RunReport | None:
     """Generate `config.output` following `plan` (default: everything resident).
 
     Without a checkpoint the weights are seeded random values of the registered size `model`.
     Bad input raises InputError before anything is loaded; `budgeted` says the plan already came
     from the planner for a budget, so the fit against this machine's memory is not asked again.
+    Over several processes every rank calls this; rank 0's plan is everyone's, rank 0 writes the
+    output and gets the report (the others None). `cfg_parallel`: auto, on or off (planning/parallel.py).
     """
     loaded = LoadedModel.open(
         checkpoint=checkpoint,
@@ -118,13 +133,23 @@ def run(
         fp8=fp8,
         kernel_options=kernels,
     )
-    config = loaded.check(config, budgeted=budgeted)
+    layout = parallel_layout(config, model_configs(loaded.checkpoint, loaded.model)[0], cfg_parallel)
+    config = loaded.check(config, budgeted=budgeted, layout=layout)
     # Read before the load: a conditioning file that cannot be used costs nothing.
     conditioning = read_conditioning(config.image, config.video, config.condition_frames)
-    with OutputLock(config.output):
-        timer = PhaseTimer(loaded.device)
-        loaded.load(timer, progress=progress)
-        return loaded.write(config, timer, conditioning=conditioning, progress=progress)
+    mesh = start_mesh(layout, loaded.device)
+    try:
+        leader = mesh is None or mesh.leader
+        if mesh is not None:
+            loaded.plan = mesh.broadcast_from_leader(loaded.plan)  # each rank measured its own budget
+            loaded.mesh = mesh
+        with OutputLock(config.output) if leader else nullcontext():
+            timer = PhaseTimer(loaded.device)
+            loaded.load(timer, progress=progress and leader)
+            return loaded.write(config, timer, conditioning=conditioning, progress=progress and leader)
+    finally:
+        if mesh is not None:
+            mesh.close()
 
 
 @dataclass
@@ -142,6 +167,7 @@ class LoadedModel:
     kernel_options: KernelOptions = DEFAULT_KERNELS
     components: Components | None = None
     kernels: Kernels | None = None  # chosen by `load` (a GPU's probe, cached per GPU)
+    mesh: ProcessMesh | None = None  # the other ranks, over several processes
 
     @classmethod
     def open(
@@ -158,10 +184,9 @@ class LoadedModel:
     ) -> LoadedModel:
         """`sound` loads the sound tokenizer too, for requests with sound; `fp8`: the FP8 flags;
         `kernel_options`: the attention and compile choices (a named attention is checked here)."""
-        torch_device = resolve_device(device)
+        torch_device = rank_device(resolve_device(device))
         torch_dtype = resolve_dtype(dtype, torch_device)
         plan = plan or Plan()
-        check_single_process(plan)
         checkpoint = None if checkpoint is None else Path(checkpoint)
         if checkpoint is not None:
             check_checkpoint(checkpoint)
@@ -174,7 +199,9 @@ class LoadedModel:
         kernel_options.check_available(torch_device, torch_dtype)
         return cls(checkpoint, torch_device, torch_dtype, plan, model, sound, fp8, kernel_options)
 
-    def check(self, config: GenerationConfig, *, budgeted: bool = False) -> GenerationConfig:
+    def check(
+        self, config: GenerationConfig, *, budgeted: bool = False, layout: ParallelLayout = SINGLE
+    ) -> GenerationConfig:
         """The request as this model runs it, or an InputError before anything loads: sound without a
         sound branch, a request that does not fit this machine (unless a budget's planner chose the
         plan). Without a negative prompt it gets the checkpoint's default (see loading/layout.py)."""
@@ -191,6 +218,7 @@ class LoadedModel:
                 device=self.device,
                 dtype=self.dtype,
                 fp8=self.fp8,
+                layout=layout,
             )
         if config.negative_prompt is None:
             conditioned = config.image is not None or config.video is not None
@@ -214,8 +242,15 @@ class LoadedModel:
                     sound=self.sound,
                     progress=progress,
                     fp8=self.fp8,
+                    host_share=self._host_share(),
                 )
         return self.components
+
+    def _host_share(self) -> HostShare | None:
+        """Over several processes: one host copy of the weights, filled by the host's first rank."""
+        if self.mesh is None:
+            return None
+        return HostShare(name=self.mesh.run_name, owner=self.mesh.host_leader, wait=self.mesh.wait_for_all)
 
     def _choose_kernels(self, timer: PhaseTimer) -> Kernels:
         """The attention (a GPU's probe picks it, once per GPU: see kernels/probe.py) and the fused ops."""
@@ -225,6 +260,12 @@ class LoadedModel:
             with timer.phase("probe"):
                 rates = kernel_rates(self.device, probe_shape(model_configs(self.checkpoint, self.model)[0]))
         kernels = choose_attention(self.device, options.attention, dtype=self.dtype, rates=rates)
+        if self.mesh is not None:
+            # Every rank runs the leader's pick: timing noise must not give ranks different roundings.
+            mine = DIFFUSERS if kernels.attention is None else kernels.attention_name
+            leaders = self.mesh.broadcast_from_leader(mine)
+            if leaders != mine:
+                kernels = choose_attention(self.device, leaders, dtype=self.dtype, rates=rates)
         return dataclasses.replace(kernels, fused=options.fused(self.device))
 
     def write(
@@ -234,20 +275,30 @@ class LoadedModel:
         *,
         conditioning: Conditioning | None = None,
         progress: bool = True,
-    ) -> RunReport:
-        """Generate one request into `config.output` (the caller holds its OutputLock)."""
+    ) -> RunReport | None:
+        """Generate one request into `config.output` (the caller holds its OutputLock). Over several
+        processes every rank calls this and only the leader writes and reports."""
         components = self.load(timer)
         video = generate_video(
-            config, components, timer, progress=progress, conditioning=conditioning, kernels=self.kernels
+            config,
+            components,
+            timer,
+            progress=progress,
+            conditioning=conditioning,
+            kernels=self.kernels,
+            mesh=self.mesh,
         )
+        if video.frames is None:
+            return None  # not the leader: it has written the video
         with timer.phase("write"):
             write_output(video.frames, config.output, config.fps, sound=video.sound)
-        return RunReport(config, components, self.device, self.dtype, timer, video.step_cache, self.kernels)
+        layout = SINGLE if self.mesh is None else self.mesh.layout
+        return RunReport(config, components, self.device, self.dtype, timer, video.step_cache, self.kernels, layout)
 
 
 class GeneratedVideo(NamedTuple):
     latents: torch.Tensor  # [1, C, T, H, W] float32, after the last step
-    frames: np.ndarray  # uint8 [T, H, W, 3]
+    frames: np.ndarray | None  # uint8 [T, H, W, 3]; None on a rank that is not the leader
     sound: Sound | None = None  # the audio track of a request with sound
     step_cache: SeaCache | None = None  # with --cache seacache: which steps it computed and reused
 
@@ -261,9 +312,11 @@ def generate_video(
     on_step: Callable[[int], None] | None = None,
     conditioning: Conditioning | None = None,
     kernels: Kernels = EAGER,
+    mesh: ProcessMesh | None = None,
 ) -> GeneratedVideo:
     """(Encode,) prefill, denoise and decode, each while its group's weights are on the device;
-    the reasoner and generator layers run on `kernels` (attention implementation, fused ops)."""
+    the reasoner and generator layers run on `kernels` (attention implementation, fused ops).
+    With a `mesh`, this rank's branches and tokens (see generate.py); the leader gets the frames."""
     if config.sound and components.sound_tokenizer is None:
         raise InputError("this model was loaded without its sound tokenizer; load it with sound to generate sound")
     options = components.options
@@ -295,7 +348,9 @@ def generate_video(
         if fp8:
             switches.before_prefill(schedule)
         with timer.phase("prefill"), engine.use(REASONER):
-            branches = prepare_branches(pipe, config, vision, indexes, sound)
+            branches = mesh_branches(prepare_branches(pipe, config, vision, indexes, sound), mesh)
+            if mesh is not None:
+                mesh.layout.check_tokens(branches[0].layout.tokens)  # with sound: its tokens too
             memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER), kernels=kernels)
         step_cache = (
             SeaCache(seacache_config(config.cache_threshold), len(branches)) if config.cache != "none" else None
@@ -315,6 +370,7 @@ def generate_video(
                 before_step=(lambda step, steps: switches.before_step(schedule, step, steps)) if fp8 else None,
                 step_cache=step_cache,
                 kernels=kernels,
+                mesh=mesh,
             )
             del memories
         check_finite(
@@ -322,9 +378,9 @@ def generate_video(
         )
         with timer.phase("decode"):
             with engine.use(VAE):
-                frames = decode_frames(pipe, latents.vision, grid=plan.decode_grid)
+                frames = decode_frames(pipe, latents.vision, grid=plan.decode_grid, mesh=mesh)
             audio = None
-            if latents.sound is not None:
+            if latents.sound is not None and frames is not None:
                 with engine.use(SOUND):
                     audio = decode_sound(pipe, latents.sound)
         return GeneratedVideo(latents.vision, frames, audio, step_cache)
@@ -381,16 +437,3 @@ def check_finite(latents: torch.Tensor) -> None:
             "the denoised latents are not finite (NaN or infinity), so no video was written; "
             "lower --guidance or --shift, or use --dtype float32"
         )
-
-
-def check_single_process(plan: Plan) -> None:
-    """Staging assumes it owns the GPU: refuse a multi-process launch before anything is allocated."""
-    text = os.environ.get("WORLD_SIZE", "").strip() or "1"
-    try:
-        world_size = int(text)
-    except ValueError:
-        raise InputError(f"WORLD_SIZE={text!r} is not a process count; unset it or set a whole number") from None
-    if world_size < 1:
-        raise InputError(f"WORLD_SIZE={text!r} must be at least 1; unset it or set a whole number")
-    if plan.moves_weights and world_size > 1:
-        raise InputError(f"staging runs one process on one GPU, but WORLD_SIZE={world_size}; launch a single process")

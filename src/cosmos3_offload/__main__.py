@@ -1,0 +1,10 @@
+"""`python -m cosmos3_offload ...`: the console script, as `torchrun -m` and `generate --gpus N` start it."""
+
+from __future__ import annotations
+
+import sys
+
+from .app.launch import main
+
+if __name__ == "__main__":
+    sys.exit(main())
