@@ -11,7 +11,22 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cosmos3_offload"
 BASE = {"errors", "units"}
-LAYERS = ("model", "planning", "offload", "quant", "kernels", "parallel", "split", "stepcache", "vae", "loading", "app")
+LAYERS = (
+    "model",
+    "planning",
+    "offload",
+    "quant",
+    "kernels",
+    "parallel",
+    "split",
+    "stepcache",
+    "vae",
+    "loading",
+    "app",
+    "serve",
+    "integration",
+    "main",
+)
 # What each layer may import from this package (itself and `base` always).
 ALLOWED = {
     "base": set(),
@@ -25,7 +40,12 @@ ALLOWED = {
     "stepcache": set(),
     "vae": {"model", "planning", "offload"},
     "loading": {"model", "planning", "offload", "quant", "vae"},
-    "app": set(LAYERS),
+    "app": set(LAYERS[: LAYERS.index("app")]),
+    # The two ways in besides the CLI, side by side: an HTTP server and diffusers' pipeline.
+    "serve": set(LAYERS[: LAYERS.index("app") + 1]),
+    "integration": set(LAYERS[: LAYERS.index("app") + 1]),
+    # The console script and `python -m`: they dispatch to every way in.
+    "main": set(LAYERS),
 }
 # Third-party modules a layer must not import: the planner is arithmetic, the model facts are
 # plain data, the offload engine is generic (no diffusers model classes).
@@ -45,8 +65,8 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1 or parts[1] in BASE:
         return "base"
-    if parts[1] == "__main__":  # `python -m cosmos3_offload`: the CLI's entry point
-        return "app"
+    if parts[1] in ("__main__", "main"):  # the console script and `python -m cosmos3_offload`
+        return "main"
     assert parts[1] in LAYERS, f"{module} is in no known layer; add it to tests/test_layering.py"
     return parts[1]
 
@@ -134,6 +154,7 @@ def test_the_checker_sees_a_wrong_import(tmp_path):
         "cosmos3_offload.model.groups",
         "cosmos3_offload.loading.files",
         "cosmos3_offload.app.launch",
+        "cosmos3_offload.main",
     ],
 )
 def test_importing_a_pure_layer_loads_no_torch(module):

@@ -15,7 +15,10 @@ The package is layered, and imports only go down (tests/test_layering.py checks 
 - `stepcache`: SeaCache's gate over the generator's decoder stack;
 - `vae`: the tiled decode and the conditioning encode;
 - `loading`: checkpoints and weights into the engine's homes;
-- `app`: the request, the run, inputs and outputs, the CLI.
+- `app`: the request, the run, inputs and outputs, the CLI;
+- `serve`: the HTTP server (an OpenAI-style job API and a web page) over one loaded model;
+- `integration`: `enable(pipe, ...)`, our split and placement inside a diffusers `Cosmos3OmniPipeline`;
+- `main`: the console script, dispatching to the CLI and the server.
 
 Names are resolved on first use, so importing a lower layer (say `planning`) does not load torch.
 """
@@ -34,6 +37,7 @@ _EXPORTS = {
     "ReasonerMemory": "split.prefill",
     "RunReport": "app.runner",
     "denoise": "split.denoise",
+    "enable": "integration.diffusers_pipeline",
     "prefill": "split.prefill",
     "run": "app.runner",
 }

@@ -64,8 +64,17 @@ from .console import PROG, printable
 from .device_profile import device_setup, probe_shape
 from .distributed import layout_for, rank_device
 from .feasibility import cached_hiddens
-from .runner import run
+from .runner import LoadedModel, run
 from .samples import FLAG_FIELDS, run_samples
+from .serve_settings import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_STORAGE,
+    RequestLimit,
+    Serve,
+    ServeSettings,
+)
 
 # Without a checkpoint the embedded tiny model runs on any CPU; Cosmos3's 720p x 189-frame
 # default would take it minutes, so it defaults to the smallest tier and a short clip.
@@ -307,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _request_arguments(plan)
     plan.set_defaults(verbose=False)
+    _serve_parser(commands)
     check = commands.add_parser(
         "check",
         help="check a checkpoint folder without loading it and print what it holds",
@@ -316,6 +326,50 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("folder", type=Path, metavar="DIR", help="a diffusers-layout Cosmos3 folder")
     check.set_defaults(verbose=False)
     return parser
+
+
+def _serve_parser(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="keep the model loaded and serve an OpenAI-style video job API and a web page",
+        description="Load the model once and serve POST/GET /v1/videos (a job queue, one job at a time), "
+        "POST /v1/images/generations, GET /health and /metrics, and a web page at /. The request flags "
+        "(--frames, --resolution, --aspect-ratio, --steps, --guidance, --fps, --cache) are the defaults of a "
+        "request that leaves them out; with --vram-budget the plan is made for --frames and --resolution, "
+        "and larger requests are refused.",
+    )
+    _request_arguments(serve)
+    serve.add_argument(
+        "--offload-stages",
+        nargs="*",
+        default=[],
+        metavar="STAGE",
+        help="as for generate: any of reasoner, generator, vae live in pinned host memory (not with --vram-budget)",
+    )
+    serve.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST}, this machine only)"
+    )
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0: a free one)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("COSMOS3_API_KEY"),
+        help="every API call must send 'Authorization: Bearer KEY' (default: $COSMOS3_API_KEY; unset: no key)",
+    )
+    serve.add_argument(
+        "--queue-size",
+        type=int,
+        default=DEFAULT_QUEUE_SIZE,
+        help=f"jobs that may wait behind the running one; one more is answered 429 (default: {DEFAULT_QUEUE_SIZE})",
+    )
+    serve.add_argument(
+        "--storage",
+        type=Path,
+        default=DEFAULT_STORAGE,
+        metavar="DIR",
+        help=f"the job database and finished files, kept across restarts (default: ./{DEFAULT_STORAGE})",
+    )
+    serve.add_argument("--no-progress", action="store_true", help="hide the load's progress bar")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and each request")
 
 
 def _defaults(args: argparse.Namespace) -> dict:
@@ -567,6 +621,65 @@ def _samples_command(args: argparse.Namespace, argv: list[str]) -> int:
     return report.exit_status
 
 
+def _serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
+    """`serve`: every flag checked, the plan made and the model opened (not yet loaded), then the server."""
+    if serve is None:
+        raise InputError("serve: start the server with the cosmos3-offload command (or python -m cosmos3_offload)")
+    for flag, value in (
+        ("--image", args.image),
+        ("--video", args.video),
+        ("--condition-frames", args.condition_frames),
+    ):
+        if value is not None:
+            raise InputError(f"{flag} belongs to a request; send it with the request (input_reference), not to serve")
+    if args.gpus is not None or Environment.read().distributed or args.cfg_parallel != "auto":
+        raise InputError("serve runs on one GPU; drop --gpus, --cfg-parallel (and torchrun)")
+    if args.vram_budget is not None and args.offload_stages:
+        raise InputError("pass either --vram-budget or --offload-stages, not both")
+    shape = _defaults(args)
+    check_request(
+        **shape, aspect_ratio=args.aspect_ratio, image=None, video=None, condition_frames=DEFAULT_CONDITION_FRAMES
+    )
+    check_cache(args.cache, args.cache_threshold)
+    _check_flags(args)
+    width, height = frame_size(shape["resolution"], args.aspect_ratio)
+    plan, limit = Plan.from_offload(args.offload_stages), None
+    if args.vram_budget is not None:
+        # Planned for the largest request served, with an image to encode (image-to-video may come).
+        planned = argparse.Namespace(**{**vars(args), "image": Path("input_reference")})
+        choice, budget, _ = _budget_choice(planned, shape["frames"], width, height)
+        _say(describe_choice(choice, budget, _host_budget(args)))
+        plan, limit = choice.plan, RequestLimit(shape["frames"], width, height)
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        queue_size=args.queue_size,
+        storage=args.storage,
+        limit=limit,
+        model_name=args.checkpoint.name if args.checkpoint is not None else f"cosmos3-{args.model}-random",
+        defaults={
+            **shape,
+            "aspect_ratio": args.aspect_ratio,
+            "fps": args.fps,
+            "cache": args.cache,
+            "cache_threshold": args.cache_threshold,
+        },
+        progress=not args.no_progress,
+    )
+    loaded = LoadedModel.open(
+        checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        plan=plan,
+        model=args.model,
+        sound=args.sound,
+        fp8=_fp8(args),
+        kernel_options=_kernel_options(args),
+    )
+    return serve(loaded, settings)
+
+
 def _typed_flags(argv: list[str]) -> set[str]:
     """The `generate` flags typed in `argv` (not filled in by argparse): parsed again into a namespace that
     already holds a sentinel for each, which argparse then keeps instead of writing its default."""
@@ -585,7 +698,8 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, serve: Serve | None = None) -> int:
+    """Run one command; `serve` is the HTTP server `cosmos3-offload serve` hands the model to (main.py)."""
     # Growable segments fragment less under a tight budget; read when CUDA starts, so set it first.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     parser = build_parser()
@@ -596,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             _say(check_folder(args.folder))  # or CheckpointProblems: every problem, one line each
             status = 0
+        elif args.command == "serve":
+            status = _serve_command(args, serve)
         else:
             status = _plan_command(args) if args.command == "plan" else _generate_command(args, argv)
     except CheckpointProblems as problems:

@@ -18,11 +18,13 @@ from pathlib import Path
 from ..errors import InputError
 from ..loading.files import CheckpointWeights, folder_problems
 from .console import PROG, printable
+from .serve_settings import Serve
 
 WEIGHT_FOLDERS = ("transformer", "vae")  # read by every run; sound_tokenizer/ only with --sound
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, serve: Serve | None = None) -> int:
+    """`serve` runs the HTTP server for `cosmos3-offload serve` (passed in from above: see main.py)."""
     args = sys.argv[1:] if argv is None else list(argv)
     folder = checkpoint_argument(args)
     problem = None if folder is None else first_file_problem(folder)
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .cli import main as full_main  # torch, diffusers and the rest load here
 
-    return full_main(argv)
+    return full_main(argv, serve=serve)
 
 
 def checkpoint_argument(args: list[str]) -> Path | None:

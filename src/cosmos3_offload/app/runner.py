@@ -275,15 +275,18 @@ class LoadedModel:
         *,
         conditioning: Conditioning | None = None,
         progress: bool = True,
+        on_step: Callable[[int], None] | None = None,
     ) -> RunReport | None:
         """Generate one request into `config.output` (the caller holds its OutputLock). Over several
-        processes every rank calls this and only the leader writes and reports."""
+        processes every rank calls this and only the leader writes and reports. `on_step(i)` is called
+        after denoising step i (a server reports progress there, or raises to stop the request)."""
         components = self.load(timer)
         video = generate_video(
             config,
             components,
             timer,
             progress=progress,
+            on_step=on_step,
             conditioning=conditioning,
             kernels=self.kernels,
             mesh=self.mesh,

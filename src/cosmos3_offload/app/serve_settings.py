@@ -1,0 +1,91 @@
+"""What `cosmos3-offload serve` is asked for besides the model: where to listen, who may call, how many
+jobs may wait, where jobs live, and the largest request a budgeted plan was made for.
+
+The CLI checks these flags with the rest before anything loads; the server (serve/) reads them.
+No torch here: the entry point imports this module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+DEFAULT_QUEUE_SIZE = 16  # jobs waiting behind the running one; one more is answered 429
+MAX_QUEUE_SIZE = 10_000
+DEFAULT_STORAGE = Path("cosmos3-offload-storage")
+MIN_API_KEY_CHARS = 8
+
+
+@dataclass(frozen=True)
+class RequestLimit:
+    """The largest request a `--vram-budget` plan was made for: a request with more frames or more pixels
+    per frame than this could need more device memory than the plan left, so the server refuses it."""
+
+    frames: int
+    width: int
+    height: int
+
+    def refusal(self, frames: int, width: int, height: int) -> str | None:
+        """Why (frames, width, height) does not fit under this limit, or None when it does."""
+        if frames <= self.frames and width * height <= self.width * self.height:
+            return None
+        return (
+            f"this server planned its memory for at most {self.frames} frames of {self.width}x{self.height}; "
+            f"{frames} frames of {width}x{height} is larger (restart it with a larger --frames/--resolution)"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeSettings:
+    """`host` and `port` to listen on; `api_key` (None: open) is the bearer token every API call needs;
+    `queue_size` jobs may wait behind the running one; `storage` holds the job database and files;
+    `limit` (None: any request the machine fits) comes from a budget's plan; `model_name` is what the
+    API reports as the model; `progress` shows the load's progress bar."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: str | None = None
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    storage: Path = DEFAULT_STORAGE
+    limit: RequestLimit | None = None
+    model_name: str = "cosmos3"
+    defaults: dict[str, Any] | None = None  # request defaults: frames, resolution, steps, guidance
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_host(self.host)
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise InputError(f"--port must be a whole number from 0 to 65535 (0: any free port), got {self.port!r}")
+        if self.api_key is not None and (len(self.api_key) < MIN_API_KEY_CHARS or not self.api_key.isprintable()):
+            raise InputError(f"--api-key must be at least {MIN_API_KEY_CHARS} printable characters")
+        if self.api_key is not None and any(c.isspace() for c in self.api_key):
+            raise InputError("--api-key must not hold spaces (it is sent as 'Authorization: Bearer KEY')")
+        if not isinstance(self.queue_size, int) or not 1 <= self.queue_size <= MAX_QUEUE_SIZE:
+            raise InputError(f"--queue-size must be a whole number from 1 to {MAX_QUEUE_SIZE}, got {self.queue_size!r}")
+        object.__setattr__(self, "storage", Path(self.storage))
+        if self.storage.exists() and not self.storage.is_dir():
+            raise InputError(f"--storage {str(self.storage)!r} is a file; pass a folder (it is created if missing)")
+        if not self.storage.exists() and not self.storage.parent.is_dir():
+            raise InputError(f"--storage {str(self.storage)!r}: its parent folder does not exist; create it first")
+
+
+def check_host(host: str) -> None:
+    """An IP address or a plain host name (uvicorn resolves it); anything else is a typo."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.split(".")
+    if not host or len(host) > 253 or not all(label and label.replace("-", "").isalnum() for label in labels):
+        raise InputError(f"--host {host!r} is neither an IP address nor a host name")
+
+
+# The server, as the console script passes it to the CLI: (the opened model, the settings) -> exit status.
+Serve = Callable[[Any, ServeSettings], int]

@@ -1,0 +1,321 @@
+"""The HTTP API: OpenAI's video job routes and image route, /health, /metrics and the web page.
+
+- `POST /v1/videos` -> a queued job (OpenAI's video object); `GET /v1/videos/{id}` its state and
+  progress; `GET /v1/videos/{id}/content` the mp4 once completed; `GET /v1/videos` the list (newest
+  first, `after`/`limit`/`order`); `DELETE /v1/videos/{id}` cancels a waiting or running job, or deletes
+  a finished one with its file.
+- `POST /v1/images/generations` waits for its one-frame jobs and returns the images (base64).
+- `GET /health` (no key needed), `GET /metrics` (Prometheus text), `GET /` the page.
+
+With an API key every /v1 route and /metrics need `Authorization: Bearer KEY` (401 otherwise). Every
+error has OpenAI's body; a bad request is a 400, a full queue a 429, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+
+from ..app.config import GenerationConfig
+from ..app.inputs import read_conditioning
+from ..app.runner import LoadedModel
+from ..app.serve_settings import ServeSettings
+from ..errors import InputError
+from .api_errors import UNAUTHORIZED, ApiError, bad_request, error_body, not_found
+from .metrics import Metrics
+from .queue import JobQueue, Work
+from .requests import MAX_UPLOAD_BYTES, ParsedRequest, Upload, parse_image, parse_video
+from .store import COMPLETED, FAILED, Job, JobStore
+
+logger = logging.getLogger(__name__)
+
+PAGE = Path(__file__).parent / "page"
+PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+MAX_BODY_BYTES = MAX_UPLOAD_BYTES + 2**20
+MAX_LIST = 100
+WAIT_POLL_SECONDS = 0.05
+# What a failed image job answers: its error code -> HTTP status (the request's fault is a 400).
+IMAGE_FAILURE_STATUS = {"generation_failed": 400, "out_of_memory": 503, "server_stopped": 503}
+MEDIA_TYPES = {".mp4": "video/mp4", ".png": "image/png", ".jpg": "image/jpeg"}
+
+
+class Service:
+    """What the routes share: the model, the store, the queue, the metrics and the settings."""
+
+    def __init__(
+        self, loaded: LoadedModel, store: JobStore, queue: JobQueue, metrics: Metrics, settings: ServeSettings
+    ) -> None:
+        self.loaded, self.store, self.queue, self.metrics, self.settings = loaded, store, queue, metrics, settings
+
+    def video_object(self, job: Job) -> dict[str, Any]:
+        """OpenAI's video object, with our `parameters` (the resolved request) and `stats` (what it measured)."""
+        return {
+            "id": job.id,
+            "object": "video" if job.kind == "video" else "image",
+            "model": self.settings.model_name,
+            "status": job.status,
+            "progress": job.progress,
+            "created_at": job.created_at,
+            "completed_at": job.completed_at,
+            "expires_at": None,
+            "prompt": job.request.get("prompt"),
+            "seconds": job.request.get("seconds", "0"),
+            "size": job.request.get("size"),
+            "remixed_from_video_id": None,
+            "error": job.error,
+            "parameters": job.request,
+            "stats": job.stats,
+        }
+
+    def admit(self, kind: str, parsed: ParsedRequest, *, suffix: str, seeds: list[int]) -> list[str]:
+        """Check each request as the model runs it, record the jobs and queue them (all or none)."""
+        reserved: list[str] = []
+        works: list[Work] = []
+        try:
+            for seed in seeds:
+                job_id = self.store.reserve(kind)
+                reserved.append(job_id)
+                folder = self.store.folder_of(job_id)
+                image = None if parsed.upload is None else _save(parsed.upload, folder)
+                values = {**parsed.config, "seed": seed}
+                config = GenerationConfig(**values, image=image, output=folder / f"{kind}{suffix}")
+                config = self.loaded.check(config, budgeted=self.settings.limit is not None)
+                if image is not None:
+                    read_conditioning(image, None, config.condition_frames)  # readable, before it waits
+                works.append(Work(job_id, config))
+            for work in works:
+                self.store.insert(work.job_id, kind, _public(kind, parsed, work.config, self.settings.model_name))
+            self.queue.submit(works)
+        except InputError as error:
+            self._forget(reserved)
+            raise bad_request(str(error)) from None
+        except BaseException:
+            self._forget(reserved)
+            raise
+        return reserved
+
+    def _forget(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self.store.delete(job_id)
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="cosmos3-offload", docs_url="/docs", redoc_url=None)
+    settings, store = service.settings, service.store
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        if settings.api_key is not None and (path.startswith("/v1/") or path == "/metrics"):
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+                return _error(UNAUTHORIZED)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(ApiError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB"))
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return _error(error)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        return JSONResponse(error_body(str(error.detail), type="invalid_request_error"), status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        param = str(first.get("loc", ["", ""])[-1]) or None
+        return _error(bad_request(f"{param}: {first.get('msg', 'invalid value')}", param))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("the server failed on this request", type="server_error"), status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        return HTMLResponse((PAGE / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        if name not in PAGE_FILES:
+            raise not_found(f"file {name!r}")
+        return FileResponse(PAGE / name, media_type=PAGE_FILES[name])
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": settings.model_name,
+            "device": str(service.loaded.device),
+            "queue_length": len(service.queue),
+            "queue_size": settings.queue_size,
+            "auth": settings.api_key is not None,
+            "defaults": settings.defaults,
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = service.metrics.text(len(service.queue), store.counts(), service.loaded.device)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/videos")
+    async def create_video(request: Request) -> JSONResponse:
+        parsed = parse_video(await _fields(request), settings.defaults, settings.limit)
+        (job_id,) = service.admit("video", parsed, suffix=".mp4", seeds=[parsed.config["seed"]])
+        return JSONResponse(service.video_object(store.get(job_id)))
+
+    @app.get("/v1/videos")
+    async def list_videos(after: str | None = None, limit: int = 20, order: str = "desc") -> dict[str, Any]:
+        if not 1 <= limit <= MAX_LIST:
+            raise bad_request(f"limit must be 1 to {MAX_LIST}", "limit")
+        if order not in ("asc", "desc"):
+            raise bad_request("order must be asc or desc", "order")
+        if after is not None and store.get(after) is None:
+            raise bad_request(f"after: no video {after!r}", "after")
+        jobs = store.list("video", after=after, limit=limit + 1, newest_first=order == "desc")
+        data = [service.video_object(job) for job in jobs[:limit]]
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(jobs) > limit,
+        }
+
+    @app.get("/v1/videos/{video_id}")
+    async def retrieve_video(video_id: str) -> dict[str, Any]:
+        return service.video_object(_video(store, video_id))
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def video_content(video_id: str, variant: str = "video") -> Response:
+        job = _video(store, video_id)
+        if variant != "video":
+            raise bad_request("variant must be video (no thumbnails or spritesheets here)", "variant")
+        if job.status != COMPLETED:
+            raise ApiError(409, f"video {video_id!r} is {job.status}, not completed", code="not_ready")
+        path = store.folder_of(job.id) / job.file
+        return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"))
+
+    @app.delete("/v1/videos/{video_id}")
+    async def delete_video(video_id: str) -> dict[str, Any]:
+        job = _video(store, video_id)
+        running = service.queue.cancel(job.id)  # a waiting job leaves the queue, a running one stops
+        store.delete(job.id, files=not running)  # a running job's folder goes when its worker stops
+        return {"id": job.id, "object": "video.deleted", "deleted": True}
+
+    @app.post("/v1/images/generations")
+    async def generate_images(request: Request) -> dict[str, Any]:
+        parsed, count, suffix = parse_image(await _fields(request), settings.defaults, settings.limit)
+        first = parsed.config["seed"]
+        job_ids = service.admit("image", parsed, suffix=suffix, seeds=[first + i for i in range(count)])
+        jobs = await _finished(store, job_ids)
+        failed = next((job for job in jobs if job.status == FAILED), None)
+        if failed is not None:
+            code = failed.error["code"]
+            raise ApiError(IMAGE_FAILURE_STATUS.get(code, 500), failed.error["message"], code=code)
+        data = [
+            {"b64_json": base64.b64encode((store.folder_of(job.id) / job.file).read_bytes()).decode(), "seed": seed}
+            for job, seed in zip(jobs, range(first, first + count))
+        ]
+        return {"created": int(time.time()), "data": data, "size": parsed.size, "output_format": suffix[1:]}
+
+    return app
+
+
+async def _fields(request: Request) -> dict[str, Any]:
+    """The body's fields: a JSON object, or a form (multipart or urlencoded) whose files are read here."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        try:
+            body = await request.json()
+        except ValueError:
+            raise bad_request("the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise bad_request("the body must be a JSON object")
+        return body
+    if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise bad_request("send the body as application/json or multipart/form-data")
+    try:
+        form = await request.form(max_files=1, max_fields=64, max_part_size=MAX_UPLOAD_BYTES)
+    except (MultiPartException, ValueError) as error:
+        raise bad_request(f"the form cannot be read: {error}") from None
+    fields: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if name in fields:
+            raise bad_request(f"{name} is given twice", name)
+        if isinstance(value, UploadFile):
+            data = await value.read(MAX_UPLOAD_BYTES + 1)
+            fields[name] = Upload(data, Path(value.filename or "").suffix.lower() or ".png")
+        else:
+            fields[name] = value
+    await form.close()
+    return fields
+
+
+def _video(store: JobStore, video_id: str) -> Job:
+    job = store.get(video_id)
+    if job is None or job.kind != "video":
+        raise not_found(f"video {video_id!r}")
+    return job
+
+
+async def _finished(store: JobStore, job_ids: list[str]) -> list[Job]:
+    """The jobs once each has completed or failed (a deleted one counts as failed)."""
+    while True:
+        jobs = [store.get(job_id) for job_id in job_ids]
+        if all(job is None or job.status in (COMPLETED, FAILED) for job in jobs):
+            break
+        await asyncio.sleep(WAIT_POLL_SECONDS)
+    return [
+        job or Job(job_id, "image", FAILED, 0, 0, None, {}, {"code": "server_stopped", "message": "it was deleted"})
+        for job, job_id in zip(jobs, job_ids)
+    ]
+
+
+def _save(upload: Upload, folder: Path) -> Path:
+    path = folder / f"input{upload.suffix if upload.suffix in ('.png', '.jpg', '.jpeg', '.webp') else '.png'}"
+    path.write_bytes(upload.data)
+    return path
+
+
+def _public(kind: str, parsed: ParsedRequest, config: GenerationConfig, model: str) -> dict[str, Any]:
+    """The request as the job reports it: what was asked, resolved (the effective shift, the seed)."""
+    request = {
+        "prompt": config.prompt,
+        "negative_prompt": config.negative_prompt,
+        "size": parsed.size,
+        "frames": config.frames,
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "shift": config.flow_shift,
+        "fps": config.fps,
+        "seed": config.seed,
+        "model": model,
+    }
+    if kind == "video":
+        request |= {
+            "seconds": parsed.seconds,
+            "sound": config.sound,
+            "cache": config.cache,
+            "input_reference": config.image is not None,
+        }
+    return request
+
+
+def _error(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)

@@ -1,0 +1,50 @@
+"""Errors as the OpenAI API words them: `{"error": {"message", "type", "param", "code"}}`.
+
+A request the server cannot take is an `ApiError` with its HTTP status; nothing a client sends
+may end in a 500 (an unforeseen failure still gets this body, type "server_error").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ApiError(Exception):
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    type: str = "invalid_request_error"
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code="invalid_value" if param else None)
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, f"no {what}", code="not_found")
+
+
+def queue_full(size: int) -> ApiError:
+    return ApiError(
+        429,
+        f"the queue is full ({size} jobs waiting behind the running one); retry later",
+        code="rate_limit_exceeded",
+        type="requests",
+    )
+
+
+UNAUTHORIZED = ApiError(
+    401,
+    "missing or wrong API key: send 'Authorization: Bearer KEY' with the server's --api-key",
+    code="invalid_api_key",
+)

@@ -1,0 +1,101 @@
+"""`cosmos3-offload serve`: claim the port and the storage, load the model once, serve until stopped.
+
+The port is bound and the storage locked before the model loads, so a port in use or a storage
+folder another server holds is refused at once (one line, exit status 2). Ctrl-C or SIGTERM stops
+cleanly: no new connections, the running job ends at its next step and is marked failed with the
+waiting ones (a restart reports them as such), the database is closed, exit status 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import socket
+import sys
+
+import uvicorn
+
+from ..app.runner import LoadedModel
+from ..app.serve_settings import ServeSettings
+from ..app.timer import PhaseTimer
+from ..errors import InputError
+from .api import Service, create_app
+from .metrics import Metrics
+from .queue import JobQueue
+from .store import JobStore
+
+GRACEFUL_SECONDS = 3  # open connections (an images request waiting for its job) get this long at a stop
+
+
+def serve(loaded: LoadedModel, settings: ServeSettings) -> int:
+    listener = bind(settings.host, settings.port)
+    try:
+        store = JobStore.open(settings.storage)
+    except BaseException:
+        listener.close()
+        raise
+    queue = None
+    try:
+        timer = PhaseTimer(loaded.device)
+        loaded.load(timer, progress=settings.progress)
+        metrics = Metrics()
+        queue = JobQueue(loaded, store, settings.queue_size, metrics)
+        app = create_app(Service(loaded, store, queue, metrics, settings))
+        config = uvicorn.Config(
+            app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="off", access_log=False
+        )
+        server = uvicorn.Server(config)
+        host, port = listener.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        queue.start()
+        print(
+            f"serving {settings.model_name} on http://{shown}:{port} (device {loaded.device}, storage "
+            f"{settings.storage}, loaded in {timer.phases[-1].seconds:.1f}s); Ctrl-C stops",
+            flush=True,
+        )
+        with _signals_recorded():
+            server.run(sockets=[listener])
+    finally:
+        left = [] if queue is None else queue.stop()
+        store.close()
+        listener.close()
+    print(f"stopped; {len(left)} unfinished job(s) marked failed", flush=True)
+    return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port), or an InputError saying why not (in use, no such address)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as error:
+        raise InputError(f"--host {host!r} cannot be resolved: {error.strerror}") from None
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+        listener.listen(128)
+    except OSError as error:
+        listener.close()
+        if error.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} on {host} is in use; pass another --port (0: any free one)") from None
+        raise InputError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    listener.set_inheritable(False)
+    return listener
+
+
+class _signals_recorded:
+    """While the server runs, SIGINT and SIGTERM only stop it (uvicorn's own handlers); uvicorn raises the
+    signal again when it has stopped, which then lands here instead of ending the cleanup half-done."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> None:
+        self._previous = {sig: signal.signal(sig, self._record) for sig in self.SIGNALS}
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @staticmethod
+    def _record(signum: int, frame: object) -> None:
+        print(f"received {signal.Signals(signum).name}; stopping", file=sys.stderr, flush=True)

@@ -1,0 +1,257 @@
+"""The real server on a loopback port, driven by the official `openai` client (and raw HTTP where the
+client cannot say it): jobs, files, errors, the key, the queue bound and a restart."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+from server_process import ServerProcess
+
+from cosmos3_offload.app import cli
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # openai marks its video API deprecated
+
+PROMPT = "a red fox running through fresh snow"
+SHORT = {"frames": 5, "steps": 2}  # the tiny model's quickest video
+JOB_SECONDS = 120
+
+
+def client_for(server: ServerProcess, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def wait(client: openai.OpenAI, video_id: str, *, until=("completed", "failed")):
+    deadline = time.monotonic() + JOB_SECONDS
+    while time.monotonic() < deadline:
+        video = client.videos.retrieve(video_id)
+        if video.status in until:
+            return video
+        time.sleep(0.05)
+    raise AssertionError(f"{video_id} did not reach {until}")
+
+
+def http(server: ServerProcess, method: str, path: str, body: bytes | None = None, headers=None):
+    """(status, parsed JSON or text) of a raw request."""
+    request = urllib.request.Request(f"{server.url}{path}", data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, data, kind = response.status, response.read(), response.headers.get("content-type", "")
+    except urllib.error.HTTPError as error:
+        status, data, kind = error.code, error.read(), error.headers.get("content-type", "")
+    return status, json.loads(data) if kind.startswith("application/json") else data.decode()
+
+
+def post_json(server: ServerProcess, path: str, payload: dict, headers=None):
+    return http(
+        server, "POST", path, json.dumps(payload).encode(), {"content-type": "application/json", **(headers or {})}
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ServerProcess(tmp_path_factory.mktemp("storage")) as running:
+        yield running
+
+
+def test_a_video_job_returns_what_generate_writes(server, tmp_path):
+    """create -> retrieve until completed -> download_content: the same mp4 bytes as `generate` with the
+    same prompt, size, frames, steps and seed; the job reports its resolved parameters and progress 100."""
+    client = client_for(server)
+    created = client.videos.create(prompt=PROMPT, size="320x192", extra_body={**SHORT, "seed": 7})
+    assert created.status in ("queued", "in_progress") and created.object == "video" and created.size == "320x192"
+    video = wait(client, created.id)
+    assert video.status == "completed" and video.progress == 100 and video.error is None
+    assert video.model_extra["parameters"]["seed"] == 7 and video.model_extra["parameters"]["frames"] == 5
+    content = client.videos.download_content(created.id).read()
+    expected = tmp_path / "generate.mp4"
+    args = ["generate", "--prompt", PROMPT, "--frames", "5", "--steps", "2", "--seed", "7", "--output", str(expected)]
+    assert cli.main([*args, "--no-progress"]) == 0
+    assert content == expected.read_bytes()
+
+
+def test_an_image_equals_generate_with_one_frame(server, tmp_path):
+    """images.generate returns the PNG that `generate --frames 1` writes for the same seed and size."""
+    client = client_for(server)
+    result = client.images.generate(prompt=PROMPT, size="256x256", extra_body={"steps": 2, "seed": 5})
+    assert len(result.data) == 1
+    served = np.asarray(Image.open(_png(result.data[0].b64_json, tmp_path / "served.png")))
+    expected = tmp_path / "generate.png"
+    args = ["generate", "--prompt", PROMPT, "--frames", "1", "--resolution", "256", "--aspect-ratio", "1,1"]
+    assert cli.main([*args, "--steps", "2", "--seed", "5", "--output", str(expected), "--no-progress"]) == 0
+    assert served.shape == (256, 256, 3)
+    assert np.array_equal(served, np.asarray(Image.open(expected)))
+
+
+def test_several_images_take_consecutive_seeds(server, tmp_path):
+    client = client_for(server)
+    result = client.images.generate(prompt=PROMPT, n=2, extra_body={"steps": 1, "seed": 40})
+    assert [item.model_extra["seed"] for item in result.data] == [40, 41]
+    first, second = (
+        np.asarray(Image.open(_png(item.b64_json, tmp_path / f"{i}.png"))) for i, item in enumerate(result.data)
+    )
+    assert not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"size": "100x100"}, "size"),
+        ({"frames": 6}, None),
+        ({"frames": 1}, "frames"),
+        ({"seconds": "0"}, "seconds"),
+        ({"seconds": "2", "frames": 9}, "seconds"),
+        ({"steps": "many"}, "steps"),
+        ({"guidance": "nan"}, "guidance"),
+        ({"colour": "red"}, None),
+        ({"input_reference": "https://example.com/cat.png"}, "input_reference"),
+    ],
+)
+def test_bad_requests_are_400_with_the_openai_error_shape(server, fields, param):
+    client = client_for(server)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.videos.create(prompt=PROMPT, extra_body=fields)
+    error = raised.value.body
+    assert raised.value.status_code == 400 and error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+
+
+def test_bad_bodies_and_prompts_are_400_never_500(server):
+    for body, kind in (
+        (b"{not json", "application/json"),
+        (b"[1, 2]", "application/json"),
+        (b"prompt=x", "text/plain"),
+        (json.dumps({"prompt": "   "}).encode(), "application/json"),
+        (json.dumps({"prompt": 5}).encode(), "application/json"),
+        (json.dumps({"size": "320x192"}).encode(), "application/json"),
+        (json.dumps({"prompt": "x" * 20_001}).encode(), "application/json"),
+    ):
+        status, answer = http(server, "POST", "/v1/videos", body, {"content-type": kind})
+        assert status == 400, (body[:40], answer)
+        assert set(answer["error"]) == {"message", "type", "param", "code"}
+    status, answer = post_json(server, "/v1/images/generations", {"prompt": PROMPT, "n": 9})
+    assert status == 400 and answer["error"]["param"] == "n"
+    status, answer = http(server, "GET", "/v1/videos/video_missing")
+    assert status == 404 and answer["error"]["code"] == "not_found"
+    status, answer = http(server, "GET", "/v1/videos?limit=0")
+    assert status == 400 and answer["error"]["param"] == "limit"
+
+
+def test_an_image_to_video_job_takes_an_uploaded_image(server, tmp_path):
+    """input_reference as a multipart file: the job conditions on it; a file that is no image is a 400."""
+    picture = tmp_path / "frame.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 160, 3), dtype=np.uint8)).save(picture)
+    client = client_for(server)
+    video = client.videos.create(prompt=PROMPT, input_reference=picture.open("rb"), extra_body=SHORT)
+    assert wait(client, video.id).status == "completed"
+    assert client.videos.retrieve(video.id).model_extra["parameters"]["input_reference"] is True
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    with pytest.raises(openai.BadRequestError):
+        client.videos.create(prompt=PROMPT, input_reference=broken.open("rb"), extra_body=SHORT)
+
+
+def test_list_pages_and_delete(server):
+    """The list is newest first and pages with `after`; delete removes a finished job and its file."""
+    client = client_for(server)
+    ids = [client.videos.create(prompt=f"{PROMPT} {i}", extra_body={**SHORT, "steps": 1}).id for i in range(3)]
+    for video_id in ids:
+        wait(client, video_id)
+    page = client.videos.list(limit=2)
+    assert [v.id for v in page.data] == ids[::-1][:2] and page.has_more
+    rest = client.videos.list(limit=2, after=ids[1])
+    assert rest.data[0].id == ids[0]
+    assert [v.id for v in client.videos.list(order="asc", after=ids[0], limit=2).data] == ids[1:]
+    deleted = client.videos.delete(ids[0])
+    assert deleted.deleted and deleted.id == ids[0]
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(ids[0])
+    with pytest.raises(openai.NotFoundError):
+        client.videos.download_content(ids[0])
+
+
+def test_health_and_metrics(server):
+    status, health = http(server, "GET", "/health")
+    assert status == 200 and health["status"] == "ok" and health["device"] == "cpu"
+    status, text = http(server, "GET", "/metrics")
+    assert status == 200
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert values['cosmos3_jobs{state="completed"}'] >= 1 and values["cosmos3_step_seconds_count"] >= 2
+    assert {"cosmos3_queue_length", "cosmos3_device_peak_bytes", "cosmos3_host_resident_bytes"} <= set(values)
+
+
+def test_a_full_queue_answers_429_and_deleting_cancels(tmp_path):
+    """One job runs, one waits (--queue-size 1), the next is refused with 429; deleting the waiting job
+    frees its place, deleting the running one stops it; both are gone afterwards."""
+    with ServerProcess(tmp_path / "storage", "--queue-size", "1") as server:
+        client = client_for(server)
+        slow = {"frames": 17, "steps": 200}
+        running = client.videos.create(prompt=PROMPT, extra_body=slow)
+        wait(client, running.id, until=("in_progress",))
+        waiting = client.videos.create(prompt=PROMPT, extra_body=slow)
+        with pytest.raises(openai.RateLimitError) as raised:
+            client.videos.create(prompt=PROMPT, extra_body=slow)
+        assert raised.value.status_code == 429 and raised.value.body["code"] == "rate_limit_exceeded"
+        assert client.videos.delete(waiting.id).deleted
+        again = client.videos.create(prompt=PROMPT, extra_body=SHORT)  # room again
+        assert client.videos.delete(running.id).deleted
+        assert wait(client, again.id).status == "completed"  # the stopped job let it run
+        assert {v.id for v in client.videos.list().data} == {again.id}
+        folders = {p.name for p in (tmp_path / "storage" / "jobs").iterdir()}
+        assert folders == {again.id}  # the deleted jobs' files are gone
+
+
+def test_the_api_key_is_required(tmp_path):
+    key = "s3cret-key-123"
+    with ServerProcess(tmp_path / "storage", "--api-key", key) as server:
+        with pytest.raises(openai.AuthenticationError) as raised:
+            client_for(server, "wrong-key").videos.list()
+        assert raised.value.status_code == 401 and raised.value.body["code"] == "invalid_api_key"
+        assert http(server, "GET", "/v1/videos")[0] == 401
+        assert http(server, "GET", "/metrics")[0] == 401
+        assert http(server, "GET", "/health")[0] == 200  # probes need no key
+        assert client_for(server, key).videos.list().data == []
+
+
+def test_a_restart_keeps_finished_jobs_and_fails_interrupted_ones(tmp_path):
+    """A completed job and its file survive a restart; jobs running or waiting at the stop are failed."""
+    storage = tmp_path / "storage"
+    with ServerProcess(storage) as server:
+        client = client_for(server)
+        done = client.videos.create(prompt=PROMPT, extra_body=SHORT)
+        wait(client, done.id)
+        content = client.videos.download_content(done.id).read()
+        running = client.videos.create(prompt=PROMPT, extra_body={"frames": 17, "steps": 200})
+        wait(client, running.id, until=("in_progress",))
+        waiting = client.videos.create(prompt=PROMPT, extra_body=SHORT)
+        assert server.stop(signal.SIGTERM) == 0
+    assert "2 unfinished job(s) marked failed" in server.output
+    with ServerProcess(storage) as server:
+        client = client_for(server)
+        kept = client.videos.retrieve(done.id)
+        assert kept.status == "completed" and client.videos.download_content(done.id).read() == content
+        for video_id in (running.id, waiting.id):
+            failed = client.videos.retrieve(video_id)
+            assert failed.status == "failed" and failed.error.code == "server_stopped"
+
+
+def test_a_second_server_on_the_same_storage_is_refused(tmp_path):
+    storage = tmp_path / "storage"
+    with ServerProcess(storage):
+        with pytest.raises(RuntimeError, match="in use by another server"):
+            with ServerProcess(storage):
+                pass
+
+
+def _png(b64: str, path: Path) -> Path:
+    path.write_bytes(base64.b64decode(b64))
+    return path
