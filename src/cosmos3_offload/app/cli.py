@@ -642,14 +642,7 @@ def _serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
     )
     check_cache(args.cache, args.cache_threshold)
     _check_flags(args)
-    width, height = frame_size(shape["resolution"], args.aspect_ratio)
-    plan, limit = Plan.from_offload(args.offload_stages), None
-    if args.vram_budget is not None:
-        # Planned for the largest request served, with an image to encode (image-to-video may come).
-        planned = argparse.Namespace(**{**vars(args), "image": Path("input_reference")})
-        choice, budget, _ = _budget_choice(planned, shape["frames"], width, height)
-        _say(describe_choice(choice, budget, _host_budget(args)))
-        plan, limit = choice.plan, RequestLimit(shape["frames"], width, height)
+    plan, limit = serve_plan(args)
     settings = ServeSettings(
         host=args.host,
         port=args.port,
@@ -678,6 +671,20 @@ def _serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
         kernel_options=_kernel_options(args),
     )
     return serve(loaded, settings)
+
+
+def serve_plan(args: argparse.Namespace, say=_say) -> tuple[Plan, RequestLimit | None]:
+    """The plan `serve` runs with (checked flags): --offload-stages, or with --vram-budget the planner's pick
+    for the largest request served (--frames, --resolution, --aspect-ratio) with an image to encode, since
+    image-to-video may come; that request is then the limit of what the server takes."""
+    if args.vram_budget is None:
+        return Plan.from_offload(args.offload_stages), None
+    shape = _defaults(args)
+    width, height = frame_size(shape["resolution"], args.aspect_ratio)
+    planned = argparse.Namespace(**{**vars(args), "image": Path("input_reference")})
+    choice, budget, _ = _budget_choice(planned, shape["frames"], width, height)
+    say(describe_choice(choice, budget, _host_budget(args)))
+    return choice.plan, RequestLimit(shape["frames"], width, height)
 
 
 def _typed_flags(argv: list[str]) -> set[str]:
