@@ -52,7 +52,9 @@ class Placer:
     `stored`: the transformer's checkpoint weights, which a mapped tower's layers are read from, in
     place (so they get no (entry, home) pair: nothing is written into them). `host_share`: every host
     slab is mapped from a file shared by the host's processes; only its owner gets their pairs, and
-    `shared_files.unlink()` removes the files once every process has mapped them."""
+    `shared_files.unlink()` removes the files once every process has mapped them. `reuse(entry)`: a
+    tensor already on the device to keep as the home of a weight kept there (a live module's own, see
+    module_weights.py), or None to allocate one."""
 
     def __init__(
         self,
@@ -60,6 +62,7 @@ class Placer:
         plan: Plan,
         stored: CheckpointWeights | None = None,
         host_share: HostShare | None = None,
+        reuse: Callable[[SlabEntry], torch.Tensor | None] | None = None,
     ):
         if plan.maps_checkpoint and stored is None:
             raise InputError(
@@ -70,6 +73,7 @@ class Placer:
         self.plan = plan
         self.files = None if stored is None else MappedFiles(stored)
         self.shared_files = None if host_share is None else SharedFiles(host_share)
+        self.reuse = reuse
         self.placements: dict[str, Placement] = {}
         # Slabs that are copied to the device are pinned after they are filled (faulting pages in
         # from many threads is faster than pinning untouched memory).
@@ -178,5 +182,9 @@ class Placer:
         return slab
 
     def _device_homes(self, layout: SlabLayout) -> Callable[[SlabEntry], torch.Tensor]:
-        homes = {entry: allocate_on_device(entry, self.device) for entry in layout.entries}
+        homes = {entry: self._device_home(entry) for entry in layout.entries}
         return homes.__getitem__
+
+    def _device_home(self, entry: SlabEntry) -> torch.Tensor:
+        kept = None if self.reuse is None else self.reuse(entry)
+        return allocate_on_device(entry, self.device) if kept is None else kept
