@@ -255,3 +255,64 @@ def test_a_second_server_on_the_same_storage_is_refused(tmp_path):
 def _png(b64: str, path: Path) -> Path:
     path.write_bytes(base64.b64decode(b64))
     return path
+
+
+def test_a_killed_server_marks_its_running_job_failed_at_restart(tmp_path):
+    """SIGKILL leaves a job in progress in the database; the next start marks it failed and removes its
+    partial files, and the server takes new jobs."""
+    storage = tmp_path / "storage"
+    with ServerProcess(storage) as server:
+        client = client_for(server)
+        running = client.videos.create(prompt=PROMPT, extra_body={"frames": 17, "steps": 200})
+        wait(client, running.id, until=("in_progress",))
+        server.stop(signal.SIGKILL)
+    with ServerProcess(storage) as server:
+        client = client_for(server)
+        failed = client.videos.retrieve(running.id)
+        assert failed.status == "failed" and failed.error.code == "server_restarted"
+        assert list((storage / "jobs" / running.id).iterdir()) == []
+        assert wait(client, client.videos.create(prompt=PROMPT, extra_body=SHORT).id).status == "completed"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "70000"], "--port must be"),
+        (["--api-key", "short"], "--api-key must be at least"),
+        (["--queue-size", "0"], "--queue-size must be"),
+        (["--host", "not a host"], "--host"),
+        (["--gpus", "2"], "serve runs on one GPU"),
+        (["--image", "x.png"], "--image belongs to a request"),
+        (["--frames", "6"], "frame count"),
+        (["--vram-budget", "8GiB", "--offload-stages", "vae"], "not both"),
+    ],
+)
+def test_bad_serve_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
+    from cosmos3_offload.main import main
+
+    with pytest.raises(SystemExit) as raised:
+        main(["serve", "--storage", str(tmp_path / "storage"), *flags])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+    assert not (tmp_path / "storage").exists()
+
+
+def test_a_port_in_use_and_a_storage_file_are_refused_before_loading(tmp_path, capsys):
+    import socket
+
+    from cosmos3_offload.main import main
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        with pytest.raises(SystemExit) as raised:
+            main(["serve", "--port", str(taken.getsockname()[1]), "--storage", str(tmp_path / "s")])
+        assert raised.value.code == 2 and "is in use" in capsys.readouterr().err
+    finally:
+        taken.close()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as raised:
+        main(["serve", "--port", "0", "--storage", str(tmp_path / "file")])
+    assert raised.value.code == 2 and "is a file" in capsys.readouterr().err

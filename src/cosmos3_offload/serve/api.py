@@ -33,7 +33,7 @@ from ..app.inputs import read_conditioning
 from ..app.runner import LoadedModel
 from ..app.serve_settings import ServeSettings
 from ..errors import InputError
-from .api_errors import UNAUTHORIZED, ApiError, bad_request, error_body, not_found
+from .api_errors import ApiError, bad_request, error_body, not_found, unauthorized
 from .metrics import Metrics
 from .queue import JobQueue, Work
 from .requests import MAX_UPLOAD_BYTES, ParsedRequest, Upload, parse_image, parse_video
@@ -121,7 +121,7 @@ def create_app(service: Service) -> FastAPI:
         if settings.api_key is not None and (path.startswith("/v1/") or path == "/metrics"):
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-                return _error(UNAUTHORIZED)
+                return _error(unauthorized())
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return _error(ApiError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB"))

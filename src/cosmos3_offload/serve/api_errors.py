@@ -10,13 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: Starlette clears an exception's __traceback__ once it is handled
 class ApiError(Exception):
     status: int
     message: str
     param: str | None = None
     code: str | None = None
     type: str = "invalid_request_error"
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
@@ -43,8 +46,9 @@ def queue_full(size: int) -> ApiError:
     )
 
 
-UNAUTHORIZED = ApiError(
-    401,
-    "missing or wrong API key: send 'Authorization: Bearer KEY' with the server's --api-key",
-    code="invalid_api_key",
-)
+def unauthorized() -> ApiError:
+    return ApiError(
+        401,
+        "missing or wrong API key: send 'Authorization: Bearer KEY' with the server's --api-key",
+        code="invalid_api_key",
+    )

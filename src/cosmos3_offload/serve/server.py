@@ -25,6 +25,9 @@ from .queue import JobQueue
 from .store import JobStore
 
 GRACEFUL_SECONDS = 3  # open connections (an images request waiting for its job) get this long at a stop
+# An idle connection is kept longer than clients keep theirs (httpx, and so openai's client: 5 s), so a
+# client never sends a request on a connection the server is closing at that moment (a reset).
+KEEP_ALIVE_SECONDS = 30
 
 
 def serve(loaded: LoadedModel, settings: ServeSettings) -> int:
@@ -42,7 +45,12 @@ def serve(loaded: LoadedModel, settings: ServeSettings) -> int:
         queue = JobQueue(loaded, store, settings.queue_size, metrics)
         app = create_app(Service(loaded, store, queue, metrics, settings))
         config = uvicorn.Config(
-            app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="off", access_log=False
+            app,
+            log_level="warning",
+            timeout_graceful_shutdown=GRACEFUL_SECONDS,
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            lifespan="off",
+            access_log=False,
         )
         server = uvicorn.Server(config)
         host, port = listener.getsockname()[:2]
