@@ -43,7 +43,9 @@ from ..split.denoise import (
 from ..split.prefill import ReasonerMemory, prefill_prompts
 from ..stepcache.seacache import SeaCache
 from ..vae.decode import decode_to_host
+from ..vae.encode import condition_pixels, conditioned_noise
 from .config import GenerationConfig
+from .inputs import Conditioning
 
 
 class Sound(NamedTuple):
@@ -405,3 +407,19 @@ def at_least_tiles(grid: TileGrid, count: int) -> TileGrid:
     if grid.rows * grid.cols >= count:
         return grid
     return dataclasses.replace(grid, rows=-(-count // grid.cols))
+
+
+def conditioned_latents(
+    pipe: Cosmos3OmniPipeline, conditioning: Conditioning, vision: torch.Tensor, height: int, width: int, device
+) -> torch.Tensor:
+    """`vision` with the clean latents of the conditioning frames put in (the VAE encoder must be usable)."""
+    pixels = condition_pixels(
+        pipe,
+        image=conditioning.image,
+        video=conditioning.video,
+        condition_frames=conditioning.indexes,
+        height=height,
+        width=width,
+        device=device,
+    )
+    return conditioned_noise(pipe, pixels, conditioning.indexes, vision)

@@ -37,7 +37,6 @@ from ..parallel.mesh import ProcessMesh
 from ..planning.parallel import SINGLE, ParallelLayout
 from ..planning.plan import Plan
 from ..stepcache.seacache import SeaCache, seacache_config
-from ..vae.encode import condition_pixels, conditioned_noise
 from .config import DEFAULT_KERNELS, GenerationConfig, KernelOptions, resolve_device, resolve_dtype
 from .device_profile import probe_shape
 from .distributed import parallel_layout, rank_device, start_mesh
@@ -46,6 +45,7 @@ from .generate import (
     Latents,
     Sampling,
     Sound,
+    conditioned_latents,
     decode_frames,
     decode_sound,
     denoise_latents,
@@ -333,16 +333,7 @@ def generate_video(
         indexes = () if conditioning is None else conditioning.indexes
         if conditioning is not None:
             with timer.phase("encode"), engine.use(VAE_ENCODER):
-                pixels = condition_pixels(
-                    pipe,
-                    image=conditioning.image,
-                    video=conditioning.video,
-                    condition_frames=indexes,
-                    height=config.height,
-                    width=config.width,
-                    device=engine.device,
-                )
-                vision = conditioned_noise(pipe, pixels, indexes, vision)
+                vision = conditioned_latents(pipe, conditioning, vision, config.height, config.width, engine.device)
         sampling = Sampling()
         if options.distilled:
             sampling = Sampling(options.distilled_sigmas, generator, _anchor(vision, indexes) if indexes else None)

@@ -22,13 +22,20 @@ from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import Cosmos3OmniPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from ..app.generate import Latents, decode_frames, denoise_latents, initial_sound_noise, pack_branch, prefill_branches
+from ..app.generate import (
+    Latents,
+    conditioned_latents,
+    decode_frames,
+    denoise_latents,
+    initial_sound_noise,
+    pack_branch,
+    prefill_branches,
+)
 from ..errors import InputError
 from ..model.geometry import latent_frames
 from ..model.groups import GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
 from ..offload.engine import OffloadEngine
 from ..planning.plan import Plan
-from ..vae.encode import condition_pixels, conditioned_noise
 from .call import CallInputs, PipelineCall
 from .state import OffloadState
 
@@ -48,16 +55,7 @@ def generate(
     indexes = () if conditioning is None else conditioning.indexes
     if conditioning is not None and inputs.latents is None:  # given latents start as they are, as in diffusers
         with engine.use(VAE_ENCODER):
-            pixels = condition_pixels(
-                pipe,
-                image=conditioning.image,
-                video=conditioning.video,
-                condition_frames=indexes,
-                height=call.height,
-                width=call.width,
-                device=device,
-            )
-            vision = conditioned_noise(pipe, pixels, indexes, vision)
+            vision = conditioned_latents(pipe, conditioning, vision, call.height, call.width, device)
     if fp8 is not None:
         fp8.before_prefill()
     with engine.use(REASONER):
