@@ -173,7 +173,8 @@ class JobQueue:
     def _ended(self, job_id: str, code: str, message: str) -> None:
         """A job that did not finish: gone if it was deleted, else failed with `code`."""
         self.metrics.failed()
-        if job_id in self._cancelled or self.store.get(job_id) is None:
+        job = self.store.get(job_id)
+        if job_id in self._cancelled or job is None:
             self.store.remove_files(job_id)
-        elif self.store.get(job_id).status != FAILED:
+        elif job.status != FAILED:
             self.store.fail(job_id, code, message)
