@@ -1,23 +1,51 @@
 """The web page, as a person uses it, in Debian's headless Chromium (driven by Playwright, which is told
-to use that browser and never downloads its own)."""
+to use that browser and never downloads its own), against a real server running the tiny model."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import urllib.error
+import urllib.request
 
 import pytest
+from PIL import Image
 from server_process import ServerProcess
+
+from cosmos3_offload.model.tiers import RESOLUTION_TIERS
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
-JOB_MS = 120_000
+JOB_MS = 120_000  # one tiny job, with the page polling every 500 ms, on a slow 2-core machine
+PROMPT = "a red fox running through fresh snow"
+KEY = "page-key-123"
+
+# [ (progress value, status text) ] each time the page rewrites the status, from before the submit on.
+WATCH_PROGRESS = """() => {
+    window.seen = [];
+    const status = document.querySelector('#status'), bar = document.querySelector('#progress');
+    new MutationObserver(() => window.seen.push([bar.value, status.textContent]))
+        .observe(status, {childList: true, characterData: true, subtree: true});
+}"""
+# Play the shown video for a moment and report what the browser decoded and played.
+PLAY_VIDEO = """async () => {
+    const v = document.querySelector('#player');
+    await v.play();
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    return {width: v.videoWidth, height: v.videoHeight, duration: v.duration, paused: v.paused,
+            played: v.played.length ? v.played.end(0) : 0, error: v.error && v.error.code};
+}"""
+# The job followed by the page has ended: completed, failed, or refused (the error area shows why).
+JOB_ENDED = """() => /^(completed|failed)/.test(document.querySelector('#status').textContent)
+    || !document.querySelector('#error').hidden"""
 
 
-def _browser_or_skip():
+def _playwright_or_skip():
     """CI must run these (.ci/run installs Chromium; the test extra has Playwright); elsewhere they skip."""
     missing = None
     if shutil.which(CHROMIUM) is None:
@@ -33,7 +61,7 @@ def _browser_or_skip():
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_playwright = _browser_or_skip()
+    sync_playwright = _playwright_or_skip()
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         yield chromium
@@ -46,77 +74,142 @@ def server(tmp_path_factory):
         yield running
 
 
+@contextlib.contextmanager
+def opened(browser, server: ServerProcess):
+    """The page in a fresh browser context (its own localStorage), once it has read the server's defaults."""
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(server.url)
+        page.wait_for_function("document.querySelector('#size').options.length > 0")
+        yield page
+    finally:
+        context.close()
+
+
+def api(server: ServerProcess, method: str, path: str, payload: dict | None = None, key: str | None = None):
+    """(status, JSON body) of a call made without the page, to compare the page with the server."""
+    headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {key}"} if key else {})
+    body = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(f"{server.url}{path}", data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def submit_and_finish(page) -> str:
+    """Click Generate, wait for the bar to reach 100%, and return the id of the job the player shows."""
+    page.click("#submit")
+    page.wait_for_function(JOB_ENDED, timeout=JOB_MS)
+    assert page.locator("#status").inner_text() == "completed 100%", page.locator("#error").inner_text()
+    page.wait_for_function("document.querySelector('#player').dataset.job", timeout=JOB_MS)
+    return page.locator("#player").get_attribute("data-job")
+
+
+def test_the_size_presets_are_cosmos3s_frame_sizes_and_the_servers_defaults_are_filled_in(browser, server):
+    """The size select offers exactly the registered tiers' sizes, preselects the server's default tier and
+    aspect ratio (--resolution 256, 16:9), and the number fields start at the server's --frames and --steps."""
+    with opened(browser, server) as page:
+        offered = page.eval_on_selector_all("#size option", "options => options.map((o) => o.value)")
+        registered = [f"{w}x{h}" for sizes in RESOLUTION_TIERS.values() for w, h in sizes.values()]
+        assert sorted(offered) == sorted(registered)
+        assert page.locator("#size").input_value() == "320x192"
+        assert (page.input_value("#frames"), page.input_value("#steps")) == ("5", "2")
+
+
 def test_a_prompt_becomes_a_video_that_plays(browser, server, tmp_path):
-    """Type a prompt, submit: the progress bar reaches 100%, the video plays, the history lists the job."""
-    page = browser.new_page()
-    page.goto(server.url)
-    page.wait_for_function("document.querySelector('#size').options.length > 0")
-    assert page.locator("#size").input_value() == "320x192"  # the server's default tier and aspect ratio
-    page.fill("#prompt", "a red fox running through fresh snow")
-    page.fill("#seed", "11")
-    page.click("#submit")
-    page.wait_for_function("document.querySelector('#progress').value === 100", timeout=JOB_MS)
-    assert page.locator("#status").inner_text() == "completed 100%"
-    page.wait_for_function("document.querySelector('#player').readyState >= 2", timeout=JOB_MS)
-    video = page.evaluate(
-        """async () => {
-            const v = document.querySelector('#player');
-            await v.play();
-            await new Promise((resolve) => setTimeout(resolve, 300));
-            return {width: v.videoWidth, height: v.videoHeight, duration: v.duration, time: v.currentTime,
-                    paused: v.paused, error: v.error && v.error.code};
-        }"""
-    )
-    assert video["error"] is None and (video["width"], video["height"]) == (320, 192)
-    assert video["duration"] > 0 and video["time"] > 0 and not video["paused"]
-    row = page.locator("#history tbody tr").first
-    assert "a red fox running through fresh snow" in row.inner_text() and "11" in row.inner_text()
-    assert "completed" in row.locator("td.state").inner_text()
-    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-    page.close()
+    """Type a prompt and submit: the bar climbs to 100% and says completed, the browser decodes the server's
+    H.264 mp4 at 320x192 and plays it, the history lists the job, and the server got what was typed."""
+    with opened(browser, server) as page:
+        page.fill("#prompt", PROMPT)
+        page.fill("#negative", "blurry, dark")
+        page.fill("#seed", "11")
+        page.evaluate(WATCH_PROGRESS)
+        job_id = submit_and_finish(page)
 
+        seen = page.evaluate("window.seen")
+        values = [value for value, _ in seen]
+        assert values == sorted(values) and seen[-1] == [100, "completed 100%"]
+        assert seen[0][1] == "queued 0%" or seen[0][1].startswith("in_progress"), seen  # shown while it ran
 
-def test_a_bad_request_shows_the_servers_message(browser, server):
-    page = browser.new_page()
-    page.goto(server.url)
-    page.wait_for_function("document.querySelector('#size').options.length > 0")
-    page.fill("#prompt", "a fox")
-    page.fill("#frames", "6")
-    page.click("#submit")
-    page.wait_for_selector("#error:not([hidden])")
-    assert "frame count must be 1 or 4k+1" in page.locator("#error").inner_text()
-    assert page.locator("#job").is_hidden()
-    page.close()
-
-
-def test_the_delete_button_removes_a_job(browser, server):
-    page = browser.new_page()
-    page.goto(server.url)
-    page.wait_for_function("document.querySelector('#size').options.length > 0")
-    page.fill("#prompt", "a fox to delete")
-    page.click("#submit")
-    page.wait_for_function("document.querySelector('#progress').value === 100", timeout=JOB_MS)
-    rows = page.locator("#history tbody tr")
-    page.wait_for_function("document.querySelector('#history tbody tr td.prompt')?.textContent === 'a fox to delete'")
-    before = rows.count()
-    rows.first.locator("button.delete").click()
-    page.wait_for_function(f"document.querySelectorAll('#history tbody tr').length === {before - 1}")
-    assert "a fox to delete" not in page.locator("#history").inner_text()
-    page.close()
-
-
-def test_with_an_api_key_the_page_asks_for_it_then_works(browser, tmp_path):
-    with ServerProcess(tmp_path / "storage", "--steps", "1", "--frames", "5", "--api-key", "page-key-123") as keyed:
-        page = browser.new_page()
-        page.goto(keyed.url)
-        page.wait_for_selector("#key-row:not([hidden])")
-        page.wait_for_selector("#error:not([hidden])")  # the history could not be read without the key
-        assert "API key" in page.locator("#error").inner_text()
-        page.fill("#api-key", "page-key-123")
-        page.dispatch_event("#api-key", "change")
-        page.fill("#prompt", "a keyed fox")
-        page.click("#submit")
-        page.wait_for_function("document.querySelector('#progress').value === 100", timeout=JOB_MS)
         page.wait_for_function("document.querySelector('#player').readyState >= 2", timeout=JOB_MS)
-        assert page.locator("#error").is_hidden()
-        page.close()
+        video = page.evaluate(PLAY_VIDEO)
+        assert video["error"] is None and (video["width"], video["height"]) == (320, 192), video
+        assert video["duration"] > 0 and video["played"] > 0 and not video["paused"], video
+
+        row = page.locator(f"#history tr[data-job='{job_id}']")
+        row.locator("td.state", has_text="completed").wait_for()
+        cells = {name: row.locator(f"td.{name}").inner_text() for name in ("prompt", "size", "frames", "steps", "seed")}
+        assert cells == {"prompt": PROMPT, "size": "320x192", "frames": "5", "steps": "2", "seed": "11"}
+        assert row.locator("button.play").count() == 1
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+    status, video = api(server, "GET", f"/v1/videos/{job_id}")
+    assert status == 200
+    asked = {name: video["parameters"][name] for name in ("prompt", "negative_prompt", "size", "guidance", "seed")}
+    assert asked == {
+        "prompt": PROMPT,
+        "negative_prompt": "blurry, dark",
+        "size": "320x192",
+        "guidance": 6.0,
+        "seed": 11,
+    }
+
+
+def test_a_chosen_image_is_sent_as_input_reference(browser, server, tmp_path):
+    """The image chooser's file reaches the server as the multipart part input_reference (image-to-video)."""
+    picture = tmp_path / "frame.png"
+    Image.new("RGB", (320, 192), (200, 80, 20)).save(picture)
+    with opened(browser, server) as page:
+        page.fill("#prompt", "a fox that starts from this picture")
+        page.set_input_files("#image", str(picture))
+        job_id = submit_and_finish(page)
+    status, video = api(server, "GET", f"/v1/videos/{job_id}")
+    assert status == 200 and video["parameters"]["input_reference"] is True
+
+
+def test_a_bad_frame_count_shows_the_servers_message(browser, server):
+    """Frames 6 typed into the free entry: the error area shows the server's own 400 message, and no job starts."""
+    status, body = api(server, "POST", "/v1/videos", {"prompt": "a fox", "frames": 6})
+    assert status == 400
+    with opened(browser, server) as page:
+        page.fill("#prompt", "a fox")
+        page.fill("#frames", "6")
+        page.click("#submit")
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.locator("#error").inner_text() == body["error"]["message"]
+        assert page.locator("#job").is_hidden()
+
+
+def test_the_delete_button_removes_the_job_and_its_row(browser, server):
+    """A finished job's delete button deletes it on the server and takes its row out of the history."""
+    with opened(browser, server) as page:
+        page.fill("#prompt", "a fox to delete")
+        job_id = submit_and_finish(page)
+        row = page.locator(f"#history tr[data-job='{job_id}']")
+        row.locator("td.state", has_text="completed").wait_for()
+        row.locator("button.delete").click()
+        row.wait_for(state="detached")
+        assert page.locator("#player").is_hidden() and page.locator("#error").is_hidden()
+    assert api(server, "GET", f"/v1/videos/{job_id}")[0] == 404
+
+
+def test_with_an_api_key_the_page_asks_for_it_then_works_and_remembers_it(browser, tmp_path):
+    """Against --api-key the page shows the key field and the 401's message; typed in, the key makes a job
+    run and play; after a reload the key comes back from localStorage and the history loads."""
+    with ServerProcess(tmp_path / "storage", "--steps", "1", "--frames", "5", "--api-key", KEY) as keyed:
+        with opened(browser, keyed) as page:
+            page.wait_for_selector("#key-row:not([hidden])")
+            page.wait_for_selector("#error:not([hidden])")  # the history could not be read without the key
+            assert "API key" in page.locator("#error").inner_text()
+            page.fill("#api-key", KEY)
+            page.fill("#prompt", "a keyed fox")
+            job_id = submit_and_finish(page)
+            page.wait_for_function("document.querySelector('#player').readyState >= 2", timeout=JOB_MS)
+            assert page.locator("#error").is_hidden()
+
+            page.reload()
+            page.locator(f"#history tr[data-job='{job_id}']").wait_for()
+            assert page.input_value("#api-key") == KEY and page.locator("#error").is_hidden()

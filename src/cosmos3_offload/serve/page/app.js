@@ -2,7 +2,7 @@
 // Plain JS against the server's own API (/health, /v1/videos); no build step, nothing from elsewhere.
 "use strict";
 
-// Cosmos3's frame sizes: tier -> [aspect, width, height] (model/tiers.py).
+// Cosmos3's frame sizes: tier -> [aspect, width, height], as model/tiers.py registers them (a test compares).
 const TIERS = {
   256: [["16,9", 320, 192], ["9,16", 192, 320], ["1,1", 256, 256], ["4,3", 320, 256], ["3,4", 256, 320]],
   480: [["16,9", 832, 480], ["9,16", 480, 832], ["1,1", 640, 640], ["4,3", 736, 544], ["3,4", 544, 736]],
@@ -10,11 +10,14 @@ const TIERS = {
   768: [["16,9", 1360, 768], ["9,16", 768, 1360], ["1,1", 1024, 1024], ["4,3", 1184, 880], ["3,4", 880, 1184]],
 };
 const POLL_MS = 500;
+const KEY_STORAGE = "cosmos3-api-key";
 const $ = (id) => document.getElementById(id);
 let playerUrl = null;
+let historyRequests = 0; // only the latest history request may fill the table
 
+// The key field is the one source of the key: filled from localStorage at start, saved there as it is typed.
 function apiKey() {
-  return localStorage.getItem("cosmos3-api-key") || "";
+  return $("api-key").value.trim();
 }
 
 // fetch with the key when one is set; a 401 reveals the key field. Returns the response.
@@ -73,10 +76,14 @@ function requestForm() {
 async function submit(event) {
   event.preventDefault();
   showError("");
-  if (!$("prompt").value.trim()) return showError("Write a prompt first.");
+  if (!$("prompt").value.trim()) {
+    $("prompt").focus();
+    return showError("Write a prompt first.");
+  }
   $("submit").disabled = true;
   try {
     const job = await json(await call("/v1/videos", { method: "POST", body: requestForm() }));
+    refreshHistory(); // the queued job shows at once
     await follow(job);
   } catch (error) {
     showError(error.message);
@@ -89,6 +96,7 @@ async function submit(event) {
 // Poll the job until it completes or fails, moving the progress bar; then show its video.
 async function follow(job) {
   $("job").hidden = false;
+  $("player").pause();
   $("player").hidden = true;
   while (true) {
     $("progress").value = job.progress;
@@ -100,7 +108,7 @@ async function follow(job) {
   }
 }
 
-// The video as a blob (the key travels in a header, which a <video src> cannot send).
+// The video as a blob (the key travels in a header, which a <video src> cannot send); an error response throws.
 async function play(id) {
   const response = await call(`/v1/videos/${encodeURIComponent(id)}/content`);
   if (!response.ok) return json(response);
@@ -112,50 +120,68 @@ async function play(id) {
   player.hidden = false;
 }
 
-function cell(text, className) {
+// A history cell; `label` names it where a narrow window stacks the row (no header above it there).
+function cell(text, className, label = "") {
   const td = document.createElement("td");
-  td.textContent = text;
-  if (className) td.className = className;
+  td.textContent = text ?? "";
+  td.className = className;
+  if (label) td.dataset.label = label;
   return td;
 }
 
-function button(label, className, action) {
+function button(label, className, what, action) {
   const element = document.createElement("button");
   element.type = "button";
   element.textContent = label;
   element.className = className;
+  element.setAttribute("aria-label", `${label} ${what}`);
   element.addEventListener("click", action);
   return element;
 }
 
 async function refreshHistory() {
+  const request = ++historyRequests;
   let list;
   try {
     list = await json(await call("/v1/videos?limit=50"));
   } catch (error) {
     return showError(error.message);
   }
+  if (request !== historyRequests) return; // a later refresh is on its way
   const body = $("history").querySelector("tbody");
-  body.replaceChildren();
-  for (const job of list.data) {
-    const p = job.parameters || {};
-    const row = document.createElement("tr");
-    row.dataset.job = job.id;
-    const created = new Date(job.created_at * 1000).toLocaleString();
-    row.append(cell(created), cell(job.prompt || "", "prompt"), cell(job.size), cell(p.frames), cell(p.steps));
-    row.append(cell(p.seed), cell(job.status === "in_progress" ? `in_progress ${job.progress}%` : job.status, "state"));
-    const actions = document.createElement("td");
-    if (job.status === "completed") actions.append(button("play", "play", () => play(job.id).catch((e) => showError(e.message))));
-    actions.append(button("delete", "delete", () => remove(job.id)));
-    row.append(actions);
-    body.append(row);
+  body.replaceChildren(...list.data.map(historyRow));
+  $("history-empty").hidden = list.data.length > 0;
+}
+
+// One job as a row: its parameters, its state (with the progress while it runs), play and delete.
+function historyRow(job) {
+  const p = job.parameters || {};
+  const row = document.createElement("tr");
+  row.dataset.job = job.id;
+  const created = new Date(job.created_at * 1000).toLocaleString();
+  const state = job.status === "in_progress" ? `in_progress ${job.progress}%` : job.status;
+  row.append(cell(created, "created"), cell(job.prompt, "prompt"), cell(job.size, "size", "size"));
+  row.append(cell(p.frames, "frames", "frames"), cell(p.steps, "steps", "steps"), cell(p.seed, "seed", "seed"));
+  row.append(cell(state, "state", "status"));
+  if (job.error) row.lastChild.title = job.error.message;
+  const actions = cell("", "actions");
+  const label = `${job.prompt} (${job.id})`;
+  if (job.status === "completed") {
+    const show = () => play(job.id).then(() => $("player").scrollIntoView({ block: "nearest" }));
+    actions.append(button("play", "play", label, () => show().catch((e) => showError(e.message))));
   }
+  actions.append(button("delete", "delete", label, () => remove(job.id)));
+  row.append(actions);
+  return row;
 }
 
 async function remove(id) {
   try {
     await json(await call(`/v1/videos/${encodeURIComponent(id)}`, { method: "DELETE" }));
-    if ($("player").dataset.job === id) $("player").hidden = true;
+    if ($("player").dataset.job === id) {
+      $("player").pause();
+      $("player").hidden = true;
+    }
   } catch (error) {
     showError(error.message);
   }
@@ -163,9 +189,9 @@ async function remove(id) {
 }
 
 async function start() {
-  $("api-key").value = apiKey();
+  $("api-key").value = localStorage.getItem(KEY_STORAGE) || "";
+  $("api-key").addEventListener("input", () => localStorage.setItem(KEY_STORAGE, apiKey()));
   $("api-key").addEventListener("change", () => {
-    localStorage.setItem("cosmos3-api-key", $("api-key").value.trim());
     showError("");
     refreshHistory();
   });
