@@ -100,7 +100,10 @@ class Service:
             self.queue.submit(works)
         except InputError as error:
             self._forget(reserved)
-            raise bad_request(str(error)) from None
+            message = str(error)
+            if parsed.upload is not None and reserved:  # the server's own paths are not the client's business
+                message = message.replace(f"'{self.store.folder_of(reserved[-1])}/", "'input_reference: ")
+            raise bad_request(message) from None
         except BaseException:
             self._forget(reserved)
             raise
