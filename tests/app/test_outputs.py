@@ -373,7 +373,16 @@ def test_interrupt_in_the_denoise_leaves_nothing(tmp_path, signum, status, said)
     output = folder / "o.mp4"
     command = [sys.executable, "-m", "cosmos3_offload.app.cli", "generate", "--prompt", "a fox", "--no-progress"]
     command += ["--device", "cpu", "--frames", "17", "--steps", "300", "--output", str(output)]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A pytest started in the background from a script ignores SIGINT, and a child inherits SIG_IGN (POSIX):
+    # the run must start as a terminal's would, with SIGINT at its default, or Ctrl-C is never delivered.
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         wait_for((folder / ".o.mp4.lock").exists, 120, process)  # taken just before loading
         time.sleep(1.0)  # loading and prefill take a tenth of that; 300 steps take several seconds
