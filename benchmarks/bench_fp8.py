@@ -63,7 +63,7 @@ from bench_streaming import measured_vs_predicted, request_for
 from diffusers import Cosmos3OmniTransformer
 from diffusers.pipelines.cosmos.mixed_precision import FIRST_LAST_N_FP8_POLICY
 
-from cosmos3_offload.app.config import DEFAULT_STEPS, GenerationConfig
+from cosmos3_offload.app.config import GenerationConfig
 from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.errors import InputError, first_line
@@ -82,6 +82,7 @@ from cosmos3_offload.planning.sizes import ModelSizes
 from cosmos3_offload.planning.timing import streamed_bytes
 from cosmos3_offload.quant.fp8 import FP8_MAX, has_fp8_matmul, quantize, w8a8_linear, w8a16_linear, weight_scales
 from cosmos3_offload.quant.policy import step_schedule
+from cosmos3_offload.request.spec import request_defaults
 from cosmos3_offload.units import GIB
 
 PARTS = ("steps", "layers", "checkpoint")
@@ -302,14 +303,14 @@ def part_steps(bench: Bench) -> None:
         print(f"-- loading {prefix} all resident", flush=True)
         loaded = load(bench, Plan(), fp8)
         for index, shape in enumerate(args.shapes):
-            prediction = predict(Plan(), sizes, request_for(*shape, DEFAULT_STEPS), bench.profile)
+            prediction = predict(Plan(), sizes, request_for(*shape, request_defaults()["steps"]), bench.profile)
             policy = args.policy and fp8.quantize is not None and index == 0
             run_modes(bench, loaded, prefix, "resident", shape, None, prediction, sizes, policy=policy)
         del loaded
         bench.free()
     cache = LoadCache()
     for index, (tier, frames) in enumerate(args.shapes):
-        request = request_for(tier, frames, DEFAULT_STEPS)  # the plan the CLI picks for a default request
+        request = request_for(tier, frames, request_defaults()["steps"])  # the plan the CLI picks for a default request
         for asked in args.caps:
             name = f"fp8-w8a8-cap{asked:g}-{tier}p-{frames}f"
             choice, cap, label = plan_for_cap(bench, fp8_sizes, request, asked, name)
@@ -552,7 +553,7 @@ def part_checkpoint(bench: Bench) -> None:
         transformer_config, vae_config, quantization=quantization_for(folder, transformer_config, NO_FP8_FLAGS)
     )
     fp8 = Fp8Options(mode=args.checkpoint_mode)
-    request = request_for(*args.checkpoint_shape, DEFAULT_STEPS)
+    request = request_for(*args.checkpoint_shape, request_defaults()["steps"])
     for label in ("first", "warm"):  # the second load is the warm one
         print(f"-- loading the checkpoint all streamed ({label})", flush=True)
         components, info = load(bench, ALL_STREAMED, fp8, folder)

@@ -47,15 +47,16 @@ def role_generate(args) -> None:
     import torch
 
     from cosmos3_offload.app import cli
+    from cosmos3_offload.app.cli.translate import check_flags, kernel_options
     from cosmos3_offload.app.config import GenerationConfig
     from cosmos3_offload.app.outputs import OutputLock
     from cosmos3_offload.app.runner import LoadedModel
     from cosmos3_offload.app.timer import PhaseTimer
 
     parsed = cli.build_parser().parse_args(["serve", *model_flags(args)])
-    cli._check_flags(parsed)
+    check_flags(parsed)
     plan, _ = cli.serve_plan(parsed, say=lambda line: print(line, file=sys.stderr))
-    loaded = LoadedModel.open(model=args.model, plan=plan, kernel_options=cli._kernel_options(parsed))
+    loaded = LoadedModel.open(model=args.model, plan=plan, kernel_options=kernel_options(parsed))
     loaded.load(PhaseTimer(loaded.device), progress=False)
     folder = Path(tempfile.mkdtemp())
     seconds, peaks, phases = [], [], []

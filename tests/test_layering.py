@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cosmos3_offload"
 BASE = {"errors", "units"}
 LAYERS = (
     "model",
+    "request",
     "planning",
     "offload",
     "quant",
@@ -31,6 +32,7 @@ LAYERS = (
 ALLOWED = {
     "base": set(),
     "model": set(),
+    "request": {"model"},
     "planning": {"model"},
     "offload": set(),
     "quant": set(),
@@ -51,6 +53,7 @@ ALLOWED = {
 # plain data, the offload engine is generic (no diffusers model classes).
 FORBIDDEN = {
     "model": {"torch", "diffusers", "numpy", "safetensors"},
+    "request": {"torch", "diffusers", "numpy", "safetensors", "transformers", "accelerate"},
     "planning": {"torch", "diffusers", "numpy", "safetensors", "transformers", "accelerate"},
     "offload": {"diffusers", "transformers"},
     "quant": {"diffusers", "transformers", "safetensors"},
@@ -152,13 +155,15 @@ def test_the_checker_sees_a_wrong_import(tmp_path):
     [
         "cosmos3_offload.planning.search",
         "cosmos3_offload.model.groups",
+        "cosmos3_offload.request.spec",
         "cosmos3_offload.loading.files",
         "cosmos3_offload.app.launch",
         "cosmos3_offload.main",
     ],
 )
 def test_importing_a_pure_layer_loads_no_torch(module):
-    """The planner, the model facts, the file checks and the entry point run without torch: importing
+    """The planner, the model facts, the request's declaration, the file checks and the entry point run
+    without torch: importing
     them loads none (checked in a fresh process)."""
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

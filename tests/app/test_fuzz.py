@@ -30,7 +30,7 @@ from PIL import Image
 
 from cosmos3_offload.app import runner
 from cosmos3_offload.app.cli import main
-from cosmos3_offload.app.config import MAX_PROMPT_CHARS
+from cosmos3_offload.request.checks import MAX_PROMPT_CHARS
 from cosmos3_offload.model.geometry import SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
 
 SEED = int(os.environ.get("COSMOS3_FUZZ_SEED", "20261128"))

@@ -17,7 +17,7 @@ import pytest
 
 from cosmos3_offload.app import device_profile, runner
 from cosmos3_offload.app.cli import main
-from cosmos3_offload.app.config import MAX_PROMPT_CHARS
+from cosmos3_offload.request.checks import MAX_PROMPT_CHARS
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

@@ -30,18 +30,17 @@ from ..loading.quantization import describe_quantization
 from ..loading.sizes import model_sizes
 from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, UNUSED, VAE, VAE_ENCODER
 from ..model.specs import MODEL_SPECS
-from ..model.tiers import frame_size
 from ..offload.materialize import build_on_meta, group_layouts, keep_fp32_dtype
 from ..planning.memory import weight_bytes
 from ..planning.plan import Plan
 from ..planning.request import DeviceProfile, Request
 from ..planning.search import choose_plan, least_budget, predict
 from ..planning.sizes import ModelSizes
+from ..request.spec import RequestSpec, request_defaults
 from ..units import GIB, format_bytes
-from .config import DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_RESOLUTION, DEFAULT_STEPS
 from .feasibility import device_free_bytes, host_available_bytes
+from .planned_request import request_of
 
-DEFAULT_ASPECT_RATIO = "16,9"
 # The config keys that tell the registered sizes apart.
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 
@@ -203,13 +202,13 @@ def _sound_bytes(config: dict) -> int:
 def _plans(sizes: ModelSizes, machine: Machine, distilled_steps: int | None = None) -> list[str]:
     """All resident, all staged and the planner's pick for the default request on `machine` (a distilled
     checkpoint's: its own step count, guidance 1)."""
-    width, height = frame_size(DEFAULT_RESOLUTION, DEFAULT_ASPECT_RATIO)
-    steps, guidance = (DEFAULT_STEPS, DEFAULT_GUIDANCE) if distilled_steps is None else (distilled_steps, 1.0)
-    request = Request.for_video(DEFAULT_FRAMES, height, width, cfg=guidance != 1.0, steps=steps)
+    default = RequestSpec(prompt="(the default request)", **request_defaults(distilled_steps=distilled_steps))
+    request = request_of(default)
     profile = DeviceProfile()
     lines = [
-        f"plans for the default request ({width}x{height}, {DEFAULT_FRAMES} frames, {steps} steps, "
-        f"guidance {guidance:g}; bf16, {profile.h2d_GBps:g} GB/s host-to-device assumed):"
+        f"plans for the default request ({default.width}x{default.height}, {default.frames} frames, "
+        f"{default.steps} steps, guidance {default.guidance:g}; bf16, {profile.h2d_GBps:g} GB/s host-to-device "
+        "assumed):"
     ]
     for name, plan in (("all resident", Plan()), ("all staged", Plan.from_offload([REASONER, GENERATOR, VAE]))):
         lines.append(f"  {name}: " + _needs(plan, sizes, request, profile, machine))

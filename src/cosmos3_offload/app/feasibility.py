@@ -14,18 +14,17 @@ import torch
 
 from ..errors import InputError
 from ..loading.components import model_configs
-from ..loading.layout import sound_config, sound_samples
+from ..loading.layout import sound_config
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options, quantization_for
 from ..loading.sizes import model_sizes
-from ..model.geometry import frames_to_encode
 from ..planning.memory import weight_bytes
 from ..planning.parallel import SINGLE, ParallelLayout
 from ..planning.plan import Plan
-from ..planning.request import DeviceProfile, Request
+from ..planning.request import DeviceProfile
 from ..planning.search import predict
-from ..stepcache.seacache import held_hiddens, seacache_config
 from ..units import GIB
 from .config import GenerationConfig
+from .planned_request import cached_hiddens, request_of  # noqa: F401 (cached_hiddens: moving to planned_request)
 
 
 def host_available_bytes() -> int | None:
@@ -46,31 +45,6 @@ def device_free_bytes(device: torch.device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return free
-
-
-def request_of(config: GenerationConfig, sound: dict | None = None, layout: ParallelLayout = SINGLE) -> Request:
-    """The planner's view of `config` on one GPU of `layout`; `sound`: the sound tokenizer's config for a
-    request with sound."""
-    encode = frames_to_encode(
-        image=config.image is not None, video=config.video is not None, condition_frames=config.condition_frames
-    )
-    samples = 0 if sound is None else sound_samples(sound, config.frames, config.fps)
-    return Request.for_video(
-        config.frames,
-        config.height,
-        config.width,
-        cfg=config.uses_guidance,
-        steps=config.steps,
-        encode_frames=encode,
-        sound_samples=samples,
-        cached_hiddens=cached_hiddens(config.cache, config.cache_threshold),
-        parallel=layout,
-    )
-
-
-def cached_hiddens(cache: str, threshold: float | None) -> int:
-    """What a step cache holds per branch, in [tokens, hidden] tensors (0 without one)."""
-    return held_hiddens(seacache_config(threshold)) if cache == "seacache" else 0
 
 
 def check_fits(

@@ -21,27 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .config import shown
+from ..request.checks import FieldError, shown
+from ..request.spec import FIELDS_BY_NAME, door_fields, named_at
 
 # cosmos-framework's IMAGE_EXTENSIONS and VIDEO_EXTENSIONS: the suffix of `vision_path` picks the mode.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4",)
-MODES = ("text2image", "text2video", "image2video", "video2video")
-# A sample field and the GenerationConfig keyword it sets (the rest are handled one by one below).
-RENAMED = {
-    "num_frames": "frames",
-    "num_steps": "steps",
-    "aspect_ratio": "aspect_ratio",
-    "guidance": "guidance",
-    "shift": "shift",
-    "fps": "fps",
-    "seed": "seed",
-}
-SUPPORTED = {
-    *RENAMED,
-    *("name", "model_mode", "prompt", "prompt_path", "negative_prompt", "resolution"),
-    *("vision_path", "condition_frame_indexes_vision", "condition_video_keep", "enable_sound"),
-}
+MODEL_MODES = ("text2image", "text2video", "image2video", "video2video")
+# Sample fields read one by one below; every other request field a sample file takes is read as it is,
+# under the name the request declares for sample files (request/spec.py).
+READ_BELOW = ("prompt", "negative_prompt", "resolution", "vision_path", "condition_frame_indexes_vision")
+RENAMED = {alias: name for name, alias in door_fields("sample").items() if alias not in READ_BELOW}
+SUPPORTED = {*door_fields("sample").values(), "name", "model_mode", "prompt_path", "condition_video_keep"}
 _ACTION = "action modes (forward/inverse dynamics, policy) are not supported"
 _TRANSFER = "transfer (control hints) is not supported"
 _REASONER = "reasoner mode is not supported"
@@ -93,7 +84,7 @@ _NAME = re.compile(r"\w[\w.+-]{0,127}")  # one path component: no separator, no 
 
 @dataclass(frozen=True)
 class Sample:
-    """One sample as read: the GenerationConfig keywords it sets (`fields`), or why it is refused (`error`)."""
+    """One sample as read: the request fields it sets (`fields`), or why it is refused (`error`)."""
 
     source: str  # where it was read, for messages: "a.json", "b.jsonl line 3"
     name: str | None = None
@@ -202,7 +193,7 @@ def sample_fields(data: dict[str, Any], folder: Path) -> dict[str, Any]:
         close = difflib.get_close_matches(key, sorted(SUPPORTED), n=1)
         raise InputError(f"unknown field {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     values = {k: v for k, v in data.items() if k in SUPPORTED and v is not None}
-    fields = {RENAMED[k]: v for k, v in values.items() if k in RENAMED}
+    fields = {RENAMED[k]: _checked(RENAMED[k], v) for k, v in values.items() if k in RENAMED}
     if "prompt" in values and "prompt_path" in values:
         raise InputError("give either `prompt` or `prompt_path`, not both")
     if "prompt" in values:
@@ -214,15 +205,19 @@ def sample_fields(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     if "resolution" in values:
         resolution = values["resolution"]
         fields["resolution"] = int(resolution) if isinstance(resolution, str) and resolution.isdecimal() else resolution
-    if "enable_sound" in values:
-        if not isinstance(values["enable_sound"], bool):
-            raise InputError(f"enable_sound must be true or false, got {shown(values['enable_sound'])}")
-        fields["sound"] = values["enable_sound"]
     if values.get("condition_video_keep", "first") != "first":
         raise InputError("condition_video_keep: only 'first' is supported (the clip's first frames condition)")
     fields |= _vision(values, folder)
     _check_mode(values.get("model_mode"), fields)
     return fields
+
+
+def _checked(name: str, value: Any) -> Any:
+    """A field's value as the request's declaration checks it, refused under its sample-file name."""
+    try:
+        return FIELDS_BY_NAME[name].check(value)
+    except FieldError as error:
+        raise named_at(error, "sample") from None
 
 
 def _text(key: str, value: Any) -> Any:
@@ -277,8 +272,8 @@ def _check_mode(mode: Any, fields: dict[str, Any]) -> None:
         return
     if mode in UNSUPPORTED_MODES:
         raise InputError(f"model_mode {mode!r}: {UNSUPPORTED_MODES[mode]}")
-    if mode not in MODES:
-        raise InputError(f"unknown model_mode {shown(mode)}; choose one of {', '.join(MODES)}")
+    if mode not in MODEL_MODES:
+        raise InputError(f"unknown model_mode {shown(mode)}; choose one of {', '.join(MODEL_MODES)}")
     wants = {"image2video": "image", "video2video": "video"}.get(mode)
     has = "image" if fields.get("image") else "video" if fields.get("video") else None
     if has != wants:

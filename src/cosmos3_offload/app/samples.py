@@ -29,6 +29,8 @@ from typing import Any
 from ..errors import InputError
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..planning.plan import Plan
+from ..request.checks import FieldError
+from ..request.spec import named_at
 from ..units import format_bytes
 from .config import DEFAULT_KERNELS, GenerationConfig, KernelOptions
 from .inputs import read_conditioning
@@ -37,25 +39,6 @@ from .runner import LoadedModel
 from .sample_files import Sample, read_samples
 from .timer import PhaseTimer
 
-# The flags that override a sample's values when typed (GenerationConfig keywords).
-FLAG_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "frames",
-    "resolution",
-    "aspect_ratio",
-    "steps",
-    "guidance",
-    "shift",
-    "fps",
-    "seed",
-    "image",
-    "video",
-    "condition_frames",
-    "sound",
-    "cache",
-    "cache_threshold",
-)
 ARGS_FILE, OUTPUTS_FILE = "sample_args.json", "sample_outputs.json"
 
 logger = logging.getLogger(__name__)
@@ -108,7 +91,7 @@ def run_samples(
     warn: Say = logger.warning,
 ) -> SamplesReport:
     """Run every sample of `paths` into `output_dir`, loading the model once (and not at all when no sample
-    is good). `defaults` and `overrides` are GenerationConfig keywords: below and above the files' values.
+    is good). `defaults` and `overrides` are request fields: below and above the files' values.
     A bad sample is reported through `warn`, one line each, and skipped; progress goes through `say`."""
     outcomes: list[Outcome] = []
     made: list[Path] = []  # folders this call created, removed again when nothing is written there
@@ -166,7 +149,11 @@ def _config(
             except OSError as error:
                 raise InputError(f"output folder {str(path)!r} cannot be created: {error.strerror}") from None
             made.append(path)
-    return GenerationConfig(**values, output=folder / ("vision.jpg" if values["frames"] == 1 else "vision.mp4"))
+    output = folder / ("vision.jpg" if values["frames"] == 1 else "vision.mp4")
+    try:
+        return GenerationConfig(**values | {"output": output})
+    except FieldError as error:  # named as the sample file names the field
+        raise named_at(error, "sample") from None
 
 
 def _checked(

@@ -15,20 +15,22 @@ from dataclasses import dataclass
 import torch
 from diffusers import Cosmos3OmniPipeline
 
-from ..app.config import DEFAULT_FRAMES, MAX_FRAMES, check_integer
 from ..app.device_profile import DeviceSetup, device_setup, probe_shape
+from ..app.planned_request import planner_request
 from ..errors import InputError
-from ..loading.layout import sound_samples
 from ..loading.quantization import NONE, Quantization
 from ..loading.sizes import DTYPES, model_sizes
 from ..model.geometry import frames_to_encode
 from ..planning.request import MAX_BUDGET, DeviceProfile, Request, parse_budget
 from ..planning.search import Choice, choose_plan, describe_choice, predict
 from ..planning.sizes import ModelSizes
+from ..request.checks import check_integer
+from ..request.spec import FIELDS_BY_NAME, MAX_FRAMES
 from ..units import GIB, MIB
 from .call import DEFAULT_HEIGHT, DEFAULT_WIDTH, CallInputs, PipelineCall
 
-DEFAULT_FPS = 24.0  # the pipeline's default frame rate: what a sound track's length is planned for
+DEFAULT_FPS = FIELDS_BY_NAME["fps"].default  # the pipeline's too: what a sound track's length is planned for
+DEFAULT_FRAMES = FIELDS_BY_NAME["frames"].default
 MAX_SIDE = 8192  # pixels: far beyond any Cosmos3 tier, low enough that a typo cannot plan for a giant frame
 
 
@@ -101,12 +103,14 @@ def choose_pipeline_plan(
     least budget that works when none fits. Nothing can be mapped from files: the weights come from the
     pipeline's modules."""
     sizes = pipeline_sizes(pipe, quantization)
-    cfg_largest = Request.for_video(
-        largest.frames,
-        largest.height,
-        largest.width,
-        cfg=True,
-        sound_samples=_sound_samples(pipe, largest.frames, DEFAULT_FPS) if makes_sound(pipe) else 0,
+    cfg_largest = planner_request(
+        frames=largest.frames,
+        height=largest.height,
+        width=largest.width,
+        guidance=True,
+        steps=FIELDS_BY_NAME["steps"].default,  # the steps do not change a step's memory
+        fps=DEFAULT_FPS,
+        sound=pipeline_sound(pipe),
     )
     choice = choose_plan(sizes, cfg_largest, budget, setup.profile, host_budget=host_budget, mapped=False)
     return BudgetPlan(choice, budget, host_budget, sizes, setup.profile, largest)
@@ -135,15 +139,23 @@ def call_request(pipe: Cosmos3OmniPipeline, call: PipelineCall, inputs: CallInpu
             video=conditioning.video is not None,
             condition_frames=conditioning.indexes,
         )
-    return Request.for_video(
-        call.frames,
-        call.height,
-        call.width,
-        cfg=call.uses_guidance,
+    return planner_request(
+        frames=call.frames,
+        height=call.height,
+        width=call.width,
+        guidance=call.uses_guidance,
         steps=call.steps,
+        fps=call.fps,
         encode_frames=encode,
-        sound_samples=_sound_samples(pipe, call.frames, call.fps) if call.sound else 0,
+        sound=pipeline_sound(pipe) if call.sound else None,
+        cache=call.cache,
+        cache_threshold=call.cache_threshold,
     )
+
+
+def pipeline_sound(pipe: Cosmos3OmniPipeline) -> dict | None:
+    """The sound tokenizer's config when the pipeline makes a sound track, else None."""
+    return dict(pipe.sound_tokenizer.config) if makes_sound(pipe) else None
 
 
 def makes_sound(pipe: Cosmos3OmniPipeline) -> bool:
@@ -155,7 +167,3 @@ def measure_device(pipe: Cosmos3OmniPipeline, device: torch.device, *, attention
     """The device's profile and attention (probed on a GPU, cached per GPU; nothing runs on a CPU)."""
     shape = probe_shape(pipe.transformer.config)
     return device_setup(device, attention=attention, shape=shape, dtype=pipe.transformer.dtype, h2d_GBps=h2d_GBps)
-
-
-def _sound_samples(pipe: Cosmos3OmniPipeline, frames: int, fps: float) -> int:
-    return sound_samples(dict(pipe.sound_tokenizer.config), frames, fps)

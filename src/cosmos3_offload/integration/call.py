@@ -10,7 +10,6 @@ its end. Every other argument means what it means to diffusers, defaults include
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -18,12 +17,17 @@ from typing import Any, NamedTuple
 import torch
 from diffusers import Cosmos3OmniPipeline
 
-from ..app.config import DEFAULT_FRAMES, MAX_FPS, MAX_STEPS, MIN_FPS, check_integer, check_number
 from ..app.inputs import Conditioning
 from ..errors import InputError
+from ..model.tiers import frame_size
+from ..request.checks import FieldError
+from ..request.spec import REQUEST_FIELDS, named_at, request_defaults
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # what `output_type` takes, as in diffusers
-DEFAULT_HEIGHT, DEFAULT_WIDTH = 720, 1280  # the pipeline's defaults for a call without them
+# The pipeline's defaults for a call without them: the request's declared ones (189 frames of 1280x720).
+_DECLARED = request_defaults()
+DEFAULT_FRAMES = _DECLARED["frames"]
+DEFAULT_WIDTH, DEFAULT_HEIGHT = frame_size(_DECLARED["resolution"], _DECLARED["aspect_ratio"])
 # Arguments the split cannot honour, each with why; any value but None is refused.
 UNSUPPORTED = {
     "action": "action-conditioned generation (policy, forward or inverse dynamics) is not part of the split",
@@ -39,9 +43,10 @@ UNSUPPORTED = {
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineCall:
-    """What one call generates and returns. It carries, under the same names, what app/generate.py's
-    helpers read of a `GenerationConfig`: `steps` and `guidance` (the denoising loop), `frames` and
-    `fps` (the sound track's noise)."""
+    """What one call generates and returns. It carries, under the same names, what the generation path
+    reads of a `GenerationConfig` (app/doors.py's `Request`): `steps` and `guidance` (the denoising loop),
+    `frames` and `fps` (the sound track's noise), `cache` and `cache_threshold` (the step cache, which
+    `read_call` leaves off: the pipeline's call sets what `enable()` was given)."""
 
     prompt: str
     negative_prompt: str | None
@@ -58,6 +63,8 @@ class PipelineCall:
     use_system_prompt: bool | None
     add_resolution_template: bool
     add_duration_template: bool
+    cache: str = "none"
+    cache_threshold: float | None = None
 
     @property
     def uses_guidance(self) -> bool:
@@ -83,6 +90,7 @@ def read_call(pipe: Cosmos3OmniPipeline, arguments: Mapping[str, Any]) -> tuple[
             f"condition_video_keep={arguments['condition_video_keep']!r}: a pipeline under cosmos3_offload.enable() "
             "conditions on a video's first frames; pass the clip's last frames as `video` instead"
         )
+    _check_declared_numbers(arguments)
     frames = _given_or(arguments["num_frames"], DEFAULT_FRAMES)
     height = _given_or(arguments["height"], DEFAULT_HEIGHT)
     width = _given_or(arguments["width"], DEFAULT_WIDTH)
@@ -104,9 +112,6 @@ def read_call(pipe: Cosmos3OmniPipeline, arguments: Mapping[str, Any]) -> tuple[
     output_type = arguments["output_type"]
     if output_type not in OUTPUT_TYPES:
         raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    check_integer("num_inference_steps", arguments["num_inference_steps"], 1, MAX_STEPS)
-    check_number("guidance_scale", arguments["guidance_scale"], -math.inf, math.inf)
-    check_number("fps", arguments["fps"], MIN_FPS, MAX_FPS)
     call = PipelineCall(
         prompt=_one("prompt", arguments["prompt"]),
         negative_prompt=_one("negative_prompt", arguments["negative_prompt"]),
@@ -131,6 +136,18 @@ def read_call(pipe: Cosmos3OmniPipeline, arguments: Mapping[str, Any]) -> tuple[
         conditioning=_conditioning(image, video, indexes, frames),
     )
     return call, inputs
+
+
+def _check_declared_numbers(arguments: Mapping[str, Any]) -> None:
+    """The request's numbers (frames, steps, guidance, fps) checked by their declaration, as every door
+    checks them, and refused under diffusers' keyword (`num_inference_steps must be ...`)."""
+    for spec in REQUEST_FIELDS:
+        keyword = spec.door("diffusers")
+        if keyword is not None and spec.kind in (int, float) and arguments[keyword] is not None:
+            try:
+                spec.check(arguments[keyword])
+            except FieldError as error:
+                raise named_at(error, "diffusers") from None
 
 
 def _given_or(value: int | None, default: int) -> int:

@@ -46,6 +46,7 @@ from .checkpoint import model_configs_of
 from .files import CheckpointWeights, read_json
 from .layout import SOUND_TOKENIZER, PipelineOptions, has_sound_tokenizer, pipeline_options, sound_config
 from .mapped_files import MappedFiles
+from .mapped_reasoner import check_mapped_reasoner
 from .placer import Placer, weight_grouping
 from .quantization import (
     NO_FP8_FLAGS,
@@ -128,11 +129,7 @@ def load_components(
             "--fp8-mode and --fp8-scales apply to FP8 weights: add --quantize fp8, or use an FP8 checkpoint"
         )
     schedule = step_schedule(fp8.mode, quantization.policy, fp8_cores=has_fp8_matmul(device))
-    if quantization.on_load and plan.maps_checkpoint:
-        raise InputError(
-            "--quantize writes FP8 copies of the weights, and a mapped reasoner reads them from the files as they "
-            "are: stream or stage the reasoner instead (or use an FP8 checkpoint, which maps as it is)"
-        )
+    check_mapped_reasoner(plan, has_files=checkpoint is not None, rewrites_weights=quantization.on_load)
     transformer = _build(Cosmos3OmniTransformer, transformer_config)
     switches = TowerSwitches()
     apply_quantization(transformer, quantization, switches)

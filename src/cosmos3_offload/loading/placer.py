@@ -15,7 +15,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import InputError
 from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, UNUSED, VAE, VAE_ENCODER, transformer_group_of
 from ..offload.mapped import Mapped, MappedLayer, ReadInPlace
 from ..offload.materialize import allocate_on_device
@@ -26,6 +25,7 @@ from ..offload.streaming import Streamed
 from ..planning.plan import BOUNCE_SLOTS, Mode, Plan
 from .files import CheckpointWeights
 from .mapped_files import MappedFiles
+from .mapped_reasoner import check_mapped_reasoner
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 LAYER_MARK = "@"  # group name of a streamed layer: "<tower>@<index>"
@@ -64,11 +64,7 @@ class Placer:
         host_share: HostShare | None = None,
         reuse: Callable[[SlabEntry], torch.Tensor | None] | None = None,
     ):
-        if plan.maps_checkpoint and stored is None:
-            raise InputError(
-                "a mapped reasoner is read from the checkpoint's files, and random weights have none; "
-                "pass --checkpoint, or stream or stage the reasoner instead"
-            )
+        check_mapped_reasoner(plan, has_files=stored is not None, rewrites_weights=False)
         self.device = device
         self.plan = plan
         self.files = None if stored is None else MappedFiles(stored)

@@ -36,7 +36,7 @@ from ..offload.materialize import build_on_meta
 from ..offload.slabs import SlabEntry
 from ..quant.fp8 import quantize, weight_scales
 from ..quant.linear import Fp8Layout, apply_fp8_linears, fp8_linear_paths
-from ..quant.policy import MODES, StepPolicy, TowerSwitches, parse_step_policy
+from ..quant.policy import FP8_MODES, StepPolicy, TowerSwitches, parse_step_policy
 from ..units import format_bytes
 from .files import CheckpointWeights, dtype_name, is_fp8
 from .mapped_files import FILL_THREADS
@@ -92,8 +92,8 @@ class Fp8Options:
     def __post_init__(self):
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise InputError(f"unknown --quantize {self.quantize!r}; choose from {' '.join(QUANTIZE_CHOICES)}")
-        if self.mode not in MODES:
-            raise InputError(f"unknown --fp8-mode {self.mode!r}; choose from {' '.join(MODES)}")
+        if self.mode not in FP8_MODES:
+            raise InputError(f"unknown --fp8-mode {self.mode!r}; choose from {' '.join(FP8_MODES)}")
         if self.scales not in SCALE_CHOICES:
             raise InputError(f"unknown --fp8-scales {self.scales!r}; choose from {' '.join(SCALE_CHOICES)}")
 

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import InputError
 from .linear import Precision, PrecisionSwitch
 
-MODES = ("auto", "policy", "w8a8", "w8a16")  # what --fp8-mode takes
+FP8_MODES = ("auto", "policy", "w8a8", "w8a16")  # what --fp8-mode takes
 _FIELDS = ("schema_version", "type", "index_space", "scope", "default_mode", "first_steps", "last_steps", "overlap")
 _PRECISION_OF_MODE = {"a16": Precision.W8A16, "native": Precision.W8A8}
 
@@ -95,8 +95,8 @@ def step_schedule(mode: str, policy: StepPolicy | None, *, fp8_cores: bool) -> S
     """What `--fp8-mode` means here. `auto`: the checkpoint's policy where the device has FP8 tensor
     cores, W8A16 throughout elsewhere (emulated W8A8 would be slower and less exact); `policy`: the
     checkpoint's policy anywhere (W8A8 emulated without FP8 cores); `w8a8`/`w8a16`: forced."""
-    if mode not in MODES:
-        raise InputError(f"unknown FP8 mode {mode!r}; choose from {' '.join(MODES)}")
+    if mode not in FP8_MODES:
+        raise InputError(f"unknown FP8 mode {mode!r}; choose from {' '.join(FP8_MODES)}")
     if mode == "w8a8":
         return Uniform(Precision.W8A8)
     if mode == "w8a16" or (mode == "auto" and not fp8_cores):

@@ -33,6 +33,8 @@ from ..app.inputs import read_conditioning
 from ..app.runner import LoadedModel
 from ..app.serve_settings import ServeSettings
 from ..errors import InputError
+from ..request.checks import FieldError
+from ..request.spec import named_at
 from .api_errors import ApiError, bad_request, error_body, not_found, unauthorized
 from .metrics import Metrics
 from .queue import JobQueue, Work
@@ -100,10 +102,14 @@ class Service:
             self.queue.submit(works)
         except InputError as error:
             self._forget(reserved)
+            param = None
+            if isinstance(error, FieldError):  # a field refused: named as the API names it
+                error = named_at(error, "http")
+                param = error.name
             message = str(error)
             if parsed.upload is not None and reserved:  # the server's own paths are not the client's business
                 message = message.replace(f"'{self.store.folder_of(reserved[-1])}/", "'input_reference: ")
-            raise bad_request(message) from None
+            raise bad_request(message, param) from None
         except BaseException:
             self._forget(reserved)
             raise
@@ -315,6 +321,7 @@ def _public(kind: str, parsed: ParsedRequest, config: GenerationConfig, model: s
             "seconds": parsed.seconds,
             "sound": config.sound,
             "cache": config.cache,
+            "cache_threshold": config.cache_threshold,
             "input_reference": config.image is not None,
         }
     return request

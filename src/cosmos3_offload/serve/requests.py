@@ -1,14 +1,16 @@
 """A request's fields, as JSON or a multipart form sends them, checked and turned into a request.
 
-`POST /v1/videos` takes OpenAI's fields (`prompt`, `model`, `size` "WxH", `seconds`, `input_reference`)
-and ours (`frames` instead of `seconds`, `negative_prompt`, `steps`, `guidance`, `shift`, `fps`, `seed`,
-`sound`, `cache`). `POST /v1/images/generations` takes `prompt`, `model`, `size`, `n`,
-`response_format` (b64_json), `output_format` (png or jpeg) and ours. A form sends every value as text,
-so numbers and switches are read from text too. An unknown field is refused (a typo would otherwise be
-ignored); `model` may name anything (clients send their default) and the job reports the served model.
+`POST /v1/videos` takes the request fields the declaration gives the HTTP door (request/spec.py:
+`prompt`, `negative_prompt`, `frames`, `steps`, `guidance`, `shift`, `fps`, `seed`, `sound`, `cache`,
+`cache_threshold`, ...), under OpenAI's names where OpenAI has one (`size` "WxH" for the tier and
+aspect ratio, `input_reference` for the image), and OpenAI's `model` and `seconds`.
+`POST /v1/images/generations` takes those that make one frame, and `n`, `response_format` (b64_json)
+and `output_format` (png or jpeg). A form sends every value as text, so a value is read from text as
+the CLI reads its flags. An unknown field is refused (a typo would otherwise be ignored); `model` may
+name anything (clients send their default) and the job reports the served model.
 
-What the GenerationConfig checks (frame counts, steps, guidance, text) it words itself; this module
-adds what only the API has: sizes as "WxH", seconds, the server's defaults and its planned limit.
+Each field is checked by its declaration, in the words every door uses, with `param` naming it; this
+module adds what only the API has: sizes as "WxH", seconds, the server's defaults and its planned limit.
 """
 
 from __future__ import annotations
@@ -20,26 +22,26 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from ..app.config import MAX_FRAMES, MAX_SEED
 from ..app.serve_settings import RequestLimit
 from ..model.tiers import RESOLUTION_TIERS
+from ..request.checks import FieldError, shown
+from ..request.spec import FIELDS_BY_NAME, MAX_FRAMES, door_fields, named_at, request_defaults
 from .api_errors import bad_request
 
-VIDEO_FIELDS = {
-    "prompt", "model", "size", "seconds", "frames", "input_reference", "negative_prompt", "steps",
-    "guidance", "shift", "fps", "seed", "sound", "cache",
-}  # fmt: skip
+# Request fields under their HTTP names; "size" and "input_reference" are read apart (composite, upload).
+HTTP_NAMES = door_fields("http")
+READ_APART = ("size", "input_reference")
+DECLARED_DEFAULTS = {name: value for name, value in request_defaults().items() if name != "image"}
+VIDEO_FIELDS = {*HTTP_NAMES.values(), "model", "seconds"}
+# A one-frame request has no clip, sound, frame rate or step cache.
+NOT_FOR_IMAGES = {"frames", "seconds", "input_reference", "sound", "fps", "cache", "cache_threshold"}
 # OpenAI image fields that only tune OpenAI's own models: taken and not used.
 IGNORED_IMAGE_FIELDS = {"quality", "style", "user", "background", "moderation", "output_compression"}
-IMAGE_FIELDS = {
-    "prompt", "model", "size", "n", "response_format", "output_format", "negative_prompt", "steps", "guidance",
-    "shift", "seed",
-} | IGNORED_IMAGE_FIELDS  # fmt: skip
+IMAGE_FIELDS = (VIDEO_FIELDS - NOT_FOR_IMAGES) | {"n", "response_format", "output_format"} | IGNORED_IMAGE_FIELDS
 MAX_IMAGES = 4  # `n` of one images request: each is a job in the queue
 MAX_SECONDS = 60.0
 MAX_UPLOAD_BYTES = 32 * 2**20
 SIZES = {f"{w}x{h}": (tier, aspect) for tier, sizes in RESOLUTION_TIERS.items() for aspect, (w, h) in sizes.items()}
-TRUE, FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
 
 @dataclass(frozen=True)
@@ -63,16 +65,17 @@ class ParsedRequest:
 def parse_video(fields: dict[str, Any], defaults: dict[str, Any], limit: RequestLimit | None) -> ParsedRequest:
     _known(fields, VIDEO_FIELDS)
     config = _common(fields, defaults)
-    frames = _frames(fields, defaults, config["fps"])
-    if frames == 1:
+    if "frames" in config and "seconds" in fields:
+        raise bad_request("pass seconds or frames, not both", "seconds")
+    if "seconds" in fields:
+        config["frames"] = _frames_of(fields["seconds"], config["fps"])
+    if config["frames"] == 1:
         raise bad_request("a video has at least 5 frames; for one frame use POST /v1/images/generations", "frames")
-    config["frames"] = frames
-    config["sound"] = _switch(fields, "sound", False)
-    if "cache" in fields:
-        config["cache"], config["cache_threshold"] = _text(fields, "cache"), None
+    if "cache" in fields and "cache_threshold" not in fields:
+        config["cache_threshold"] = None  # the server's threshold goes with the server's cache
     size = _check_limit(config, limit)
     upload = _upload(fields.get("input_reference"))
-    seconds = str(fields["seconds"]) if "seconds" in fields else f"{frames / config['fps']:g}"
+    seconds = str(fields["seconds"]) if "seconds" in fields else f"{config['frames'] / config['fps']:g}"
     return ParsedRequest(config, upload, size, seconds)
 
 
@@ -81,7 +84,7 @@ def parse_image(
 ) -> tuple[ParsedRequest, int, str]:
     """(the request, how many images, the file suffix)."""
     _known(fields, IMAGE_FIELDS)
-    count = _integer(fields, "n", 1)
+    count = _openai_number("n", fields["n"], int) if "n" in fields else 1
     if not 1 <= count <= MAX_IMAGES:
         raise bad_request(f"n must be 1 to {MAX_IMAGES}, got {count}", "n")
     if fields.get("response_format", "b64_json") not in ("b64_json", None):
@@ -89,9 +92,7 @@ def parse_image(
     formats = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", None: ".png"}
     if fields.get("output_format") not in formats:
         raise bad_request("output_format must be png or jpeg", "output_format")
-    config = _common(fields, defaults)
-    config["frames"] = 1
-    config["cache"], config["cache_threshold"] = "none", None
+    config = _common(fields, defaults) | {"frames": 1, "cache": "none", "cache_threshold": None}
     size = _check_limit(config, limit)
     return ParsedRequest(config, None, size, "0"), count, formats[fields.get("output_format")]
 
@@ -103,48 +104,58 @@ def _known(fields: dict[str, Any], allowed: set[str]) -> None:
 
 
 def _common(fields: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The server's defaults, then each request field the body sets, read and checked by its declaration."""
     if "prompt" not in fields:
         raise bad_request("prompt is required", "prompt")
-    resolution, aspect = defaults["resolution"], defaults["aspect_ratio"]
+    config = {name: DECLARED_DEFAULTS[name] for name in HTTP_NAMES if name in DECLARED_DEFAULTS} | defaults
+    for name, http_name in HTTP_NAMES.items():
+        if http_name not in READ_APART and fields.get(http_name) is not None:
+            config[name] = _read(FIELDS_BY_NAME[name], http_name, fields[http_name])
     if "size" in fields:
-        size = _text(fields, "size").lower().replace(" ", "")
+        size = fields["size"]
+        size = size.lower().replace(" ", "") if isinstance(size, str) else size
         if size not in SIZES:
-            raise bad_request(f"size {size!r} is not a Cosmos3 frame size; use one of {', '.join(SIZES)}", "size")
-        resolution, aspect = SIZES[size]
-    config = {
-        "prompt": _text(fields, "prompt"),
-        "negative_prompt": _text(fields, "negative_prompt") if "negative_prompt" in fields else None,
-        "resolution": resolution,
-        "aspect_ratio": aspect,
-        "steps": _integer(fields, "steps", defaults["steps"]),
-        "guidance": _number(fields, "guidance", defaults["guidance"]),
-        "shift": _number(fields, "shift", None),
-        "fps": _number(fields, "fps", defaults["fps"]),
-        "seed": _integer(fields, "seed", None),
-        "cache": defaults["cache"],
-        "cache_threshold": defaults["cache_threshold"],
-    }
-    if config["seed"] is None:
+            raise bad_request(f"size {shown(size)} is not a Cosmos3 frame size; use one of {', '.join(SIZES)}", "size")
+        config["resolution"], config["aspect_ratio"] = SIZES[size]
+    if fields.get("seed") is None:
         config["seed"] = secrets.randbelow(2**31)  # reported with the job, so it can be asked for again
-    elif not 0 <= config["seed"] <= MAX_SEED:
-        raise bad_request(f"seed must be 0 to {MAX_SEED}", "seed")
-    if not 0.1 <= config["fps"] <= 240:
-        raise bad_request("fps must be in [0.1, 240]", "fps")
     return config
 
 
-def _frames(fields: dict[str, Any], defaults: dict[str, Any], fps: float) -> int:
-    if "seconds" in fields and "frames" in fields:
-        raise bad_request("pass seconds or frames, not both", "seconds")
-    if "seconds" not in fields:
-        return _integer(fields, "frames", defaults["frames"])
-    seconds = _number(fields, "seconds", None)
+def _read(spec, http_name: str, value: Any) -> Any:
+    """A field's value as the body sends it (a form: text), checked as every door checks it; a refusal
+    is a 400 naming the field as the API does."""
+    try:
+        if isinstance(value, str) and spec.kind is not str:
+            value = spec.from_text(value)
+        return spec.check(value)
+    except FieldError as error:
+        raise bad_request(str(named_at(error, "http").named(http_name)), http_name) from None
+
+
+def _frames_of(seconds: Any, fps: float) -> int:
+    """OpenAI's `seconds`, as the nearest frame count the VAE takes (4k + 1) at `fps`."""
+    seconds = _openai_number("seconds", seconds, float)
     if not 0 < seconds <= MAX_SECONDS:
         raise bad_request(f"seconds must be more than 0 and at most {MAX_SECONDS:g}", "seconds")
-    frames = 4 * max(1, round((seconds * fps - 1) / 4)) + 1  # the nearest count the VAE takes (4k + 1)
+    frames = 4 * max(1, round((seconds * fps - 1) / 4)) + 1
     if frames > MAX_FRAMES:
         raise bad_request(f"{seconds:g} seconds at {fps:g} fps is more than {MAX_FRAMES} frames", "seconds")
     return frames
+
+
+def _openai_number(name: str, value: Any, kind: type) -> int | float:
+    """OpenAI's own numbers (`n`, `seconds`), not request fields: a finite `kind`, from text too."""
+    word = "a whole number" if kind is int else "a finite number"
+    try:
+        number = kind(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        raise bad_request(f"{name} must be {word}, got {shown(value)}", name) from None
+    if isinstance(number, bool) or not isinstance(number, int if kind is int else (int, float)):
+        raise bad_request(f"{name} must be {word}, got {shown(value)}", name)
+    if not math.isfinite(number):
+        raise bad_request(f"{name} must be {word}, got {shown(value)}", name)
+    return number
 
 
 def _check_limit(config: dict[str, Any], limit: RequestLimit | None) -> str:
@@ -153,50 +164,6 @@ def _check_limit(config: dict[str, Any], limit: RequestLimit | None) -> str:
     if refusal is not None:
         raise bad_request(refusal, "size")
     return f"{width}x{height}"
-
-
-def _text(fields: dict[str, Any], name: str) -> str:
-    value = fields[name]
-    if not isinstance(value, str):
-        raise bad_request(f"{name} must be text", name)
-    return value
-
-
-def _integer(fields: dict[str, Any], name: str, default: int | None) -> int | None:
-    if name not in fields or fields[name] is None:
-        return default
-    value = fields[name]
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise bad_request(f"{name} must be a whole number, got {value[:40]!r}", name) from None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise bad_request(f"{name} must be a whole number", name)
-    return value
-
-
-def _number(fields: dict[str, Any], name: str, default: float | None) -> float | None:
-    if name not in fields or fields[name] is None:
-        return default
-    value = fields[name]
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise bad_request(f"{name} must be a number, got {value[:40]!r}", name) from None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise bad_request(f"{name} must be a finite number", name)
-    return float(value)
-
-
-def _switch(fields: dict[str, Any], name: str, default: bool) -> bool:
-    value = fields.get(name, default)
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in TRUE | FALSE:
-        return value.strip().lower() in TRUE
-    raise bad_request(f"{name} must be true or false", name)
 
 
 def _upload(value: Any) -> Upload | None:

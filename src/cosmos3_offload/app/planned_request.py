@@ -1,0 +1,68 @@
+"""The planner's view of a request: one builder for every caller (generate, plan, serve, check,
+the fit check, and enable()'s budget), so what a request costs is derived in one place: its tokens
+and branches, the frames its conditioning encodes, the sound track's samples and the step cache's
+held activations.
+"""
+
+from __future__ import annotations
+
+from ..loading.layout import sound_samples
+from ..model.geometry import frames_to_encode
+from ..planning.parallel import SINGLE, ParallelLayout
+from ..planning.request import Request
+from ..request.spec import RequestSpec
+from ..stepcache.seacache import held_hiddens, seacache_config
+
+
+def planner_request(
+    *,
+    frames: int,
+    height: int,
+    width: int,
+    guidance: bool,
+    steps: int,
+    fps: float,
+    encode_frames: int = 0,
+    sound: dict | None = None,
+    cache: str = "none",
+    cache_threshold: float | None = None,
+    layout: ParallelLayout = SINGLE,
+) -> Request:
+    """A request of `frames` x `height` x `width` (with both CFG branches when `guidance`), on one GPU of
+    `layout`; `sound`: the sound tokenizer's config when the request makes a sound track."""
+    return Request.for_video(
+        frames,
+        height,
+        width,
+        cfg=guidance,
+        steps=steps,
+        encode_frames=encode_frames,
+        sound_samples=0 if sound is None else sound_samples(sound, frames, fps),
+        cached_hiddens=cached_hiddens(cache, cache_threshold),
+        parallel=layout,
+    )
+
+
+def request_of(request: RequestSpec, sound: dict | None = None, layout: ParallelLayout = SINGLE) -> Request:
+    """The planner's view of a declared request (its image or video is encoded first)."""
+    encode = frames_to_encode(
+        image=request.image is not None, video=request.video is not None, condition_frames=request.condition_frames
+    )
+    return planner_request(
+        frames=request.frames,
+        height=request.height,
+        width=request.width,
+        guidance=request.uses_guidance,
+        steps=request.steps,
+        fps=request.fps,
+        encode_frames=encode,
+        sound=sound,
+        cache=request.cache,
+        cache_threshold=request.cache_threshold,
+        layout=layout,
+    )
+
+
+def cached_hiddens(cache: str, threshold: float | None) -> int:
+    """What a step cache holds per branch, in [tokens, hidden] tensors (0 without one)."""
+    return held_hiddens(seacache_config(threshold)) if cache == "seacache" else 0
