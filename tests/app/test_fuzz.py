@@ -30,8 +30,8 @@ from PIL import Image
 
 from cosmos3_offload.app import runner
 from cosmos3_offload.app.cli import main
-from cosmos3_offload.request.checks import MAX_PROMPT_CHARS
 from cosmos3_offload.model.geometry import SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+from cosmos3_offload.request.checks import MAX_PROMPT_CHARS
 
 SEED = int(os.environ.get("COSMOS3_FUZZ_SEED", "20261128"))
 FUZZ_SECONDS = 80.0  # no new case after this

@@ -17,9 +17,11 @@ from tiny_models import relative_error
 
 import cosmos3_offload
 from cosmos3_offload.app.config import GenerationConfig
-from cosmos3_offload.app.runner import generate_video
+from cosmos3_offload.app.planned_request import cached_hiddens
+from cosmos3_offload.app.runner import LoadedModel, generate_video
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.errors import InputError
+from cosmos3_offload.integration.budget import BudgetPlan
 from cosmos3_offload.integration.offloaded_pipeline import OffloadedCosmos3OmniPipeline
 from cosmos3_offload.loading.components import load_components
 from cosmos3_offload.loading.quantization import Fp8Options
@@ -185,10 +187,7 @@ def test_image_to_video_matches_the_unpatched_pipeline(folder, resident):
 def test_fp8_placement_gives_the_clis_quantized_video(folder, tmp_path):
     """quantize="fp8": the decoder layers' linears hold FP8 weights, and the latents are exactly those of
     our own run of the folder with --quantize fp8 (the same rounding of the same weights)."""
-    config = GenerationConfig(
-        prompt=CALL["prompt"], frames=9, resolution=256, steps=3, guidance=5.0, seed=SEED, output=tmp_path / "o.mp4"
-    )
-    assert (config.width, config.height) == (CALL["width"], CALL["height"])
+    config = cli_request(tmp_path, steps=3)
     components = load_components(folder, CPU, torch.float32, fp8=Fp8Options(quantize="fp8"))
     expected = generate_video(config, components, PhaseTimer(CPU), progress=False).latents
     pipe = cosmos3_offload.enable(load(folder), quantize="fp8", offload_stages=["generator"])
@@ -196,6 +195,88 @@ def test_fp8_placement_gives_the_clis_quantized_video(folder, tmp_path):
     assert torch.equal(latents, expected)
     assert pipe.transformer.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
     assert "generator W8A16 x3" in pipe.offload.summary()
+
+
+def cli_request(tmp_path, **fields) -> GenerationConfig:
+    """`CALL` as the CLI asks for it (320x192 is resolution 256's 16:9)."""
+    config = GenerationConfig(
+        prompt=CALL["prompt"], frames=9, resolution=256, guidance=5.0, seed=SEED, output=tmp_path / "o.mp4", **fields
+    )
+    assert (config.width, config.height) == (CALL["width"], CALL["height"])
+    return config
+
+
+def test_the_step_cache_reuses_the_clis_steps_and_gives_its_latents(folder, tmp_path):
+    """enable(cache="seacache", cache_threshold=1) on a streamed generator skips the very steps the CLI's
+    --cache seacache --cache-threshold 1 skips (some of them), and its latents equal the CLI's."""
+    config = cli_request(tmp_path, steps=5, cache="seacache", cache_threshold=1.0)
+    components = load_components(folder, CPU, torch.float32)
+    expected = generate_video(config, components, PhaseTimer(CPU), progress=False)
+    pipe = cosmos3_offload.enable(load(folder), plan=PLANS["streamed"], cache="seacache", cache_threshold=1.0)
+    latents = pipe(**{**CALL, "num_inference_steps": 5}, generator=generator(), output_type="latent").video
+    cache = pipe.offload.last_call.step_cache
+    assert cache.reused > 0 and cache.decisions == expected.step_cache.decisions
+    assert relative_error(latents, expected.latents) <= TOLERANCE
+    assert "seacache (threshold 1): 3 of 5 steps computed, 2 reused" in pipe.offload.summary()
+
+
+def test_step_cache_settings_are_checked_as_the_clis(folder):
+    """An unknown cache, or a threshold without seacache or out of range, is the CLI's InputError at enable()."""
+    for arguments, message in [
+        ({"cache": "teacache"}, "teacache"),
+        ({"cache_threshold": 0.5}, "seacache too"),
+        ({"cache": "seacache", "cache_threshold": -1.0}, "cache threshold"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            cosmos3_offload.enable(load(folder), **arguments)
+
+
+def test_a_budgeted_call_is_predicted_with_the_step_caches_residuals(folder, monkeypatch):
+    """Under a budget, a call with the step cache is checked holding the cache's residuals, as the CLI's request is."""
+    pipe = cosmos3_offload.enable(load(folder), **PLACED["budget"], cache="seacache")
+    checked = []
+
+    def spy(self, request):
+        checked.append(request)
+        raise InputError("checked")
+
+    monkeypatch.setattr(BudgetPlan, "check_call", spy)
+    with pytest.raises(InputError, match="checked"):
+        pipe(**CALL, generator=generator(), output_type="latent")
+    assert checked[0].cached_hiddens == cached_hiddens("seacache", None) > 0
+
+
+def test_latents_gone_nan_are_refused_as_the_cli_refuses_them(folder, tmp_path):
+    """A NaN weight: enable()'s call raises the CLI's InputError instead of returning black frames, and the
+    CLI's LoadedModel.write raises the same one and writes nothing."""
+    pipe = load(folder)
+    pipe.transformer.proj_out.bias.data.fill_(float("nan"))
+    cosmos3_offload.enable(pipe, offload_stages=["generator"])
+    with pytest.raises(InputError, match="latents are not finite") as through_enable:
+        pipe(**CALL, generator=generator(), output_type="np")
+    loaded = LoadedModel.open(checkpoint=folder, device="cpu")
+    timer = PhaseTimer(CPU)
+    loaded.load(timer).transformer.proj_out.bias.data.fill_(float("nan"))
+    config = cli_request(tmp_path, steps=3)
+    with pytest.raises(InputError) as through_cli:
+        loaded.write(config, timer, progress=False)
+    assert str(through_cli.value) == str(through_enable.value)
+    assert not config.output.exists()
+
+
+def test_a_diverging_scheduler_is_refused_whatever_the_output_type(folder):
+    """The user's scheduler stepping to infinity is an InputError, for latents as for frames."""
+
+    class Diverging(UniPCMultistepScheduler):
+        def step(self, *args, **kwargs):
+            sample = super().step(*args, **kwargs)[0]
+            return (torch.full_like(sample, float("inf")),)
+
+    pipe = cosmos3_offload.enable(load(folder))
+    pipe.scheduler = Diverging.from_config(pipe.scheduler.config)
+    for output_type in ("latent", "pil"):
+        with pytest.raises(InputError, match="latents are not finite"):
+            pipe(**CALL, generator=generator(), output_type=output_type)
 
 
 def test_resident_on_the_device_they_are_on_keeps_the_weights_tensors(folder):

@@ -15,7 +15,7 @@ import torch
 from ..errors import InputError
 from ..kernels.attention import available_attention
 from ..kernels.probe import AUTO, DIFFUSERS, check_attention_choice
-from ..request.checks import check_input_file
+from ..request.checks import check_input_file, shown
 from ..request.spec import FIELDS_BY_NAME, RequestSpec
 from .outputs import check_output
 from .schedule import check_schedule

@@ -24,7 +24,7 @@ from ..planning.request import DeviceProfile
 from ..planning.search import predict
 from ..units import GIB
 from .config import GenerationConfig
-from .planned_request import cached_hiddens, request_of  # noqa: F401 (cached_hiddens: moving to planned_request)
+from .planned_request import request_of
 
 
 def host_available_bytes() -> int | None:

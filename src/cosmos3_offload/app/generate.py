@@ -1,4 +1,5 @@
-"""The generation path: tokenize, prefill each CFG branch once, denoise, decode.
+"""The generation path's phases: tokenize, prefill each CFG branch once, denoise, decode (runner.py's
+`generate` runs them, in order, for every door).
 
 Prompt templates, text/vision packing, the scheduler and the VAE normalization all come from
 diffusers' `Cosmos3OmniPipeline` and its components; what this module changes is the order of
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.choice import EAGER, Kernels
 from ..loading.components import Components
+from ..model.geometry import latent_frames
 from ..parallel.mesh import ProcessMesh
 from ..parallel.ulysses import SequenceShards
 from ..planning.tiles import UNTILED, TileGrid
@@ -83,6 +85,18 @@ def noise_generator(config: GenerationConfig) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(config.seed)
 
 
+def latent_shape(pipe: Cosmos3OmniPipeline, config: GenerationConfig) -> tuple[int, int, int, int, int]:
+    """[1, C, T, H, W]: the video latents of `config`'s frames and size, as `prepare_latents` shapes them."""
+    vae = pipe.vae.config
+    return (
+        1,
+        vae.z_dim,
+        latent_frames(config.frames, vae.scale_factor_temporal),
+        config.height // vae.scale_factor_spatial,
+        config.width // vae.scale_factor_spatial,
+    )
+
+
 def initial_noise(
     pipe: Cosmos3OmniPipeline,
     config: GenerationConfig,
@@ -95,20 +109,15 @@ def initial_noise(
     (its conditioning term is multiplied by zero), without encoding an all-zero video first;
     conditioning.conditioned_noise puts the clean frames of image/video conditioning in.
     """
-    vae = pipe.vae.config
-    shape = (
-        1,
-        vae.z_dim,
-        (config.frames - 1) // vae.scale_factor_temporal + 1,
-        config.height // vae.scale_factor_spatial,
-        config.width // vae.scale_factor_spatial,
-    )
     generator = noise_generator(config) if generator is None else generator
-    return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    return randn_tensor(latent_shape(pipe, config), generator=generator, device=device, dtype=torch.float32)
 
 
 def initial_sound_noise(
-    pipe: Cosmos3OmniPipeline, config: GenerationConfig, device: torch.device, generator: torch.Generator
+    pipe: Cosmos3OmniPipeline,
+    config: GenerationConfig,
+    device: torch.device,
+    generator: torch.Generator | list[torch.Generator] | None,
 ) -> torch.Tensor:
     """[sound_dim, T] float32 noise for the audio track, drawn after the video's as `prepare_latents` does.
 
@@ -160,12 +169,23 @@ def pack_branch(
     return Branch(text["input_ids"], text["text_mrope_ids"], GeneratorLayout.from_packed(packed))
 
 
+@dataclass(frozen=True)
+class PromptTemplates:
+    """The switches of the pipeline's prompt templates, with `tokenize_prompt`'s defaults (a diffusers call
+    may set them; `use_system_prompt` None: the pipeline's own default)."""
+
+    use_system_prompt: bool | None = None
+    add_resolution_template: bool = True
+    add_duration_template: bool = True
+
+
 def prepare_branches(
     pipe: Cosmos3OmniPipeline,
     config: GenerationConfig,
     latents: torch.Tensor,
     condition_frames: tuple[int, ...] = (),
     sound: torch.Tensor | None = None,
+    templates: PromptTemplates = PromptTemplates(),
 ) -> list[Branch]:
     """[cond] or [cond, uncond], tokenized with the pipeline's templates; `condition_frames` stay clean."""
     cond_ids, uncond_ids = pipe.tokenize_prompt(
@@ -175,6 +195,9 @@ def prepare_branches(
         height=config.height,
         width=config.width,
         fps=config.fps,
+        use_system_prompt=templates.use_system_prompt,
+        add_resolution_template=templates.add_resolution_template,
+        add_duration_template=templates.add_duration_template,
     )
     prompts = [cond_ids, uncond_ids] if config.uses_guidance else [cond_ids]
     return [pack_branch(pipe, ids, latents, config.fps, latents.device, condition_frames, sound) for ids in prompts]
@@ -369,13 +392,6 @@ def _step(scheduler, velocity: torch.Tensor, t: torch.Tensor, sample: torch.Tens
     # (distilled) Euler step re-noises from the request's generator, so a seed still fixes the video.
     extra = {"generator": sampling.generator} if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else {}
     return scheduler.step(velocity.unsqueeze(0), t, sample.unsqueeze(0), return_dict=False, **extra)[0].squeeze(0)
-
-
-@torch.no_grad()
-def decode_sound(pipe: Cosmos3OmniPipeline, sound: torch.Tensor) -> Sound:
-    """Sound latents [sound_dim, T] -> the waveform on the host, with the pipeline's own `decode_sound`."""
-    waveform = pipe.decode_sound(sound).float().cpu().numpy()
-    return Sound(waveform, int(pipe.sound_tokenizer.config.sampling_rate))
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@ This is the library's entry point (`cosmos3_offload.run`); the CLI only translat
 its arguments and prints the report it returns. Everything that can be refused is refused before
 anything loads; the output is held (locked) for the run and written whole or not at all.
 
+`generate` is the one generation path: the CLI, sample files and the server reach it through
+`generate_video`, a diffusers pipeline under `enable()` through integration/generation.py (see doors.py).
+
 Launched over several processes (torchrun, or `generate --gpus N`), each rank runs this same code on
 its own GPU with its part of the work (see app/distributed.py); rank 0 plans, writes the output and
 returns the report, the others return None.
@@ -14,21 +17,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
+from diffusers import Cosmos3OmniPipeline
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import InputError
 from ..kernels.choice import EAGER, Kernels
-from ..kernels.fused import compile_failed, compile_seconds
 from ..kernels.probe import DIFFUSERS, choose_attention, kernel_rates
 from ..loading.components import Components, load_components, model_configs
 from ..loading.files import check_checkpoint
 from ..loading.layout import default_negative_prompt, has_sound_tokenizer, pipeline_options, sound_config
+from ..loading.mapped_reasoner import check_mapped_reasoner
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..model.groups import GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
 from ..model.specs import model_spec
@@ -40,18 +44,19 @@ from ..stepcache.seacache import SeaCache, seacache_config
 from .config import DEFAULT_KERNELS, GenerationConfig, KernelOptions, resolve_device, resolve_dtype
 from .device_profile import probe_shape
 from .distributed import parallel_layout, rank_device, start_mesh
+from .doors import Fp8Steps, Generated, GeneratedVideo, GenerationHooks, PlacedPipeline, Request
 from .feasibility import check_fits
 from .generate import (
     Latents,
+    PromptTemplates,
     Sampling,
     Sound,
     conditioned_latents,
     decode_frames,
-    decode_sound,
     denoise_latents,
     helper_pipeline,
-    initial_noise,
     initial_sound_noise,
+    latent_shape,
     mesh_branches,
     noise_generator,
     prefill_branches,
@@ -59,46 +64,11 @@ from .generate import (
 )
 from .inputs import Conditioning, read_conditioning
 from .outputs import OutputLock, write_output
+from .report import RunReport
 from .schedule import request_scheduler
 from .timer import PhaseTimer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunReport:
-    """What a run produced and what each phase cost."""
-
-    config: GenerationConfig
-    components: Components
-    device: torch.device
-    dtype: torch.dtype
-    timer: PhaseTimer
-    step_cache: SeaCache | None = None
-    kernels: Kernels = EAGER
-    layout: ParallelLayout = SINGLE
-
-    def summary(self) -> str:
-        c = self.config
-        lines = [
-            f"wrote {c.output} ({c.frames} frame{'s' if c.frames > 1 else ''}, {c.width}x{c.height}, "
-            f"{c.steps} steps, guidance {c.guidance:g}, shift {c.flow_shift:g}, seed {c.seed}"
-            f"{', with sound' if c.sound else ''})",
-            f"model: {self.components.source} on {self.device} in {str(self.dtype).removeprefix('torch.')}",
-        ]
-        if self.components.random_weights:
-            lines.append("note: random weights produce noise; pass --checkpoint DIR for a real video")
-        lines.append(f"plan: {self.components.plan.describe()}")
-        if self.layout.parallel:
-            lines.append(f"parallel: {self.layout.describe()}; the plan, memory and copies are per GPU")
-        if self.components.quantization.quantized:
-            lines.append(f"fp8: {self.components.switches.describe()}")
-        lines.append(f"kernels: {describe_kernels(self.kernels)}")
-        if self.step_cache is not None:
-            lines.append(self.step_cache.summary())
-        lines.append(self.components.engine.summary())
-        lines.append(self.timer.summary())
-        return "\n".join(lines)
 
 
 def run(
@@ -192,10 +162,7 @@ class LoadedModel:
             check_checkpoint(checkpoint)
         else:
             model_spec(model)
-        if fp8.quantize is not None and plan.maps_checkpoint:
-            raise InputError(
-                "--quantize writes FP8 copies of the weights, so the reasoner cannot be read from the files"
-            )
+        check_mapped_reasoner(plan, has_files=checkpoint is not None, rewrites_weights=fp8.quantize is not None)
         kernel_options.check_available(torch_device, torch_dtype)
         return cls(checkpoint, torch_device, torch_dtype, plan, model, sound, fp8, kernel_options)
 
@@ -299,13 +266,6 @@ class LoadedModel:
         return RunReport(config, components, self.device, self.dtype, timer, video.step_cache, self.kernels, layout)
 
 
-class GeneratedVideo(NamedTuple):
-    latents: torch.Tensor  # [1, C, T, H, W] float32, after the last step
-    frames: np.ndarray | None  # uint8 [T, H, W, 3]; None on a rank that is not the leader
-    sound: Sound | None = None  # the audio track of a request with sound
-    step_cache: SeaCache | None = None  # with --cache seacache: which steps it computed and reused
-
-
 def generate_video(
     config: GenerationConfig,
     components: Components,
@@ -317,79 +277,128 @@ def generate_video(
     kernels: Kernels = EAGER,
     mesh: ProcessMesh | None = None,
 ) -> GeneratedVideo:
-    """(Encode,) prefill, denoise and decode, each while its group's weights are on the device;
-    the reasoner and generator layers run on `kernels` (attention implementation, fused ops).
-    With a `mesh`, this rank's branches and tokens (see generate.py); the leader gets the frames."""
+    """`config` through the generation path (`generate`) on loaded `components`: the noise from the request's
+    seed, the scheduler of its shift (a distilled checkpoint's own), the layers on `kernels`. With a `mesh`,
+    this rank's branches and tokens (see generate.py); the leader gets the frames and the sound."""
     if config.sound and components.sound_tokenizer is None:
         raise InputError("this model was loaded without its sound tokenizer; load it with sound to generate sound")
     options = components.options
     scheduler = request_scheduler(config.flow_shift, components.scheduler_config, distilled=options.distilled)
-    pipe = helper_pipeline(components, scheduler)
-    engine, plan = components.engine, components.plan
+    placed = PlacedPipeline(
+        pipe=helper_pipeline(components, scheduler),
+        engine=components.engine,
+        plan=components.plan,
+        kernels=kernels,
+        fp8=Fp8Steps(components.switches, components.schedule) if components.quantization.quantized else None,
+        distilled_sigmas=options.distilled_sigmas,
+        mesh=mesh,
+    )
+    templates = PromptTemplates(use_system_prompt=config.system_prompt)
+    hooks = GenerationHooks(generator=noise_generator(config), templates=templates, progress=progress, on_step=on_step)
+    generated = generate(placed, config, hooks, conditioning=conditioning, timer=timer)
+    sound = None
+    if generated.waveform is not None:
+        rate = int(components.sound_tokenizer.config.sampling_rate)
+        sound = Sound(generated.waveform.float().cpu().numpy(), rate)
+    return GeneratedVideo(generated.latents.vision, generated.frames, sound, generated.step_cache)
+
+
+def generate(
+    placed: PlacedPipeline,
+    request: Request,
+    hooks: GenerationHooks,
+    *,
+    conditioning: Conditioning | None = None,
+    timer: PhaseTimer | None = None,
+) -> Generated:
+    """The one generation path, for every door (see doors.py): (encode,) prefill each CFG branch once,
+    denoise with the generator alone (and the request's step cache), refuse non-finite latents, decode
+    the video and the sound, each while its group's weights are on the device (and, given a `timer`,
+    timed as a phase). `conditioning` puts clean frames into the noise and keeps them clean."""
+    pipe, engine, mesh = placed.pipe, placed.engine, placed.mesh
     with torch.no_grad():
-        generator = noise_generator(config)
-        vision = initial_noise(pipe, config, engine.device, generator)
-        sound = initial_sound_noise(pipe, config, engine.device, generator) if config.sound else None
+        vision, sound = _starting_latents(pipe, request, hooks, engine.device)
         indexes = () if conditioning is None else conditioning.indexes
-        if conditioning is not None:
-            with timer.phase("encode"), engine.use(VAE_ENCODER):
-                vision = conditioned_latents(pipe, conditioning, vision, config.height, config.width, engine.device)
+        if conditioning is not None and hooks.latents is None:  # given latents start as they are, as in diffusers
+            with _phase(timer, "encode"), engine.use(VAE_ENCODER):
+                vision = conditioned_latents(pipe, conditioning, vision, request.height, request.width, engine.device)
         sampling = Sampling()
-        if options.distilled:
-            sampling = Sampling(options.distilled_sigmas, generator, _anchor(vision, indexes) if indexes else None)
-        switches, schedule = components.switches, components.schedule
-        fp8 = components.quantization.quantized
-        if fp8:
-            switches.before_prefill(schedule)
-        with timer.phase("prefill"), engine.use(REASONER):
-            branches = mesh_branches(prepare_branches(pipe, config, vision, indexes, sound), mesh)
+        if placed.distilled_sigmas is not None:
+            anchor = _anchor(vision, indexes) if indexes else None
+            sampling = Sampling(placed.distilled_sigmas, hooks.generator, anchor)
+        if placed.fp8 is not None:
+            placed.fp8.before_prefill()
+        with _phase(timer, "prefill"), engine.use(REASONER):
+            branches = prepare_branches(pipe, request, vision, indexes, sound, hooks.templates)
+            branches = mesh_branches(branches, mesh)
             if mesh is not None:
                 mesh.layout.check_tokens(branches[0].layout.tokens)  # with sound: its tokens too
-            memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER), kernels=kernels)
-        step_cache = (
-            SeaCache(seacache_config(config.cache_threshold), len(branches)) if config.cache != "none" else None
-        )
-        with timer.phase("denoise"), engine.use(GENERATOR):
+            memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER), kernels=placed.kernels)
+        step_cache = None
+        if request.cache != "none":
+            step_cache = SeaCache(seacache_config(request.cache_threshold), len(branches))
+        with _phase(timer, "denoise"), engine.use(GENERATOR):
             latents = denoise_latents(
                 pipe,
-                config,
+                request,
                 branches,
                 memories,
                 Latents(vision, sound),
-                progress=progress,
+                progress=hooks.progress,
                 layers=lambda: engine.layers(GENERATOR),
-                mlp_chunk=plan.mlp_chunk,
-                on_step=on_step,
+                mlp_chunk=placed.plan.mlp_chunk,
+                on_step=hooks.on_step,
                 sampling=sampling,
-                before_step=(lambda step, steps: switches.before_step(schedule, step, steps)) if fp8 else None,
+                before_step=None if placed.fp8 is None else placed.fp8.before_step,
                 step_cache=step_cache,
-                kernels=kernels,
+                kernels=placed.kernels,
                 mesh=mesh,
             )
             del memories
-        check_finite(
-            latents.vision if latents.sound is None else torch.cat([latents.vision.flatten(), latents.sound.flatten()])
-        )
-        with timer.phase("decode"):
+        check_finite(latents)
+        if step_cache is not None:
+            step_cache = dataclasses.replace(step_cache)  # its decisions, without the residuals it held on the device
+        frames, waveform = _decode(placed, latents, hooks.decode_video, timer)
+    return Generated(latents, frames, waveform, step_cache)
+
+
+def _starting_latents(
+    pipe: Cosmos3OmniPipeline, request: Request, hooks: GenerationHooks, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(video [1, C, T, h, w], sound [sound_dim, T'] or None) float32: the hooks' given latents, or noise drawn
+    from their generator as `prepare_latents` draws it (the video's, then the sound's)."""
+    if hooks.latents is None:
+        shape = latent_shape(pipe, request)
+        vision = randn_tensor(shape, generator=hooks.generator, device=device, dtype=torch.float32)
+    else:
+        vision = hooks.latents.to(device=device, dtype=torch.float32)
+    if not request.sound:
+        return vision, None
+    if hooks.sound_latents is not None:
+        return vision, hooks.sound_latents.to(device=device, dtype=torch.float32)
+    return vision, initial_sound_noise(pipe, request, device, hooks.generator)
+
+
+def _decode(
+    placed: PlacedPipeline, latents: Latents, decode_video: bool, timer: PhaseTimer | None
+) -> tuple[np.ndarray | None, torch.Tensor | None]:
+    """(uint8 frames [T, H, W, 3], the sound decoder's waveform), each None when not asked for; over several
+    GPUs every rank decodes its tiles and the leader gets both."""
+    engine, mesh = placed.engine, placed.mesh
+    frames = waveform = None
+    with _phase(timer, "decode"):
+        if decode_video:
             with engine.use(VAE):
-                frames = decode_frames(pipe, latents.vision, grid=plan.decode_grid, mesh=mesh)
-            audio = None
-            if latents.sound is not None and frames is not None:
-                with engine.use(SOUND):
-                    audio = decode_sound(pipe, latents.sound)
-        return GeneratedVideo(latents.vision, frames, audio, step_cache)
+                frames = decode_frames(placed.pipe, latents.vision, grid=placed.plan.decode_grid, mesh=mesh)
+        if latents.sound is not None and (mesh is None or mesh.leader):
+            with engine.use(SOUND):
+                waveform = placed.pipe.decode_sound(latents.sound)
+    return frames, waveform
 
 
-def describe_kernels(kernels: Kernels) -> str:
-    """'attention cudnn; fused norms, rotary, gating and residual adds (compiled in 13.0 s)' and the like."""
-    attention = "diffusers' dispatcher" if kernels.attention is None else kernels.attention_name
-    if not kernels.fused:
-        return f"attention {attention}; eager norms and rotary"
-    if compile_failed():
-        return f"attention {attention}; fused norms, rotary, gating and residual adds (eager: compiling failed)"
-    return (
-        f"attention {attention}; fused norms, rotary, gating and residual adds (compiled in {compile_seconds():.1f} s)"
-    )
+def _phase(timer: PhaseTimer | None, name: str) -> AbstractContextManager:
+    """`timer`'s phase `name` (it waits for the device at both ends), or nothing without a timer."""
+    return nullcontext() if timer is None else timer.phase(name)
 
 
 def _anchor(conditioned: torch.Tensor, indexes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,6 +406,16 @@ def _anchor(conditioned: torch.Tensor, indexes: tuple[int, ...]) -> tuple[torch.
     mask = torch.zeros(conditioned.shape[2], 1, 1, device=conditioned.device, dtype=conditioned.dtype)
     mask[list(indexes)] = 1.0
     return mask, conditioned.clone()
+
+
+def check_finite(latents: Latents) -> None:
+    """Refuse to decode NaN or infinite latents (they decode to a black or garbage video). Waits for the device."""
+    values = latents.vision if latents.sound is None else torch.cat([latents.vision.flatten(), latents.sound.flatten()])
+    if not bool(torch.isfinite(values).all()):
+        raise InputError(
+            "the denoised latents are not finite (NaN or infinity), so no video was written; "
+            "lower --guidance or --shift, or use --dtype float32"
+        )
 
 
 def check_distilled(config: GenerationConfig, checkpoint: Path | None) -> None:
@@ -421,13 +440,4 @@ def check_sound(config: GenerationConfig, checkpoint: Path | None) -> None:
     if not transformer_config.get("sound_gen", False):
         raise InputError(
             f"--sound: the transformer of {str(checkpoint)!r} was not trained with sound (sound_gen is off)"
-        )
-
-
-def check_finite(latents: torch.Tensor) -> None:
-    """Refuse to decode NaN or infinite latents (they decode to a black or garbage video). Waits for the device."""
-    if not bool(torch.isfinite(latents).all()):
-        raise InputError(
-            "the denoised latents are not finite (NaN or infinity), so no video was written; "
-            "lower --guidance or --shift, or use --dtype float32"
         )

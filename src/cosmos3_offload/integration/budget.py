@@ -97,13 +97,15 @@ def choose_pipeline_plan(
     host_budget: int | None,
     largest: LargestCall,
     quantization: Quantization = NONE,
+    cache: str = "none",
+    cache_threshold: float | None = None,
 ) -> BudgetPlan:
     """The planner's fastest plan for `pipe`'s models (their FP8 linears at a byte a weight, with
-    `quantization`) and the largest call that fits `budget` (and `host_budget`); an InputError with the
-    least budget that works when none fits. Nothing can be mapped from files: the weights come from the
-    pipeline's modules."""
+    `quantization`) and the largest call (with the step cache's held residuals) that fits `budget` (and
+    `host_budget`); an InputError with the least budget that works when none fits. Nothing can be mapped
+    from files: the weights come from the pipeline's modules."""
     sizes = pipeline_sizes(pipe, quantization)
-    cfg_largest = planner_request(
+    largest_request = planner_request(
         frames=largest.frames,
         height=largest.height,
         width=largest.width,
@@ -111,8 +113,10 @@ def choose_pipeline_plan(
         steps=FIELDS_BY_NAME["steps"].default,  # the steps do not change a step's memory
         fps=DEFAULT_FPS,
         sound=pipeline_sound(pipe),
+        cache=cache,
+        cache_threshold=cache_threshold,
     )
-    choice = choose_plan(sizes, cfg_largest, budget, setup.profile, host_budget=host_budget, mapped=False)
+    choice = choose_plan(sizes, largest_request, budget, setup.profile, host_budget=host_budget, mapped=False)
     return BudgetPlan(choice, budget, host_budget, sizes, setup.profile, largest)
 
 

@@ -60,7 +60,7 @@ class PipelineCall:
     output_type: str
     return_dict: bool
     safety_check: bool
-    use_system_prompt: bool | None
+    system_prompt: bool | None
     add_resolution_template: bool
     add_duration_template: bool
     cache: str = "none"
@@ -125,7 +125,7 @@ def read_call(pipe: Cosmos3OmniPipeline, arguments: Mapping[str, Any]) -> tuple[
         output_type=output_type,
         return_dict=bool(arguments["return_dict"]),
         safety_check=bool(arguments["enable_safety_check"]),
-        use_system_prompt=arguments["use_system_prompt"],
+        system_prompt=arguments["use_system_prompt"],
         add_resolution_template=bool(arguments["add_resolution_template"]),
         add_duration_template=bool(arguments["add_duration_template"]),
     )

@@ -22,10 +22,11 @@ import torch
 from diffusers import Cosmos3OmniPipeline
 from torch import nn
 
-from ..app.config import KernelOptions, resolve_device
+from ..app.config import KernelOptions, check_cache, resolve_device
 from ..app.device_profile import probe_shape
 from ..errors import InputError
 from ..kernels.probe import choose_attention, kernel_rates
+from ..loading.mapped_reasoner import check_mapped_reasoner
 from ..loading.quantization import NONE, Fp8Options
 from ..planning.plan import Plan
 from .budget import LargestCall, choose_pipeline_plan, measure_device, read_budget
@@ -56,6 +57,8 @@ def enable(
     attention: str = "auto",
     compile: str = "auto",
     h2d_gbps: float | None = None,
+    cache: str = "none",
+    cache_threshold: float | None = None,
 ) -> Cosmos3OmniPipeline:
     """Place `pipe`'s weights and make `pipe(...)` run our prefill/denoise split; returns `pipe` itself.
 
@@ -79,7 +82,12 @@ def enable(
     `compile` choose the kernels as the CLI's --attention and --compile do; `h2d_gbps` is the
     host-to-device bandwidth the planner assumes (default: measured). The pipeline's scheduler,
     prompt templates and safety checker are used as configured, at every call.
+
+    `cache="seacache"` skips the generator's layers on steps whose latents barely moved, as the CLI's
+    --cache seacache; `cache_threshold` is its --cache-threshold (None: SeaCache's default, 0.25).
+    `pipe.offload.summary()` says which steps the last call computed and reused.
     """
+    check_cache(cache, cache_threshold)
     _check_pipeline(pipe)
     target = _resolved(device)
     options = KernelOptions(attention=attention, compile=compile)
@@ -99,18 +107,30 @@ def enable(
         quantization = NONE if fp8 is None else fp8.quantization
         vram = read_budget("vram_budget", vram_budget)
         budget = choose_pipeline_plan(
-            pipe, setup, budget=vram, host_budget=host, largest=largest, quantization=quantization
+            pipe,
+            setup,
+            budget=vram,
+            host_budget=host,
+            largest=largest,
+            quantization=quantization,
+            cache=cache,
+            cache_threshold=cache_threshold,
         )
         plan, kernels = budget.choice.plan, setup.kernels
-    if plan.maps_checkpoint:
-        raise InputError(
-            "a mapped reasoner is read from checkpoint files, and enable() places the pipeline's loaded weights; "
-            "stream or stage the reasoner instead"
-        )
+    check_mapped_reasoner(plan, has_files=False, rewrites_weights=False, source="a loaded pipeline's weights")
     kernels = dataclasses.replace(kernels, fused=options.fused(target))
     engine = place_pipeline(pipe, plan, target, fp8)
     modules = (pipe.transformer, pipe.vae, pipe.sound_tokenizer)
-    state = OffloadState(plan=plan, engine=engine, kernels=kernels, budget=budget, fp8=fp8, modules=modules)
+    state = OffloadState(
+        plan=plan,
+        engine=engine,
+        kernels=kernels,
+        budget=budget,
+        fp8=fp8,
+        modules=modules,
+        cache=cache,
+        cache_threshold=cache_threshold,
+    )
     # The same object, now of the subclass whose __call__ runs the split (nothing else of it changes).
     pipe.__class__ = OffloadedCosmos3OmniPipeline
     pipe.offload = state

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..app.doors import Fp8Steps
 from ..errors import InputError
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options, Quantization, apply_quantization, quantization_of
 from ..quant.fp8 import has_fp8_matmul
-from ..quant.linear import Precision, fp8_linear_paths
+from ..quant.linear import fp8_linear_paths
 from ..quant.policy import StepPolicy, TowerSwitches, Uniform, step_schedule
 
 
@@ -31,11 +32,10 @@ class Fp8Linears:
     switches: TowerSwitches
     schedule: StepPolicy | Uniform
 
-    def before_prefill(self) -> None:
-        self.switches.before_prefill(self.schedule)
-
-    def before_step(self, step: int, steps: int) -> Precision:
-        return self.switches.before_step(self.schedule, step, steps)
+    @property
+    def steps(self) -> Fp8Steps:
+        """The switches and their schedule, as the generation path sets them (app/doors.py)."""
+        return Fp8Steps(self.switches, self.schedule)
 
 
 def fp8_linears(transformer_config: dict, options: Fp8Options, device: torch.device) -> Fp8Linears | None:

@@ -9,6 +9,7 @@ own offloading) is refused.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ from PIL import Image
 from ..errors import InputError
 from .budget import call_request
 from .call import read_call
-from .generation import generate
+from .generation import generate_call
 from .state import OffloadState
 
 DIFFUSERS_OFFLOAD_REFUSED = (
@@ -72,11 +73,13 @@ class OffloadedCosmos3OmniPipeline(Cosmos3OmniPipeline):
         """`Cosmos3OmniPipeline.__call__`, run through the split with the placed weights; same arguments, same
         output. Refused with an InputError naming the argument: `action`/`action_latents`,
         `callback_on_step_end`, `mixed_precision_*`, more than one prompt, `condition_video_keep="last"`,
-        and (under a VRAM budget) a call whose predicted peak does not fit the budget."""
+        and (under a VRAM budget) a call whose predicted peak does not fit the budget. Latents that turn
+        NaN or infinite are an InputError too, as in the CLI, instead of a black video."""
         arguments = dict(locals())
         del arguments["self"]
         call, inputs = read_call(self, arguments)
         state = self.offload
+        call = dataclasses.replace(call, cache=state.cache, cache_threshold=state.cache_threshold)
         placed = (self.transformer, self.vae, self.sound_tokenizer)
         if any(now is not then for now, then in zip(placed, state.modules)):
             raise InputError(
@@ -84,10 +87,10 @@ class OffloadedCosmos3OmniPipeline(Cosmos3OmniPipeline):
                 "set its modules, then enable it"
             )
         if state.budget is not None:
-            state.budget.check_call(call_request(self, call, inputs))
+            state.budget.check_call(call_request(self, call, inputs))  # the step cache's residuals counted
         self._guidance_scale, self._current_timestep, self._interrupt = call.guidance, None, False
         progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)  # set_progress_bar_config
-        output = generate(self, state, call, inputs, progress=progress)
+        output = generate_call(self, state, call, inputs, progress=progress)
         self._num_timesteps = len(self.scheduler.timesteps)
         return output
 
