@@ -88,3 +88,26 @@ def test_frame_conversion_matches_diffusers_postprocessing(pipeline):
     theirs = (pipeline.video_processor.postprocess_video(decoded, output_type="np")[0] * 255).round().astype(np.uint8)
     assert ours.shape == theirs.shape == (17, 192, 320, 3)
     assert np.array_equal(ours, theirs)
+
+
+def test_the_requests_system_prompt_switch_reaches_the_prompt_template(tmp_path, monkeypatch):
+    """Fails when `system_prompt` (None: the checkpoint's choice) is not what the path tokenizes with."""
+    from diffusers import Cosmos3OmniPipeline
+
+    from cosmos3_offload.app.runner import run
+
+    seen = []
+    tokenize = Cosmos3OmniPipeline.tokenize_prompt
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["use_system_prompt"])
+        return tokenize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Cosmos3OmniPipeline, "tokenize_prompt", spy)
+    for value in (None, True, False):
+        config = GenerationConfig(
+            prompt="a fox", frames=1, resolution=256, steps=1, system_prompt=value, output=tmp_path / f"{value}.png"
+        )
+        run(config, device="cpu", progress=False)
+    assert seen == [None, True, False]
+    assert (tmp_path / "True.png").read_bytes() != (tmp_path / "False.png").read_bytes(), "the template changed nothing"

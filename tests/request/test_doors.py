@@ -48,6 +48,7 @@ GOOD = {
     "video": Path("c.mp4"),
     "condition_frames": (0,),
     "sound": True,
+    "system_prompt": False,
     "cache": "seacache",
     "cache_threshold": 0.5,
 }
@@ -81,8 +82,8 @@ def cli_args(command: str, values: dict) -> list[str]:
     args = [command] + (["--model", "nano"] if command != "generate" else ["--model", "nano", "--prompt", "a"])
     for name, value in values.items():
         flag = FIELDS_BY_NAME[name].flag
-        if value is True:
-            args.append(flag)
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag.removeprefix("--"))
         elif isinstance(value, tuple):
             args += [flag, *map(str, value)]
         else:

@@ -141,6 +141,12 @@ class RequestSpec:
         help="generate the audio track too (a checkpoint with a sound_tokenizer/)",
         cli="--sound", sample="enable_sound", http="sound", diffusers="enable_sound",
     )  # fmt: skip
+    system_prompt: bool | None = declare(
+        None,
+        help="wrap the prompt in the checkpoint's system prompt, as the model was trained (default: the "
+        "checkpoint's own choice, its model_index.json default_use_system_prompt)",
+        cli="--system-prompt", sample="use_system_prompt", http="system_prompt", diffusers="use_system_prompt",
+    )  # fmt: skip
     cache: str = declare(
         "none",
         help="'seacache' skips the generator's layers on steps whose latents barely moved and reuses its "

@@ -65,7 +65,7 @@ def add_request_flags(parser: argparse.ArgumentParser, command: str) -> None:
             continue
         options: dict = {"dest": spec.name, "default": None, "help": spec.describe()}
         if spec.kind is bool:
-            options |= {"action": "store_const", "const": True}
+            options["action"] = argparse.BooleanOptionalAction  # --sound / --no-sound
         else:
             metavar = "{" + ",".join(map(str, spec.choices)) + "}" if spec.choices else spec.name.upper()
             options |= {"type": _text_reader(spec), "metavar": metavar}
