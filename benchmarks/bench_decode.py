@@ -34,7 +34,7 @@ from cosmos3_offload.loading.sizes import model_sizes
 from cosmos3_offload.model.geometry import latent_frames, latent_size
 from cosmos3_offload.model.specs import model_spec
 from cosmos3_offload.model.tiers import frame_size
-from cosmos3_offload.planning.memory import decode_cost
+from cosmos3_offload.planning.memory import decode_bytes_and_share
 from cosmos3_offload.planning.request import DeviceProfile
 from cosmos3_offload.planning.search import DECODE_GRIDS
 from cosmos3_offload.planning.sizes import ModelSizes
@@ -57,7 +57,7 @@ def decode_grid_for(sizes: ModelSizes, height: int, width: int, budget_bytes: in
     picks the grid with the rest of the plan); an InputError when even the finest grid does not."""
     fitting = []
     for grid in DECODE_GRIDS:
-        nbytes, work = decode_cost(sizes, grid, height, width)
+        nbytes, work = decode_bytes_and_share(sizes, grid, height, width)
         if sizes.vae.payload + nbytes <= budget_bytes * profile.headroom:
             fitting.append((work, grid.rows * grid.cols, grid))
     if not fitting:
@@ -158,7 +158,7 @@ def main() -> None:
                 chosen[budget] = None
         runs = [(grid, None) for grid in args.grids] + [(g, b) for b, g in chosen.items() if g is not None]
         for grid, budget in runs:
-            nbytes, work = decode_cost(sizes, grid, height, width)  # pixel sizes
+            nbytes, work = decode_bytes_and_share(sizes, grid, height, width)  # pixel sizes
             run, frames_out = timed(decode_to_host, vae, z, grid, cap_gib=budget)
             if frames_out is not None and reference is not None:
                 run |= compare(frames_out, reference)

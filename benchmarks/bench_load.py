@@ -175,7 +175,7 @@ def plan_for(name: str, folder: Path):
     if name == "ours-staged":
         return Plan.from_offload(["reasoner", "generator", "vae"])
     sizes = model_sizes(*model_configs(folder), dtype_bytes=2)
-    request = Request.for_video(189, 720, 1280, cfg=True, steps=35)
+    request = Request.for_video(189, 720, 1280, guidance=True, steps=35)
     if name == "ours-streamed-8gib":
         return choose_plan(sizes, request, 8 * 2**30, DeviceProfile()).plan
     return choose_plan(sizes, request, 8 * 2**30, DeviceProfile(), host_budget=16 * 2**30, mapped=True).plan

@@ -18,7 +18,7 @@ from cosmos3_offload.kernels.attention import (
     sdpa_attention,
 )
 from cosmos3_offload.kernels.choice import Kernels
-from cosmos3_offload.split.attention import attend
+from cosmos3_offload.split.attend import attend
 
 CPU = torch.device("cpu")
 ON_CPU = [name for name, spec in ATTENTION_BACKENDS.items() if spec.unavailable_reason(CPU, torch.bfloat16) is None]

@@ -17,7 +17,7 @@ from tiny_models import relative_error, tiny_transformer
 from cosmos3_offload.kernels import fused, fused_ops
 from cosmos3_offload.kernels.choice import EAGER, Kernels
 from cosmos3_offload.split import fused_layer
-from cosmos3_offload.split.attention import apply_rotary, rotary_tables
+from cosmos3_offload.split.attend import apply_rotary, rotary_tables
 from cosmos3_offload.split.denoise import denoise_branches, generator_layer
 from cosmos3_offload.split.prefill import _reasoner_layer, prefill_prompts
 

@@ -136,7 +136,7 @@ def test_the_decode_deals_tiles_but_not_the_low_resolution_pass(nano):
 def test_layouts_the_request_or_model_cannot_take_are_refused(nano):
     """CFG-parallel needs two branches, Ulysses a degree that divides the tokens and the model's heads."""
     with pytest.raises(InputError, match="two CFG branches"):
-        replace(Request.for_video(189, 720, 1280, cfg=False), parallel=ParallelLayout(cfg=2))
+        replace(Request.for_video(189, 720, 1280, guidance=False), parallel=ParallelLayout(cfg=2))
     with pytest.raises(InputError, match="does not divide"):
         Request(tokens=1001, parallel=ParallelLayout(sequence=2))
     with pytest.raises(InputError, match="key/value heads"):

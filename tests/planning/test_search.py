@@ -8,7 +8,7 @@ from cosmos3_offload.errors import InputError
 from cosmos3_offload.loading.sizes import model_sizes
 from cosmos3_offload.model.groups import VAE_ENCODER
 from cosmos3_offload.model.specs import model_spec
-from cosmos3_offload.planning.memory import HostMemory, decode_cost, encode_cost, host_memory, weight_bytes
+from cosmos3_offload.planning.memory import HostMemory, decode_bytes_and_share, encode_bytes, host_memory, weight_bytes
 from cosmos3_offload.planning.plan import BOUNCE_SLOTS, GroupPlan, Mode, Plan
 from cosmos3_offload.planning.request import DeviceProfile, Request, parse_budget
 from cosmos3_offload.planning.search import TIME_TOLERANCE, candidates, choose_plan, describe_choice, predict, spread
@@ -114,10 +114,10 @@ def test_out_of_range_budgets_are_refused(text):
         parse_budget(text)
 
 
-def test_decode_cost_trades_memory_for_work(nano):
+def test_decode_bytes_trade_for_work(nano):
     """More tiles or fewer frames a pass: less device memory, more work; one 4-frame tile is the untiled decode."""
     cost = {
-        (r, c, f): decode_cost(nano, TileGrid(rows=r, cols=c, frames=f), 720, 1280)
+        (r, c, f): decode_bytes_and_share(nano, TileGrid(rows=r, cols=c, frames=f), 720, 1280)
         for r, c in ((1, 1), (2, 2), (3, 4))
         for f in (1, 4)
     }
@@ -138,7 +138,7 @@ def test_encode_of_conditioning_frames_is_planned(nano):
         assert choice.prediction.peak <= 6 * GIB * PROFILE.headroom
         peaks[frames] = predict(choice.plan, nano, request, PROFILE).peaks.encode
     assert peaks[0] == 0 < peaks[1] < peaks[5]
-    assert encode_cost(Request.for_video(189, 720, 1280, encode_frames=9)) == encode_cost(
+    assert encode_bytes(Request.for_video(189, 720, 1280, encode_frames=9)) == encode_bytes(
         Request.for_video(189, 720, 1280, encode_frames=5)
     )  # chunks of at most 4 frames
 
@@ -189,7 +189,7 @@ def test_a_roomy_budget_never_tiles_the_decode(nano):
     """Tiling is predicted slower, so with room for the untiled decode it is never picked."""
     for budget in (24, 32, 48):
         choice = choose_plan(nano, Request.for_video(189, 720, 1280), budget * GIB, PROFILE)
-        untiled = decode_cost(nano, TileGrid(), 720, 1280)[0] + nano.vae.payload
+        untiled = decode_bytes_and_share(nano, TileGrid(), 720, 1280)[0] + nano.vae.payload
         if untiled <= budget * GIB * PROFILE.headroom - weight_bytes(choice.plan, nano).resident:
             assert choice.plan.decode_grid == TileGrid()
 

@@ -34,7 +34,7 @@ def planner_request(
         frames,
         height,
         width,
-        cfg=guidance,
+        guidance=guidance,
         steps=steps,
         encode_frames=encode_frames,
         sound_samples=0 if sound is None else sound_samples(sound, frames, fps),

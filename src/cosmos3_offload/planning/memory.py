@@ -158,17 +158,18 @@ def peaks(plan: Plan, sizes: ModelSizes, request: Request) -> Peaks:
     weights = weight_bytes(plan, sizes)
     arena = weights.arena
     memory = reasoner_memory_bytes(sizes, request)
-    decode_work, _ = decode_cost(sizes, plan.decode_grid, request.height, request.width)
-    encode = weights.resident + arena[VAE_ENCODER] + encode_cost(request) if request.encode_frames else 0
+    decode_bytes, _ = decode_bytes_and_share(sizes, plan.decode_grid, request.height, request.width)
+    decoders = max(decode_bytes, sound_decode_bytes(sizes, request))  # the video's, then the sound's
+    encode = weights.resident + arena[VAE_ENCODER] + encode_bytes(request) if request.encode_frames else 0
     return Peaks(
         encode=encode,
         prefill=weights.resident + arena[REASONER] + memory + activation_bytes(sizes, request, prompt=True, chunk=None),
         denoise=weights.resident + arena[GENERATOR] + memory + activation_bytes(sizes, request, chunk=plan.mlp_chunk),
-        decode=weights.resident + max(arena[VAE], arena.get(SOUND, 0)) + max(decode_work, sound_cost(sizes, request)),
+        decode=weights.resident + max(arena[VAE], arena.get(SOUND, 0)) + decoders,
     )
 
 
-def sound_cost(sizes: ModelSizes, request: Request) -> int:
+def sound_decode_bytes(sizes: ModelSizes, request: Request) -> int:
     """Device bytes of decoding the audio track besides the weights (0 without sound); it runs after
     the video's decode has freed its tensors, so the decode part holds the larger of the two."""
     return SOUND_DECODE_LIVE * sizes.sound_channels * request.sound_samples * sizes.dtype_bytes
@@ -227,17 +228,17 @@ def _layer_bytes(sizes: ModelSizes, request: Request, tokens: int, chunk: int | 
     return int((ACTIVATION_HIDDENS + branches - 2 + held) * tokens * sizes.hidden * sizes.dtype_bytes + mlp)
 
 
-def encode_cost(request: Request) -> int:
+def encode_bytes(request: Request) -> int:
     """Device bytes of encoding the conditioning frames besides the weights. The causal encoder takes
     the first frame alone and then chunks of up to 4, so the working set follows the largest chunk."""
     chunk = min(4, max(1, request.encode_frames - 1))
     return int(request.height * request.width * (ENCODE_BYTES_PER_PIXEL + ENCODE_BYTES_PER_PIXEL_FRAME * chunk))
 
 
-def decode_cost(sizes: ModelSizes, grid: TileGrid, height: int, width: int) -> tuple[int, float]:
+def decode_bytes_and_share(sizes: ModelSizes, grid: TileGrid, height: int, width: int) -> tuple[int, float]:
     """(device bytes besides the weights, time relative to an untiled decode) of decoding
     `height` x `width` pixel frames in `grid`."""
-    return _decode_cost(sizes.decoder_blocks, sizes.dtype_bytes, grid, *latent_size(height, width))
+    return _decode_bytes_and_share(sizes.decoder_blocks, sizes.dtype_bytes, grid, *latent_size(height, width))
 
 
 def decode_rank_share(sizes: ModelSizes, grid: TileGrid, height: int, width: int, ranks: int) -> float:
@@ -263,7 +264,7 @@ def _decode_rank_share(blocks: tuple[DecoderBlock, ...], grid: TileGrid, height:
 
 
 @functools.lru_cache(maxsize=4096)
-def _decode_cost(
+def _decode_bytes_and_share(
     blocks: tuple[DecoderBlock, ...], nbytes: int, grid: TileGrid, height: int, width: int
 ) -> tuple[int, float]:
     """The largest tile's causal caches (two frames per cached convolution) plus its live activations

@@ -56,10 +56,12 @@ class Request:
         return self.tokens // self.parallel.sequence
 
     @classmethod
-    def for_video(cls, frames: int, height: int, width: int, *, cfg: bool = True, steps: int = 35, **kw) -> Request:
+    def for_video(
+        cls, frames: int, height: int, width: int, *, guidance: bool = True, steps: int = 35, **kw
+    ) -> Request:
         return cls(
             tokens=generator_tokens(frames, height, width),
-            branches=2 if cfg else 1,
+            branches=2 if guidance else 1,  # with guidance: the conditional and the unconditional branch
             frames=frames,
             height=height,
             width=width,

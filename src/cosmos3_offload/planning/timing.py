@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..model.geometry import latent_frames, latent_size
 from ..model.groups import GENERATOR, REASONER, VAE_ENCODER
-from .memory import decode_cost, decode_rank_share, weight_bytes
+from .memory import decode_bytes_and_share, decode_rank_share, weight_bytes
 from .parallel import ParallelLayout
 from .plan import GroupPlan, Mode, Plan
 from .request import DeviceProfile, Request
@@ -79,7 +79,7 @@ def times(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfil
         plan.reasoner, copy_seconds(REASONER), layer_seconds(sizes, request, profile, request.prompt_tokens), passes=1
     )
     prefill += STREAM_CONTENTION * streamed_bytes(plan, sizes, REASONER) / device_copy
-    _, decode_share = decode_cost(sizes, plan.decode_grid, request.height, request.width)
+    _, decode_share = decode_bytes_and_share(sizes, plan.decode_grid, request.height, request.width)
     decode = DECODE_SECONDS_PER_PIXEL_FRAME * request.height * request.width * request.frames * decode_share
     if layout.parallel:
         tiles = decode_rank_share(sizes, plan.decode_grid, request.height, request.width, layout.world_size)

@@ -25,7 +25,7 @@ from torch import nn
 from ..kernels.choice import EAGER, Kernels
 from ..parallel.ulysses import SequenceShards
 from . import fused_layer
-from .attention import apply_rotary, attend, rotary_tables
+from .attend import apply_rotary, attend, rotary_tables
 from .prefill import ReasonerMemory
 
 

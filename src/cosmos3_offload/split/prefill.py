@@ -18,7 +18,7 @@ from torch import nn
 
 from ..kernels.choice import EAGER, Kernels
 from . import fused_layer
-from .attention import apply_rotary, attend, rotary_tables
+from .attend import apply_rotary, attend, rotary_tables
 
 
 @dataclass(frozen=True)
