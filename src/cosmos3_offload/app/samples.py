@@ -30,13 +30,13 @@ from ..errors import InputError
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..planning.plan import Plan
 from ..request.checks import FieldError
-from ..request.spec import named_at
+from ..request.spec import door_fields, named_at
 from ..units import format_bytes
 from .config import DEFAULT_KERNELS, GenerationConfig, KernelOptions
 from .inputs import read_conditioning
 from .outputs import OutputLock
 from .runner import LoadedModel
-from .sample_files import Sample, read_samples
+from .sample_files import READ_BELOW, Sample, read_samples
 from .timer import PhaseTimer
 
 ARGS_FILE, OUTPUTS_FILE = "sample_args.json", "sample_outputs.json"
@@ -227,28 +227,24 @@ def mode_of(config: GenerationConfig) -> str:
 
 
 def sample_args(sample: Sample, config: GenerationConfig, loaded: LoadedModel) -> dict[str, Any]:
-    """The resolved request, in cosmos-framework's field names, and what ran it."""
+    """The resolved request under the sample files' field names (the effective shift and negative prompt,
+    the frame size), and what ran it."""
     vision = config.image if config.image is not None else config.video
     indexes = list(config.condition_frames) if config.video is not None else [0] if config.image is not None else []
+    fields = {alias: getattr(config, name) for name, alias in door_fields("sample").items() if alias not in READ_BELOW}
     return {
         "name": sample.name,
         "source": sample.source,
         "model_mode": mode_of(config),
         "prompt": config.prompt,
         "negative_prompt": config.negative_prompt or "",  # None is diffusers' empty negative prompt
-        "num_frames": config.frames,
+        **fields,
         "resolution": str(config.resolution),
-        "aspect_ratio": config.aspect_ratio,
         "width": config.width,
         "height": config.height,
-        "num_steps": config.steps,
-        "guidance": config.guidance,
         "shift": config.flow_shift,
-        "fps": config.fps,
-        "seed": config.seed,
         "vision_path": None if vision is None else str(Path(vision).absolute()),
         "condition_frame_indexes_vision": indexes,
-        "enable_sound": config.sound,
         "output": config.output.name,
         "checkpoint": None if loaded.checkpoint is None else str(Path(loaded.checkpoint).absolute()),
         "model": None if loaded.checkpoint is not None else loaded.model,

@@ -38,7 +38,17 @@ from ..request.spec import named_at
 from .api_errors import ApiError, bad_request, error_body, not_found, unauthorized
 from .metrics import Metrics
 from .queue import JobQueue, Work
-from .requests import MAX_UPLOAD_BYTES, ParsedRequest, Upload, parse_image, parse_video
+from .requests import (
+    HTTP_NAMES,
+    IMAGE_FIELDS,
+    MAX_UPLOAD_BYTES,
+    READ_APART,
+    VIDEO_FIELDS,
+    ParsedRequest,
+    Upload,
+    parse_image,
+    parse_video,
+)
 from .store import COMPLETED, FAILED, Job, JobStore
 
 logger = logging.getLogger(__name__)
@@ -303,27 +313,17 @@ def _save(upload: Upload, folder: Path) -> Path:
 
 
 def _public(kind: str, parsed: ParsedRequest, config: GenerationConfig, model: str) -> dict[str, Any]:
-    """The request as the job reports it: what was asked, resolved (the effective shift, the seed)."""
+    """The request as the job reports it, under the API's names: every field the endpoint takes, resolved
+    (the effective shift, the seed), with the size, the model, and whether an image was sent."""
+    taken = VIDEO_FIELDS if kind == "video" else IMAGE_FIELDS
     request = {
-        "prompt": config.prompt,
-        "negative_prompt": config.negative_prompt,
-        "size": parsed.size,
-        "frames": config.frames,
-        "steps": config.steps,
-        "guidance": config.guidance,
-        "shift": config.flow_shift,
-        "fps": config.fps,
-        "seed": config.seed,
-        "model": model,
+        http_name: getattr(config, name)
+        for name, http_name in HTTP_NAMES.items()
+        if http_name in taken and http_name not in READ_APART
     }
+    request |= {"size": parsed.size, "frames": config.frames, "shift": config.flow_shift, "model": model}
     if kind == "video":
-        request |= {
-            "seconds": parsed.seconds,
-            "sound": config.sound,
-            "cache": config.cache,
-            "cache_threshold": config.cache_threshold,
-            "input_reference": config.image is not None,
-        }
+        request |= {"seconds": parsed.seconds, "input_reference": config.image is not None}
     return request
 
 
