@@ -132,8 +132,9 @@ class FieldSpec:
         if self.choices:
             parts.append(f"one of {', '.join(map(str, self.choices))}")
         elif self.low is not None:
-            low = f"{self.low:g}" + (" (exclusive)" if self.low_open else "")
-            parts.append(f"{low} to {self.high:g}" + (f" {self.unit}" if self.unit else ""))
+            low, high = (f"{bound}" if self.kind is int else f"{bound:g}" for bound in (self.low, self.high))
+            low += " (exclusive)" if self.low_open else ""
+            parts.append(f"{low} to {high}" + (f" {self.unit}" if self.unit else ""))
         if self.default not in (None, False, (), dataclasses.MISSING):
             shown_default = " ".join(map(str, self.default)) if isinstance(self.default, tuple) else self.default
             parts.append(f"default: {shown_default}")
