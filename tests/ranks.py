@@ -1,5 +1,11 @@
 """Run a function on several CPU processes joined by torch.distributed (gloo), as torchrun would start
-them: each gets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, and what it returns comes back."""
+them: each gets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, and what it returns comes back.
+
+The ranks are forked from the test process, so they start with torch, diffusers and the test module already
+imported (a spawned rank spends seconds importing them again). A fork is safe here: the parent holds no process
+group and no CUDA context, and each rank runs torch single-threaded (OpenMP's pool does not survive a fork, and
+one thread never asks for it). A parent that has initialized CUDA spawns its ranks, since a forked child cannot
+use CUDA."""
 
 from __future__ import annotations
 
@@ -25,9 +31,14 @@ def _child(rank: int, world: int, port: int, folder: str, target, args) -> None:
         os._exit(3)
 
 
+def start_method() -> str:
+    """'fork' while this process has no CUDA context, else 'spawn'."""
+    return "spawn" if torch.cuda.is_initialized() else "fork"
+
+
 def run_ranks(target, world: int, folder: Path, *args: Any, timeout: float = 240.0) -> list[dict]:
     """target(*args) on `world` ranks; each rank's {'result': ...} or {'error': ...}, with 'exitcode'."""
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context(start_method())
     port = free_port()
     processes = [
         context.Process(target=_child, args=(rank, world, port, str(folder), target, args)) for rank in range(world)

@@ -16,7 +16,6 @@ from diffusers.pipelines.cosmos.mixed_precision import (
     reset_cosmos3_mixed_precision,
 )
 from fp8_layout import FP8_MAX, QUANTIZED_KEYS, diffusers_fp8_pipeline, quantization_config, write_fp8_checkpoint
-from published_layout import write_published_checkpoint
 from safetensors import safe_open
 from tiny_models import diffusers_latents, relative_error
 
@@ -31,9 +30,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Accessing config attribute `quan
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    hub = tmp_path_factory.mktemp("hub")
-    return {"bf16": write_published_checkpoint(hub / "bf16"), "fp8": write_fp8_checkpoint(hub / "fp8")}
+def hub(published_checkpoint, fp8_checkpoint):
+    """The session's bf16 published folder and the FP8 release written from it (conftest.py); read-only."""
+    return {"bf16": published_checkpoint, "fp8": fp8_checkpoint}
 
 
 @pytest.fixture(scope="module")

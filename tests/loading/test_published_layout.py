@@ -37,8 +37,9 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory):
-    return write_published_checkpoint(tmp_path_factory.mktemp("hub") / "Cosmos3-Nano")
+def published(published_checkpoint):
+    """The session's published-layout folder (conftest.py), with sound; read-only here."""
+    return published_checkpoint
 
 
 def request(tmp_path, *, sound: bool, frames: int = 9, negative: str | None = None) -> GenerationConfig:
@@ -62,22 +63,39 @@ def ours(folder, config, plan=None):
     return config, components, generate_video(config, components, PhaseTimer(CPU), progress=False)
 
 
-def theirs(folder, config, output_type="np"):
-    """The pipeline as the Cosmos3 docs set it up: from_pretrained, then the request's flow shift."""
+def theirs(folder, config):
+    """The pipeline as the Cosmos3 docs set it up: from_pretrained, then the request's flow shift; its output
+    (frames as floats, sound) and its latents after the last step, which `output_type="latent"` returns."""
     pipe = Cosmos3OmniPipeline.from_pretrained(folder, enable_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = UniPCMultistepScheduler.from_config(
         pipe.scheduler.config, flow_shift=config.flow_shift, use_karras_sigmas=False
     )
-    return diffusers_output(pipe, config, output_type=output_type, enable_sound=config.sound)
+    latents = []
+
+    def last_latents(pipe, index, t, tensors):
+        if index == config.steps - 1:
+            latents.append(tensors["latents"].float())
+        return {}
+
+    result = diffusers_output(
+        pipe, config, output_type="np", enable_sound=config.sound, callback_on_step_end=last_latents
+    )
+    return result, latents[0]
+
+
+@pytest.fixture(scope="module")
+def resident_with_sound(published, tmp_path_factory):
+    """ours() of the 9-frame request with sound, resident: (config, components, video)."""
+    return ours(published, request(tmp_path_factory.mktemp("resident"), sound=True))
 
 
 @pytest.mark.parametrize("sound", [False, True], ids=["video", "video+sound"])
-def test_published_folder_matches_the_diffusers_pipeline(published, tmp_path, sound):
-    """Frames (and the waveform) equal `Cosmos3OmniPipeline.from_pretrained(folder)(...)` on the same folder."""
-    config, _, video = ours(published, request(tmp_path, sound=sound))
-    assert relative_error(video.latents, theirs(published, config, "latent").video) <= TOLERANCE
-    result = theirs(published, config)
+def test_published_folder_matches_the_diffusers_pipeline(published, tmp_path, resident_with_sound, sound):
+    """Latents, frames (and the waveform) equal `Cosmos3OmniPipeline.from_pretrained(folder)(...)`'s."""
+    config, _, video = resident_with_sound if sound else ours(published, request(tmp_path, sound=False))
+    result, latents = theirs(published, config)
+    assert relative_error(video.latents, latents) <= TOLERANCE
     frames = np.asarray(result.video)
     assert video.frames.shape == frames.shape
     # The pipeline returns floats in [0, 1]; ours are those floats rounded to uint8.
@@ -91,10 +109,14 @@ def test_published_folder_matches_the_diffusers_pipeline(published, tmp_path, so
         assert video.sound is None and result.sound is None
 
 
-def test_every_plan_gives_the_resident_result_with_sound(published, tmp_path):
+def test_every_plan_gives_the_resident_result_with_sound(published, tmp_path, resident_with_sound):
     """Resident, staged and streamed plans give bit-identical latents, frames and waveforms."""
-    runs = {name: ours(published, request(tmp_path, sound=True), plan)[2] for name, plan in PLANS.items()}
-    base = runs["resident"]
+    runs = {
+        name: ours(published, request(tmp_path, sound=True), plan)[2]
+        for name, plan in PLANS.items()
+        if name != "resident"
+    }
+    base = runs["resident"] = resident_with_sound[2]
     for name, run in runs.items():
         assert torch.equal(run.latents, base.latents), name
         assert np.array_equal(run.frames, base.frames), name

@@ -40,9 +40,21 @@ def generate(tmp_path, *, plan: Plan | None = None, **fp8):
 
 
 @pytest.fixture(scope="module")
-def resident(tmp_path_factory):
-    """The all-resident FP8 run under the default step policy (both precisions used)."""
-    return generate(tmp_path_factory.mktemp("resident"), mode="policy")[0]
+def resident_run(tmp_path_factory):
+    """The all-resident FP8 run under the default step policy (both precisions used): (latents, components);
+    no test runs its components again, so their switches keep this run's trace."""
+    return generate(tmp_path_factory.mktemp("resident"), mode="policy")
+
+
+@pytest.fixture(scope="module")
+def resident(resident_run):
+    return resident_run[0]
+
+
+@pytest.fixture(scope="module")
+def w8a16_run(tmp_path_factory):
+    """The all-resident FP8 run with W8A16 at every step: (latents, components)."""
+    return generate(tmp_path_factory.mktemp("w8a16"), mode="w8a16")
 
 
 @pytest.mark.parametrize("scales", ["channel", "tensor"])
@@ -74,21 +86,21 @@ def test_every_plan_is_bit_identical_to_the_resident_fp8_run(tmp_path, resident,
     assert torch.equal(latents, resident)
 
 
-def test_the_step_policy_switches_precision_at_the_steps_it_names(tmp_path, resident):
+def test_the_step_policy_switches_precision_at_the_steps_it_names(resident_run, w8a16_run):
     """W8A16 for the first and last three steps, W8A8 between; the W8A8 steps really change the result."""
-    _, components = generate(tmp_path, mode="policy")
+    resident, components = resident_run
     assert components.switches.trace == [W8A16] * 3 + [W8A8] * 2 + [W8A16] * 3
     assert components.switches.reasoner.precision is W8A16
     assert components.switches.describe() == "reasoner W8A16; generator W8A16 x6, W8A8 x2"
-    everywhere_a16, forced = generate(tmp_path, mode="w8a16")
+    everywhere_a16, forced = w8a16_run
     assert forced.switches.trace == [W8A16] * STEPS and not torch.equal(everywhere_a16, resident)
 
 
-def test_fp8_latents_stay_close_to_bf16(tmp_path, resident):
+def test_fp8_latents_stay_close_to_bf16(tmp_path, resident, w8a16_run):
     """FP8 moves the tiny model's latents by little: cosine against the bf16 run above 0.99, both ways."""
     bf16, components = generate(tmp_path)
     assert not components.quantization.quantized and not components.switches.trace
-    w8a16 = generate(tmp_path, mode="w8a16")[0]
+    w8a16 = w8a16_run[0]
     for latents in (resident, w8a16):
         assert F.cosine_similarity(latents.flatten().float(), bf16.flatten().float(), dim=0) > 0.99
 

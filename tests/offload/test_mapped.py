@@ -39,6 +39,19 @@ def generate(checkpoint, tmp_path, plan, dtype):
     return components, generate_video(config, components, PhaseTimer(CPU), progress=False)
 
 
+@pytest.fixture(scope="module")
+def resident(checkpoint, tmp_path_factory):
+    """resident(dtype): the all-resident run of the checkpoint in `dtype` (a DTYPES key), made once per dtype."""
+    runs = {}
+
+    def run(dtype: str):
+        if dtype not in runs:
+            runs[dtype] = generate(checkpoint, tmp_path_factory.mktemp("resident"), Plan(), DTYPES[dtype])[1]
+        return runs[dtype]
+
+    return run
+
+
 def inside(tensor: torch.Tensor, start: int, end: int) -> bool:
     return start <= tensor.data_ptr() < end
 
@@ -60,10 +73,10 @@ def file_mappings(path) -> list[tuple[int, int]]:
     ids=["all-mapped", "one-resident-ring3"],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mapped_generation_is_bit_identical(checkpoint, tmp_path, dtype, reasoner):
+def test_mapped_generation_is_bit_identical(checkpoint, resident, tmp_path, dtype, reasoner):
     """Latents and frames equal the all-resident run's exactly; in bf16 from a float32 file too (the
     bounce copy casts as the load does)."""
-    _, resident = generate(checkpoint, tmp_path, Plan(), DTYPES[dtype])
+    resident = resident(dtype)
     plan = Plan(reasoner=reasoner, generator=GroupPlan(mode=Mode.STREAMED), vae=GroupPlan(mode=Mode.STAGED))
     components, mapped = generate(checkpoint, tmp_path, plan, DTYPES[dtype])
     assert isinstance(components.engine.placements["reasoner"], Mapped)

@@ -1,7 +1,17 @@
-"""A real `cosmos3-offload serve` on a loopback port, in its own process, for the serve tests."""
+"""`cosmos3-offload serve` for the serve tests: a real server in its own process (`ServerProcess`, for what
+only a process shows: its signals, its exit, its restart), or the same app built in the test process
+(`InProcessServer`, for the HTTP contract: no interpreter to start, no import of torch and diffusers again).
+
+`InProcessServer` goes through the real CLI: `main(["serve", "--storage", S, *flags])` parses and checks
+the flags, makes the plan and opens the model exactly as the command does, and only the last call, which
+would bind the port and run uvicorn, is replaced by `serve.server.in_process` (the same app, store, queue and
+worker). The app is driven through Starlette's ASGI test transport, or, with `listen=True` (a browser, real
+HTTP connections under load), served by uvicorn on a loopback port from a thread of this process.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -67,3 +77,86 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class InProcessServer:
+    """`with InProcessServer(storage, *flags) as server:` the app `cosmos3-offload serve --storage storage
+    *flags` serves, in this process; `server.http` is an httpx client on it (Starlette's TestClient, which
+    the openai client takes as its `http_client`) and `server.url` its base URL. The exit stops it as a
+    server stops (waiting jobs failed, the running one ended at its next step, the storage released)."""
+
+    def __init__(self, storage: Path, *flags: str, listen: bool = False) -> None:
+        self.storage, self.flags, self.listen = Path(storage), flags, listen
+        self.url: str | None = None
+
+    def __enter__(self) -> InProcessServer:
+        from starlette.testclient import TestClient
+
+        from cosmos3_offload.serve import server
+
+        loaded, settings = cli_serve_arguments(self.storage, *self.flags)
+        with contextlib.ExitStack() as stack:
+            app = stack.enter_context(server.in_process(loaded, settings)).app
+            # One event loop for every request, as uvicorn has (a handler that blocked it would stall them all).
+            self.http = stack.enter_context(TestClient(app, base_url="http://testserver"))
+            self.url = "http://testserver"
+            if self.listen:
+                self.url = stack.enter_context(_uvicorn_thread(app))
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+def cli_serve_arguments(storage: Path, *flags: str):
+    """(the opened model, the ServeSettings) that `cosmos3-offload serve --storage storage *flags` hands to
+    the server, from the real CLI; a flag it refuses raises SystemExit(2) as the command exits."""
+    import pytest
+
+    from cosmos3_offload.main import main
+    from cosmos3_offload.serve import server
+
+    handed: list = []
+
+    def capture(loaded, settings) -> int:
+        handed.append((loaded, settings))
+        return 0
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(server, "serve", capture)  # cosmos3_offload.main imports it at the call
+        status = main(["serve", "--port", "0", "--storage", str(storage), "--no-progress", *flags])
+    assert status == 0 and len(handed) == 1, f"serve exited {status} without handing over the model"
+    return handed[0]
+
+
+@contextlib.contextmanager
+def _uvicorn_thread(app):
+    """`app` served by uvicorn (the server's settings) on a free loopback port, from a thread; yields its URL."""
+    import uvicorn
+
+    from cosmos3_offload.serve import server
+
+    listener = server.bind("127.0.0.1", 0)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_graceful_shutdown=server.GRACEFUL_SECONDS,
+        timeout_keep_alive=server.KEEP_ALIVE_SECONDS,
+        lifespan="off",
+        access_log=False,
+    )
+    running = uvicorn.Server(config)  # off the main thread it installs no signal handlers
+    thread = threading.Thread(target=running.run, kwargs={"sockets": [listener]}, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        while not running.started:
+            if not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            threading.Event().wait(0.01)
+        host, port = listener.getsockname()[:2]
+        yield f"http://{host}:{port}"
+    finally:
+        running.should_exit = True
+        thread.join(STOP_SECONDS)
+        listener.close()

@@ -1,5 +1,8 @@
-"""The real server on a loopback port, driven by the official `openai` client (and raw HTTP where the
-client cannot say it): jobs, files, errors, the key, the queue bound and a restart."""
+"""The server driven by the official `openai` client (and raw HTTP where the client cannot say it): jobs,
+files, errors, paging, the key, the queue bound, health and metrics on the app `serve` builds, in this
+process (`InProcessServer`: the real CLI and app, through an ASGI transport); a real server process where
+the process is what is tested: a stop by SIGTERM, a SIGKILL, the restart after each, a second `serve` on
+the storage it holds."""
 
 from __future__ import annotations
 
@@ -7,15 +10,13 @@ import base64
 import json
 import signal
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
 from PIL import Image
-from server_process import ServerProcess
+from server_process import InProcessServer, ServerProcess
 
 from cosmos3_offload.app import cli
 
@@ -23,11 +24,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # openai 
 
 PROMPT = "a red fox running through fresh snow"
 SHORT = {"frames": 5, "steps": 2}  # the tiny model's quickest video
+SLOW = {"frames": 17, "steps": 200}  # a job that runs until it is stopped
 JOB_SECONDS = 120
 
 
-def client_for(server: ServerProcess, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+def client_for(server: InProcessServer | ServerProcess, key: str = "unused") -> openai.OpenAI:
+    """The openai client on `server`: through its ASGI transport in this process, over loopback to a process."""
+    http_client = getattr(server, "http", None)  # None: openai's own, on the network
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60, http_client=http_client)
 
 
 def wait(client: openai.OpenAI, video_id: str, *, until=("completed", "failed")):
@@ -40,18 +44,14 @@ def wait(client: openai.OpenAI, video_id: str, *, until=("completed", "failed"))
     raise AssertionError(f"{video_id} did not reach {until}")
 
 
-def http(server: ServerProcess, method: str, path: str, body: bytes | None = None, headers=None):
+def http(server: InProcessServer, method: str, path: str, body: bytes | None = None, headers=None):
     """(status, parsed JSON or text) of a raw request."""
-    request = urllib.request.Request(f"{server.url}{path}", data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            status, data, kind = response.status, response.read(), response.headers.get("content-type", "")
-    except urllib.error.HTTPError as error:
-        status, data, kind = error.code, error.read(), error.headers.get("content-type", "")
-    return status, json.loads(data) if kind.startswith("application/json") else data.decode()
+    response = server.http.request(method, path, content=body, headers=headers or {})
+    kind = response.headers.get("content-type", "")
+    return response.status_code, response.json() if kind.startswith("application/json") else response.text
 
 
-def post_json(server: ServerProcess, path: str, payload: dict, headers=None):
+def post_json(server: InProcessServer, path: str, payload: dict, headers=None):
     return http(
         server, "POST", path, json.dumps(payload).encode(), {"content-type": "application/json", **(headers or {})}
     )
@@ -59,7 +59,8 @@ def post_json(server: ServerProcess, path: str, payload: dict, headers=None):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("storage")) as running:
+    """The module's app: `serve` with its default flags, built once in this process."""
+    with InProcessServer(tmp_path_factory.mktemp("storage")) as running:
         yield running
 
 
@@ -93,6 +94,7 @@ def test_an_image_equals_generate_with_one_frame(server, tmp_path):
 
 
 def test_several_images_take_consecutive_seeds(server, tmp_path):
+    """images.generate with n=2 runs seeds 40 and 41 and returns two different images."""
     client = client_for(server)
     result = client.images.generate(prompt=PROMPT, n=2, extra_body={"steps": 1, "seed": 40})
     assert [item.model_extra["seed"] for item in result.data] == [40, 41]
@@ -117,6 +119,7 @@ def test_several_images_take_consecutive_seeds(server, tmp_path):
     ],
 )
 def test_bad_requests_are_400_with_the_openai_error_shape(server, fields, param):
+    """A field the model cannot take is a 400 in OpenAI's error shape, naming the field (param) it can."""
     client = client_for(server)
     with pytest.raises(openai.BadRequestError) as raised:
         client.videos.create(prompt=PROMPT, extra_body=fields)
@@ -126,6 +129,7 @@ def test_bad_requests_are_400_with_the_openai_error_shape(server, fields, param)
 
 
 def test_bad_bodies_and_prompts_are_400_never_500(server):
+    """Bodies that are no JSON object, bad or missing prompts, n too large, a bad limit: 400; a missing video: 404."""
     for body, kind in (
         (b"{not json", "application/json"),
         (b"[1, 2]", "application/json"),
@@ -180,6 +184,10 @@ def test_list_pages_and_delete(server):
 
 
 def test_health_and_metrics(server):
+    """/health says ok on the CPU; /metrics counts the completed jobs and steps (a 2-step job runs here first,
+    so the test needs no other) and reports the queue length and the memory gauges."""
+    client = client_for(server)
+    assert wait(client, client.videos.create(prompt=PROMPT, extra_body=SHORT).id).status == "completed"
     status, health = http(server, "GET", "/health")
     assert status == 200 and health["status"] == "ok" and health["device"] == "cpu"
     status, text = http(server, "GET", "/metrics")
@@ -192,14 +200,13 @@ def test_health_and_metrics(server):
 def test_a_full_queue_answers_429_and_deleting_cancels(tmp_path):
     """One job runs, one waits (--queue-size 1), the next is refused with 429; deleting the waiting job
     frees its place, deleting the running one stops it; both are gone afterwards."""
-    with ServerProcess(tmp_path / "storage", "--queue-size", "1") as server:
+    with InProcessServer(tmp_path / "storage", "--queue-size", "1") as server:
         client = client_for(server)
-        slow = {"frames": 17, "steps": 200}
-        running = client.videos.create(prompt=PROMPT, extra_body=slow)
+        running = client.videos.create(prompt=PROMPT, extra_body=SLOW)
         wait(client, running.id, until=("in_progress",))
-        waiting = client.videos.create(prompt=PROMPT, extra_body=slow)
+        waiting = client.videos.create(prompt=PROMPT, extra_body=SLOW)
         with pytest.raises(openai.RateLimitError) as raised:
-            client.videos.create(prompt=PROMPT, extra_body=slow)
+            client.videos.create(prompt=PROMPT, extra_body=SLOW)
         assert raised.value.status_code == 429 and raised.value.body["code"] == "rate_limit_exceeded"
         assert client.videos.delete(waiting.id).deleted
         again = client.videos.create(prompt=PROMPT, extra_body=SHORT)  # room again
@@ -211,8 +218,9 @@ def test_a_full_queue_answers_429_and_deleting_cancels(tmp_path):
 
 
 def test_the_api_key_is_required(tmp_path):
+    """With --api-key, /v1 and /metrics answer 401 to a wrong or missing key, /health needs none, the key works."""
     key = "s3cret-key-123"
-    with ServerProcess(tmp_path / "storage", "--api-key", key) as server:
+    with InProcessServer(tmp_path / "storage", "--api-key", key) as server:
         with pytest.raises(openai.AuthenticationError) as raised:
             client_for(server, "wrong-key").videos.list()
         assert raised.value.status_code == 401 and raised.value.body["code"] == "invalid_api_key"
@@ -222,39 +230,33 @@ def test_the_api_key_is_required(tmp_path):
         assert client_for(server, key).videos.list().data == []
 
 
-def test_a_restart_keeps_finished_jobs_and_fails_interrupted_ones(tmp_path):
-    """A completed job and its file survive a restart; jobs running or waiting at the stop are failed."""
+def test_a_restart_keeps_finished_jobs_and_fails_interrupted_ones(tmp_path, capsys):
+    """A server process holds its storage: a second `serve` on it exits 2 before loading. SIGTERM stops it with
+    exit 0 and fails the jobs running or waiting; after a restart the completed job and its file are kept and
+    the two others read failed (server_stopped)."""
+    from cosmos3_offload.main import main
+
     storage = tmp_path / "storage"
     with ServerProcess(storage) as server:
         client = client_for(server)
         done = client.videos.create(prompt=PROMPT, extra_body=SHORT)
         wait(client, done.id)
         content = client.videos.download_content(done.id).read()
-        running = client.videos.create(prompt=PROMPT, extra_body={"frames": 17, "steps": 200})
+        running = client.videos.create(prompt=PROMPT, extra_body=SLOW)
         wait(client, running.id, until=("in_progress",))
         waiting = client.videos.create(prompt=PROMPT, extra_body=SHORT)
+        with pytest.raises(SystemExit) as refused:  # the real `serve` command, from this process
+            main(["serve", "--port", "0", "--storage", str(storage), "--no-progress"])
+        assert refused.value.code == 2 and "in use by another server" in capsys.readouterr().err
         assert server.stop(signal.SIGTERM) == 0
     assert "2 unfinished job(s) marked failed" in server.output
-    with ServerProcess(storage) as server:
-        client = client_for(server)
+    with InProcessServer(storage) as restarted:
+        client = client_for(restarted)
         kept = client.videos.retrieve(done.id)
         assert kept.status == "completed" and client.videos.download_content(done.id).read() == content
         for video_id in (running.id, waiting.id):
             failed = client.videos.retrieve(video_id)
             assert failed.status == "failed" and failed.error.code == "server_stopped"
-
-
-def test_a_second_server_on_the_same_storage_is_refused(tmp_path):
-    storage = tmp_path / "storage"
-    with ServerProcess(storage):
-        with pytest.raises(RuntimeError, match="in use by another server"):
-            with ServerProcess(storage):
-                pass
-
-
-def _png(b64: str, path: Path) -> Path:
-    path.write_bytes(base64.b64decode(b64))
-    return path
 
 
 def test_a_killed_server_marks_its_running_job_failed_at_restart(tmp_path):
@@ -263,15 +265,20 @@ def test_a_killed_server_marks_its_running_job_failed_at_restart(tmp_path):
     storage = tmp_path / "storage"
     with ServerProcess(storage) as server:
         client = client_for(server)
-        running = client.videos.create(prompt=PROMPT, extra_body={"frames": 17, "steps": 200})
+        running = client.videos.create(prompt=PROMPT, extra_body=SLOW)
         wait(client, running.id, until=("in_progress",))
         server.stop(signal.SIGKILL)
-    with ServerProcess(storage) as server:
-        client = client_for(server)
+    with InProcessServer(storage) as restarted:
+        client = client_for(restarted)
         failed = client.videos.retrieve(running.id)
         assert failed.status == "failed" and failed.error.code == "server_restarted"
         assert list((storage / "jobs" / running.id).iterdir()) == []
         assert wait(client, client.videos.create(prompt=PROMPT, extra_body=SHORT).id).status == "completed"
+
+
+def _png(b64: str, path: Path) -> Path:
+    path.write_bytes(base64.b64decode(b64))
+    return path
 
 
 @pytest.mark.parametrize(
@@ -288,6 +295,7 @@ def test_a_killed_server_marks_its_running_job_failed_at_restart(tmp_path):
     ],
 )
 def test_bad_serve_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
+    """A serve flag it cannot take: one line on stderr, exit status 2, and no storage folder created."""
     from cosmos3_offload.main import main
 
     with pytest.raises(SystemExit) as raised:
@@ -299,6 +307,7 @@ def test_bad_serve_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, messag
 
 
 def test_a_port_in_use_and_a_storage_file_are_refused_before_loading(tmp_path, capsys):
+    """A port another socket holds, and a --storage that is a file: exit 2 with the reason, before loading."""
     import socket
 
     from cosmos3_offload.main import main

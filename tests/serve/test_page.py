@@ -1,5 +1,6 @@
 """The web page, as a person uses it, in Debian's headless Chromium (driven by Playwright, which is told
-to use that browser and never downloads its own), against a real server running the tiny model."""
+to use that browser and never downloads its own), against the server's app running the tiny model, served
+over loopback HTTP by uvicorn from a thread of the test process (server_process.InProcessServer)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import urllib.request
 
 import pytest
 from PIL import Image
-from server_process import ServerProcess
+from server_process import InProcessServer
 
 from cosmos3_offload.model.tiers import RESOLUTION_TIERS
 
@@ -70,12 +71,12 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with ServerProcess(tmp_path_factory.mktemp("storage"), "--steps", "2", "--frames", "5") as running:
+    with InProcessServer(tmp_path_factory.mktemp("storage"), "--steps", "2", "--frames", "5", listen=True) as running:
         yield running
 
 
 @contextlib.contextmanager
-def opened(browser, server: ServerProcess):
+def opened(browser, server: InProcessServer):
     """The page in a fresh browser context (its own localStorage), once it has read the server's defaults."""
     context = browser.new_context(viewport={"width": 1000, "height": 900})
     try:
@@ -87,7 +88,7 @@ def opened(browser, server: ServerProcess):
         context.close()
 
 
-def api(server: ServerProcess, method: str, path: str, payload: dict | None = None, key: str | None = None):
+def api(server: InProcessServer, method: str, path: str, payload: dict | None = None, key: str | None = None):
     """(status, JSON body) of a call made without the page, to compare the page with the server."""
     headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {key}"} if key else {})
     body = None if payload is None else json.dumps(payload).encode()
@@ -199,7 +200,7 @@ def test_the_delete_button_removes_the_job_and_its_row(browser, server):
 def test_with_an_api_key_the_page_asks_for_it_then_works_and_remembers_it(browser, tmp_path):
     """Against --api-key the page shows the key field and the 401's message; typed in, the key makes a job
     run and play; after a reload the key comes back from localStorage and the history loads."""
-    with ServerProcess(tmp_path / "storage", "--steps", "1", "--frames", "5", "--api-key", KEY) as keyed:
+    with InProcessServer(tmp_path / "storage", "--steps", "1", "--frames", "5", "--api-key", KEY, listen=True) as keyed:
         with opened(browser, keyed) as page:
             page.wait_for_selector("#key-row:not([hidden])")
             page.wait_for_selector("#error:not([hidden])")  # the history could not be read without the key

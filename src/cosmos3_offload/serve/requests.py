@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..app.serve_settings import RequestLimit
+from ..errors import InputError
 from ..model.tiers import RESOLUTION_TIERS
 from ..request.checks import FieldError, shown
 from ..request.spec import FIELDS_BY_NAME, MAX_FRAMES, door_fields, named_at, request_defaults
@@ -131,6 +132,8 @@ def _read(spec, http_name: str, value: Any) -> Any:
         return spec.check(value)
     except FieldError as error:
         raise bad_request(str(named_at(error, "http").named(http_name)), http_name) from None
+    except InputError as error:  # text the field cannot take (empty, too long, not UTF-8)
+        raise bad_request(str(error), http_name) from None
 
 
 def _frames_of(seconds: Any, fps: float) -> int:

@@ -8,12 +8,16 @@ waiting ones (a restart reports them as such), the database is closed, exit stat
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import signal
 import socket
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import uvicorn
+from fastapi import FastAPI
 
 from ..app.runner import LoadedModel
 from ..app.serve_settings import ServeSettings
@@ -33,42 +37,62 @@ KEEP_ALIVE_SECONDS = 30
 def serve(loaded: LoadedModel, settings: ServeSettings) -> int:
     listener = bind(settings.host, settings.port)
     try:
-        store = JobStore.open(settings.storage)
-    except BaseException:
+        with in_process(loaded, settings) as running:
+            config = uvicorn.Config(
+                running.app,
+                log_level="warning",
+                timeout_graceful_shutdown=GRACEFUL_SECONDS,
+                timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                lifespan="off",
+                access_log=False,
+            )
+            server = uvicorn.Server(config)
+            host, port = listener.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            print(
+                f"serving {settings.model_name} on http://{shown}:{port} (device {loaded.device}, storage "
+                f"{settings.storage}, loaded in {running.load_seconds:.1f}s); Ctrl-C stops",
+                flush=True,
+            )
+            with _signals_recorded():
+                server.run(sockets=[listener])
+    finally:
         listener.close()
-        raise
+    print(f"stopped; {len(running.unfinished)} unfinished job(s) marked failed", flush=True)
+    return 0
+
+
+@dataclass
+class Running:
+    """The app of a running server, how long its model took to load, and (once stopped) the job ids
+    that were left unfinished."""
+
+    app: FastAPI
+    load_seconds: float
+    unfinished: list = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def in_process(loaded: LoadedModel, settings: ServeSettings) -> Iterator[Running]:
+    """The app `serve` runs, with its storage locked, model loaded and job worker started; `serve` puts it
+    behind a socket, the tests drive it through an ASGI transport. Leaving it stops the worker: waiting jobs
+    are marked failed, the running one ends at its next step, the storage is released."""
+    store = JobStore.open(settings.storage)
     queue = None
+    running = None
     try:
         timer = PhaseTimer(loaded.device)
         loaded.load(timer, progress=settings.progress)
         metrics = Metrics()
         queue = JobQueue(loaded, store, settings.queue_size, metrics)
-        app = create_app(Service(loaded, store, queue, metrics, settings))
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            timeout_graceful_shutdown=GRACEFUL_SECONDS,
-            timeout_keep_alive=KEEP_ALIVE_SECONDS,
-            lifespan="off",
-            access_log=False,
-        )
-        server = uvicorn.Server(config)
-        host, port = listener.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
+        running = Running(create_app(Service(loaded, store, queue, metrics, settings)), timer.phases[-1].seconds)
         queue.start()
-        print(
-            f"serving {settings.model_name} on http://{shown}:{port} (device {loaded.device}, storage "
-            f"{settings.storage}, loaded in {timer.phases[-1].seconds:.1f}s); Ctrl-C stops",
-            flush=True,
-        )
-        with _signals_recorded():
-            server.run(sockets=[listener])
+        yield running
     finally:
         left = [] if queue is None else queue.stop()
+        if running is not None:
+            running.unfinished = left
         store.close()
-        listener.close()
-    print(f"stopped; {len(left)} unfinished job(s) marked failed", flush=True)
-    return 0
 
 
 def bind(host: str, port: int) -> socket.socket:
