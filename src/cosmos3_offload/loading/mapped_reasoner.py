@@ -18,7 +18,7 @@ def can_map(*, has_files: bool, rewrites_weights: bool) -> bool:
 
 
 def check_mapped_reasoner(
-    plan: Plan, *, has_files: bool, rewrites_weights: bool, source: str = "random weights"
+    plan: Plan, *, has_files: bool, rewrites_weights: bool, source: str = "random weights (no --checkpoint)"
 ) -> None:
     """An InputError when `plan` maps the reasoner and the rule does not allow it; `source` names where the
     weights come from when there are no files ("random weights", "enable()'s loaded pipeline")."""
@@ -31,6 +31,6 @@ def check_mapped_reasoner(
         )
     if not has_files:
         raise InputError(
-            f"a mapped reasoner is read from the checkpoint's files, and {source} have none: pass --checkpoint, or "
-            "stream or stage the reasoner instead"
+            f"a mapped reasoner is read from the checkpoint's files, and {source} have none: stream or stage the "
+            "reasoner instead"
         )
