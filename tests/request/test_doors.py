@@ -67,9 +67,6 @@ BAD = {
 }
 # What a door needs beside the field itself for the value to mean something.
 WITH = {"cache_threshold": {"cache": "seacache"}, "condition_frames": {"video": Path("c.mp4")}}
-# Fields a door reads in a form of its own (a size for a tier and aspect ratio, a file for the image).
-COMPOSITE = {("http", "resolution"), ("http", "aspect_ratio"), ("http", "image"), ("sample", "image"),
-             ("sample", "video")}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +123,7 @@ def test_sample_files_take_each_field_under_their_name(tmp_path, name):
         fields = sample_fields({"prompt": "a", "vision_path": str(value)}, tmp_path)
         assert fields[name] == tmp_path / value
         return
-    extra = {FIELDS_BY_NAME[k].sample: v for k, v in WITH.get(name, {}).items()}
-    if name == "video" or "video" in WITH.get(name, {}):
-        extra = {"vision_path": "c.mp4"}
+    extra = {"vision_path": "c.mp4"} if "video" in WITH.get(name, {}) else {}
     sample = {"prompt": "a", spec.sample: list(value) if isinstance(value, tuple) else value} | extra
     assert sample_fields(sample, tmp_path)[name] == value
 
