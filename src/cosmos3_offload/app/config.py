@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..kernels.attention import available_attention
 from ..kernels.probe import AUTO, DIFFUSERS, check_attention_choice
 from ..request.checks import check_input_file, shown
-from ..request.spec import FIELDS_BY_NAME, RequestSpec
+from ..request.spec import RequestSpec
 from .outputs import check_output
 from .schedule import check_schedule
 
@@ -58,14 +58,6 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise InputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def check_cache(cache: object, threshold: object) -> None:
-    """A step cache and its threshold, as a request's `cache` and `cache_threshold` fields check them."""
-    FIELDS_BY_NAME["cache"].check(cache)
-    FIELDS_BY_NAME["cache_threshold"].check(threshold)
-    if threshold is not None and cache != "seacache":
-        raise InputError("--cache-threshold tunes SeaCache; pass --cache seacache too, or drop it")
 
 
 COMPILE_CHOICES = ("auto", "on", "off")  # --compile: auto is on for a GPU, off on the CPU

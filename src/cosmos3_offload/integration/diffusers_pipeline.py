@@ -22,13 +22,14 @@ import torch
 from diffusers import Cosmos3OmniPipeline
 from torch import nn
 
-from ..app.config import KernelOptions, check_cache, resolve_device
+from ..app.config import KernelOptions, resolve_device
 from ..app.device_profile import probe_shape
 from ..errors import InputError
 from ..kernels.probe import choose_attention, kernel_rates
 from ..loading.mapped_reasoner import check_mapped_reasoner
 from ..loading.quantization import NONE, Fp8Options
 from ..planning.plan import Plan
+from ..request.spec import check_cache
 from .budget import LargestCall, choose_pipeline_plan, measure_device, read_budget
 from .fp8 import fp8_linears
 from .offloaded_pipeline import OffloadedCosmos3OmniPipeline

@@ -183,8 +183,7 @@ class RequestSpec:
                 )
         if self.sound and self.frames == 1:
             raise InputError("--sound goes with a video: use --frames 5 or more, or drop --sound")
-        if self.cache_threshold is not None and self.cache != "seacache":
-            raise InputError("--cache-threshold tunes SeaCache; pass --cache seacache too, or drop it")
+        check_cache(self.cache, self.cache_threshold)
         if self.output is None:
             object.__setattr__(self, "output", Path("output.jpg" if self.frames == 1 else "output.mp4"))
 
@@ -218,6 +217,14 @@ def request_defaults(*, tiny: bool = False, distilled_steps: int | None = None) 
     if distilled_steps is not None:
         defaults |= {"steps": distilled_steps, "guidance": 1.0}
     return defaults
+
+
+def check_cache(cache: object, threshold: object) -> None:
+    """A step cache and its threshold, as the request's fields take them (enable() takes them apart)."""
+    FIELDS_BY_NAME["cache"].check(cache)
+    FIELDS_BY_NAME["cache_threshold"].check(threshold)
+    if threshold is not None and cache != "seacache":
+        raise InputError("--cache-threshold tunes SeaCache; pass --cache seacache too, or drop it")
 
 
 def named_at(error: FieldError, door: str) -> FieldError:
