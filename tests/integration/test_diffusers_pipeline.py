@@ -363,7 +363,10 @@ def test_enable_refuses_what_it_cannot_place(folder, resident):
         ({"vram_budget": "lots"}, "cannot read the budget"),
         ({"vram_budget": True}, "vram_budget must be"),
         ({"vram_budget": "1MiB"}, "nothing fits"),
-        ({"plan": Plan(reasoner=GroupPlan(mode=Mode.MAPPED))}, "mapped reasoner"),
+        (
+            {"plan": Plan(reasoner=GroupPlan(mode=Mode.MAPPED))},
+            r"loaded pipeline's weights have none: stream or stage the reasoner instead$",
+        ),
         ({"offload_stages": ["text_encoder"]}, "unknown offload stage"),
         ({"max_frames": 0, "vram_budget": "8GiB"}, "max_frames"),
         ({"quantize": "int4"}, "unknown --quantize"),

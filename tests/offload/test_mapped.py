@@ -130,7 +130,7 @@ def test_engine_holds_the_predicted_host_bytes(checkpoint, dtype):
 
 def test_mapping_needs_a_checkpoint():
     """Random weights have no file to map: a mapped plan is refused before anything is allocated."""
-    with pytest.raises(InputError, match="pass --checkpoint"):
+    with pytest.raises(InputError, match="random weights .* pass --checkpoint DIR, or stream or stage the reasoner"):
         load_components(None, CPU, torch.float32, MAPPED)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "cosmos3_offload"
 ANCHOR = "    def __post_init__(self) -> None:\n        for spec in REQUEST_FIELDS:"
-HIDDEN = '''    hidden_knob: int = declare(
+HIDDEN = """    hidden_knob: int = declare(
         7,
         help="a field only this test declares",
         low=0, high=9,
@@ -24,7 +24,7 @@ HIDDEN = '''    hidden_knob: int = declare(
         diffusers=Absent("diffusers' call has no such keyword"),
     )
 
-'''
+"""
 CHECKS = """
 import sys
 from pathlib import Path

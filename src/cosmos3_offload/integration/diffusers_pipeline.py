@@ -118,7 +118,13 @@ def enable(
             cache_threshold=cache_threshold,
         )
         plan, kernels = budget.choice.plan, setup.kernels
-    check_mapped_reasoner(plan, has_files=False, rewrites_weights=False, source="a loaded pipeline's weights")
+    check_mapped_reasoner(
+        plan,
+        has_files=False,
+        rewrites_weights=False,
+        source="a loaded pipeline's weights",
+        remedy="stream or stage the reasoner instead",
+    )
     kernels = dataclasses.replace(kernels, fused=options.fused(target))
     engine = place_pipeline(pipe, plan, target, fp8)
     modules = (pipe.transformer, pipe.vae, pipe.sound_tokenizer)

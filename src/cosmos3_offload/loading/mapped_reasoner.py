@@ -18,10 +18,16 @@ def can_map(*, has_files: bool, rewrites_weights: bool) -> bool:
 
 
 def check_mapped_reasoner(
-    plan: Plan, *, has_files: bool, rewrites_weights: bool, source: str = "random weights (no --checkpoint)"
+    plan: Plan,
+    *,
+    has_files: bool,
+    rewrites_weights: bool,
+    source: str = "random weights (no --checkpoint)",
+    remedy: str = "pass --checkpoint DIR, or stream or stage the reasoner",
 ) -> None:
     """An InputError when `plan` maps the reasoner and the rule does not allow it; `source` names where the
-    weights come from when there are no files ("random weights", "enable()'s loaded pipeline")."""
+    weights come from when there are no files ("random weights", "a loaded pipeline's weights") and `remedy`
+    what that caller can do instead."""
     if not plan.maps_checkpoint:
         return
     if rewrites_weights:
@@ -30,7 +36,4 @@ def check_mapped_reasoner(
             "are: stream or stage the reasoner instead (or use an FP8 checkpoint, which maps as it is)"
         )
     if not has_files:
-        raise InputError(
-            f"a mapped reasoner is read from the checkpoint's files, and {source} have none: stream or stage the "
-            "reasoner instead"
-        )
+        raise InputError(f"a mapped reasoner is read from the checkpoint's files, and {source} have none: {remedy}")
