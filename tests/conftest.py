@@ -7,6 +7,7 @@ changes a folder copies it first)."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -42,3 +43,17 @@ def fp8_checkpoint(tmp_path_factory) -> Path:
     from fp8_layout import write_fp8_checkpoint
 
     return write_fp8_checkpoint(tmp_path_factory.mktemp("hub") / "Cosmos3-Nano-fp8")
+
+
+@pytest.fixture
+def no_hang():
+    """A test whose code blocks (reading a FIFO, say) fails after 60 s instead of hanging the suite."""
+
+    def hung(signum, frame):
+        raise TimeoutError("blocked for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

@@ -139,6 +139,23 @@ def bad_distilled_sigmas(ckpt: Path) -> tuple[str, ...]:
     return ("modular_model_index.json", "distilled_sigmas")
 
 
+def scheduler_rejected(ckpt: Path) -> tuple[str, ...]:
+    """A scheduler config diffusers refuses: generate would fail on it after the load."""
+    edit_json(ckpt / "scheduler" / "scheduler_config.json", num_train_timesteps=-1)
+    return ("scheduler_config.json", "num_train_timesteps -1")
+
+
+def bad_negative_prompt(ckpt: Path) -> tuple[str, ...]:
+    """A default negative prompt generate refuses to read."""
+    (ckpt / "assets" / "negative_prompt.json").write_text("{oops")
+    return ("assets/negative_prompt.json", "cannot be read as JSON")
+
+
+def claims_more_layers(ckpt: Path) -> tuple[str, ...]:
+    edit_json(ckpt / "transformer" / "config.json", num_hidden_layers=10**9)
+    return ("transformer/config.json", "num_hidden_layers is 1000000000, but its shards hold 2 layers")
+
+
 # One damage per case of the issue: each is exactly one problem, so exactly one line.
 DAMAGES = {
     "missing-shard": missing_shard,
@@ -154,6 +171,9 @@ DAMAGES = {
     "not-cosmos3": not_cosmos3,
     "sound-tokenizer-shape": sound_tokenizer_shape,
     "bad-distilled-sigmas": bad_distilled_sigmas,
+    "scheduler-rejected": scheduler_rejected,
+    "bad-negative-prompt": bad_negative_prompt,
+    "claims-more-layers": claims_more_layers,
 }
 
 

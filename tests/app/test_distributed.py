@@ -3,19 +3,30 @@ before any rank joins; a rank that fails mid-run ends the group instead of hangi
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
-from ranks import run_ranks
+import torch
+from ranks import run_ranks, start_method
 
 from cosmos3_offload.app.config import GenerationConfig
 from cosmos3_offload.app.distributed import parallel_layout, start_mesh
 from cosmos3_offload.app.runner import LoadedModel, generate_video
 from cosmos3_offload.app.timer import PhaseTimer
+from cosmos3_offload.app.workers import free_port, worker_environment
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.loading.components import model_configs
+from cosmos3_offload.parallel import mesh
 from cosmos3_offload.planning.parallel import ParallelLayout
 from cosmos3_offload.planning.plan import Plan
 from cosmos3_offload.planning.tiles import TileGrid
@@ -93,6 +104,63 @@ def test_a_rank_failing_mid_run_ends_the_group(tmp_path):
     assert outcomes[0]["exitcode"] != 0 and "error" in outcomes[0]
 
 
+def _join_alone(folder: Path) -> None:
+    """Rank 1 of 2 joining a group whose rank 0 never starts: the message it ends with, in `folder`/said."""
+    os.environ.update(worker_environment(1, 2, free_port()))
+    try:
+        start_mesh(ParallelLayout(cfg=2), torch.device("cpu"))
+        (folder / "said").write_text("joined")
+    except InputError as error:
+        (folder / "said").write_text(str(error))
+
+
+def test_a_rank_whose_peer_never_starts_gives_up_after_the_rendezvous_timeout(tmp_path, monkeypatch):
+    """If this fails, a rank whose peer never starts waits for it (30 minutes, or forever) instead of saying so."""
+    monkeypatch.setattr(mesh, "RENDEZVOUS_TIMEOUT", timedelta(seconds=2))
+    child = multiprocessing.get_context(start_method()).Process(target=_join_alone, args=(tmp_path,))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive, "still waiting after 60 s"
+    said = (tmp_path / "said").read_text()
+    assert said.startswith("rank 1 of 2 waited 2 s at 127.0.0.1:") and "MASTER_ADDR:MASTER_PORT" in said, said
+    assert "\n" not in said
+
+
+@pytest.mark.parametrize(
+    "rank, signum, status, words", [(1, "SIGINT", 130, "interrupted"), (0, "SIGTERM", 143, "terminated")]
+)
+def test_a_rank_waiting_at_the_rendezvous_honours_sigint_and_sigterm(tmp_path, rank, signum, status, words):
+    """If this fails, a rank waiting for a peer that never starts ignores Ctrl-C and SIGTERM (only SIGKILL ends it)."""
+    command = [sys.executable, "-m", "cosmos3_offload", "generate", "--prompt", "a red fox", "--device", "cpu"]
+    command += ["--no-progress", "--verbose", "--frames", "9", "--steps", "2", "--output", "fox.mp4"]
+    environment = worker_environment(rank, 2, free_port())
+    process = subprocess.Popen(command, cwd=tmp_path, env=environment, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=lambda: [*map(lines.put, process.stderr), lines.put(None)], daemon=True)
+    reader.start()
+    try:
+        said = []  # the rank says where it waits (INFO, --verbose) once it is there
+        while not said or "waiting at 127.0.0.1" not in said[-1]:
+            said.append(lines.get(timeout=120))
+            assert said[-1] is not None, "".join(said[:-1])
+        time.sleep(1)  # well inside the blocking rendezvous call
+        process.send_signal(getattr(signal, signum))
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{signum} left the waiting rank running for 30 s")
+        reader.join(10)
+        after = [line.rstrip("\n") for line in iter(lines.get_nowait, None)]
+    finally:
+        process.kill()
+        process.wait()
+    assert code == status and after == [f"cosmos3-offload: {words}; nothing was written"], after
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_layouts_the_model_or_request_cannot_take_are_refused(monkeypatch, tmp_path):
     """Before any rank joins: a WORLD_SIZE no launcher set, heads that do not divide, CFG-parallel on an odd
     count or without guidance, CFG-parallel asked of one process, and launcher variables that describe no group."""
@@ -142,7 +210,7 @@ def test_generate_on_two_processes_writes_one_video_and_one_report(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "fox.mp4").stat().st_size > 0
     assert done.stdout.count("wrote fox.mp4") == 1
-    assert "parallel: 2 GPUs: CFG-parallel 2" in done.stdout
+    assert "parallel: 2 CPU processes: CFG-parallel 2" in done.stdout
 
 
 @pytest.mark.parametrize(

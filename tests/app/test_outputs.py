@@ -21,6 +21,7 @@ from PIL import Image
 from cosmos3_offload.app import outputs, runner, video_io
 from cosmos3_offload.app.cli import main
 from cosmos3_offload.app.outputs import OutputLock, check_output, write_output
+from cosmos3_offload.app.report import shown_path
 from cosmos3_offload.errors import InputError
 
 SUFFIXES = [".mp4", ".jpg", ".png"]
@@ -126,7 +127,7 @@ def test_written_through_a_temporary_file_beside_the_target(tmp_path, monkeypatc
 def test_failing_encoder_leaves_nothing(tmp_path, monkeypatch, suffix, existing):
     """Fails when a failed encode leaves a temporary file, a half-written output, or touches the old file."""
 
-    def broken_video(path, *args, **kwargs):
+    def broken_video(frames, path, *args, **kwargs):
         Path(path).write_bytes(b"half a video")
         raise OSError("disk full")
 
@@ -134,7 +135,7 @@ def test_failing_encoder_leaves_nothing(tmp_path, monkeypatch, suffix, existing)
         Path(path).write_bytes(b"half an image")
         raise OSError("disk full")
 
-    monkeypatch.setattr(video_io.imageio, "mimwrite", broken_video)
+    monkeypatch.setattr(video_io, "_write_mp4", broken_video)
     monkeypatch.setattr(video_io.Image.Image, "save", broken_image)
     target = tmp_path / f"out{suffix}"
     if existing:
@@ -342,6 +343,32 @@ def test_glob_characters_in_the_name_do_not_widen_the_cleanup(tmp_path, name):
     with OutputLock(tmp_path / name):
         pass
     assert sorted(listing(tmp_path)) == sorted(others)
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def test_report_escapes_terminal_controls_in_the_output_name(capsys, tmp_path):
+    """Fails when the report after a run prints an output name's ESC raw (a name with ESC[2J clears the screen)."""
+    target = tmp_path / "o\x1b[2J.jpg"
+    assert generate(*cli_frames(".jpg"), "--output", str(target)) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and out.startswith(f"wrote {str(target)!r} (1 frame, ")
+    assert target.is_file()
+
+
+@pytest.mark.parametrize(
+    "path, shown",
+    [
+        ("out/fox ü.mp4", "out/fox ü.mp4"),
+        ("o\nwrote x.mp4", "'o\\nwrote x.mp4'"),
+        ("o\u202e4pm.jpg", "'o\\u202e4pm.jpg'"),
+    ],
+    ids=["plain", "newline", "bidi-override"],
+)
+def test_report_paths_are_plain_unless_a_terminal_would_act_on_them(path, shown):
+    """Fails when a plain path is quoted in the report, or a newline or bidi override is printed raw."""
+    assert shown_path(Path(path)) == shown
 
 
 # --- interrupts ----------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ BAD = [
         "--vram-budget",
         NON_FINITE
         + ["1e400", "1e308", "-1", "-8GiB", "0", "0GiB", "-0", "1e-320", "0.5MiB", "2PiB", "1048577GiB"]
-        + ["8TiB", "8KiB", "8 bytes", "GiB", "8GiBs", "8iB", "8 GiB 8", "", " ", "\udcff", "8GiB\x00", "eight"],
+        + ["8XiB", "8KiB", "8 bytes", "GiB", "8GiBs", "8iB", "8 GiB 8", "", " ", "\udcff", "8GiB\x00", "eight"],
         "budget",
     ),
     *cases("--h2d-gbps", NON_FINITE + HUGE + NEGATIVE + ZERO + NOT_NUMBERS + ["1e-320", "0.01", "10001"], "h2d-gbps"),
@@ -220,7 +220,7 @@ def test_an_output_name_that_is_not_utf8_is_written_and_reported_escaped(capsys,
     monkeypatch.chdir(tmp_path)
     assert main([*GENERATE, "--output", "\udcff.mp4"]) == 0
     assert listing(tmp_path) == ["\udcff.mp4"]
-    assert "wrote \\udcff.mp4" in capsys.readouterr().out
+    assert "wrote '\\udcff.mp4'" in capsys.readouterr().out  # escaped, and quoted as it is
 
 
 def run_module(args: list[bytes], cwd: Path) -> subprocess.CompletedProcess:

@@ -248,10 +248,30 @@ def test_more_gpus_than_the_machine_has_is_refused(monkeypatch):
     assert gpu_count_problem(8, "cpu") is None
 
 
-def test_without_cuda_workers_run_on_the_cpu(monkeypatch):
-    """No GPU and no --device: --gpus N means N CPU workers (gloo), allowed."""
+def test_without_cuda_gpus_are_refused_unless_the_cpu_is_asked_for(monkeypatch):
+    """If this fails, `--gpus 2` on a machine without GPUs quietly runs two CPU processes and reports 2 GPUs."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_count_problem(4, None) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert gpu_count_problem(2, None) == (
+        "--gpus 2, but this machine has no CUDA GPU (or this torch cannot use one); "
+        "add --device cpu to run 2 CPU processes instead"
+    )
+    assert gpu_count_problem(4, "cpu") is None  # asked for by name: N CPU workers over gloo
+    with pytest.raises(InputError, match="sees no CUDA GPU"):
+        gpu_count_problem(2, "cuda")
+
+
+def test_gpus_without_cuda_is_one_line_from_the_command_line(monkeypatch, capsys):
+    """If this fails, `generate --gpus 2` without GPUs starts workers instead of saying what is missing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(workers, "launch_workers", lambda *args, **kwargs: pytest.fail("workers were started"))
+    from cosmos3_offload.app.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--prompt", "a fox", "--gpus", "2", "--output", "never.mp4"])
+    lines = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "add --device cpu" in lines[0], lines
 
 
 def test_last_line_takes_a_progress_bars_last_drawing():

@@ -149,3 +149,12 @@ def test_describe_choice_names_the_layout_and_says_per_gpu(nano):
     text = describe_choice(choice, 8 * GIB)
     assert CFG_AND_SEQUENCE.describe() in text and "8.0 GiB budget per GPU" in text
     assert "per GPU" not in describe_choice(choose_plan(nano, on(SINGLE), 8 * GIB, PROFILE), 8 * GIB)
+
+
+def test_cpu_ranks_are_counted_as_processes_not_gpus():
+    """If this fails, a run over CPU processes (`--gpus 2 --device cpu`) reports and refuses in GPUs."""
+    assert ParallelLayout(cfg=2).describe() == "2 GPUs: CFG-parallel 2"
+    assert ParallelLayout(cfg=2, on_cpu=True).describe() == "2 CPU processes: CFG-parallel 2"
+    assert ParallelLayout(on_cpu=True).describe() == "one CPU process"
+    with pytest.raises(InputError, match="sequence-parallel over 3 CPU processes"):
+        ParallelLayout(sequence=3, on_cpu=True).check_tokens(100)

@@ -14,7 +14,7 @@ from cosmos3_offload.planning.request import DeviceProfile, Request, parse_budge
 from cosmos3_offload.planning.search import TIME_TOLERANCE, candidates, choose_plan, describe_choice, predict, spread
 from cosmos3_offload.planning.tiles import TileGrid
 from cosmos3_offload.planning.timing import moved_bytes, simulate_ring
-from cosmos3_offload.units import GIB
+from cosmos3_offload.units import GIB, MIB
 
 PROFILE = DeviceProfile()
 
@@ -94,16 +94,31 @@ def test_refusal_names_a_budget_that_works(nano):
     choose_plan(nano, request, int(least * GIB), PROFILE)
 
 
-@pytest.mark.parametrize("text, value", [("8GiB", 8 * GIB), ("8", 8 * GIB), ("7500MiB", 7500 * 1024**2), ("8GB", 8e9)])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("8GiB", 8 * GIB),
+        ("8", 8 * GIB),
+        ("7500MiB", 7500 * 1024**2),
+        ("8GB", 8e9),
+        ("1PiB", 1024**5),
+        ("2TiB", 2 * 1024**4),
+        ("8TB", 8e12),
+        ("1MiB", 1024**2),
+        ("4096KiB", 4 * 1024**2),
+        (" 8 gib ", 8 * GIB),
+    ],
+)
 def test_budget_parsing(text, value):
-    """Sizes with binary or decimal units, or bare GiB."""
+    """Sizes with binary or decimal units from KiB to PiB (the documented range ends at 1 PiB), or bare GiB."""
     assert parse_budget(text) == int(value)
 
 
-@pytest.mark.parametrize("text", ["eight", "8TB", "", "GiB", "nan", "inf", "-infGiB", "1e400", "nanMiB"])
+@pytest.mark.parametrize("text", ["eight", "8XB", "", "GiB", "nan", "inf", "-infGiB", "1e400", "nanMiB", "8 GiB GiB"])
 def test_unreadable_budgets_are_refused(text):
-    """Unreadable or non-finite budgets say how to write one."""
-    with pytest.raises(InputError, match="write it like 8GiB"):
+    """Unreadable or non-finite budgets say exactly which units are accepted."""
+    accepted = r"write it like 8GiB or 7500MiB: a number and one of B, KiB, MiB, GiB, TiB, PiB \(KB to PB"
+    with pytest.raises(InputError, match=accepted):
         parse_budget(text)
 
 
@@ -112,6 +127,13 @@ def test_out_of_range_budgets_are_refused(text):
     """Budgets below 1 MiB or past 1 PiB are refused with the range."""
     with pytest.raises(InputError, match="out of range"):
         parse_budget(text)
+
+
+@pytest.mark.parametrize("budget, shown", [(MIB, "1.0 MiB"), (300 * MIB, "300.0 MiB"), (3 * GIB, "3.0 GiB")])
+def test_a_budget_nothing_fits_is_shown_in_a_unit_that_shows_it(nano, budget, shown):
+    """If this fails, a 1 MiB budget is reported as 'a 0.0 GiB budget'."""
+    with pytest.raises(InputError, match=f"nothing fits a {shown} budget"):
+        choose_plan(nano, Request.for_video(189, 720, 1280), budget, PROFILE)
 
 
 def test_decode_bytes_trade_for_work(nano):

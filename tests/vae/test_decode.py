@@ -8,11 +8,19 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
+from tiny_models import tiny_vae
 
 from cosmos3_offload.model.specs import model_spec
 from cosmos3_offload.offload.streams import HostLanding
 from cosmos3_offload.vae import decode
-from cosmos3_offload.vae.decode import TileGrid, decode_tiles, decode_to_host, decoder_blocks, to_bytes
+from cosmos3_offload.vae.decode import (
+    NonFinitePixels,
+    TileGrid,
+    decode_tiles,
+    decode_to_host,
+    decoder_blocks,
+    to_bytes,
+)
 
 
 def raw_latents(pipe, frames=3, height=12, width=20, seed=0):
@@ -91,6 +99,42 @@ def test_high_resolution_halos_are_tight(pipeline, monkeypatch, stage):
     monkeypatch.setattr(decode, "decoder_blocks", lambda decoder: tuple(stages))
     ours = tiled_pixels(pipeline.vae, z, TileGrid(rows=2, cols=2, frames=1))
     assert (ours - diffusers_pixels(pipeline.vae, z)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "bad, grid", [(float("inf"), TileGrid()), (float("nan"), TileGrid(rows=2, cols=2))], ids=["inf", "nan-tiled"]
+)
+def test_non_finite_pixels_are_refused_not_turned_into_bytes(pipeline, bad, grid):
+    """Fails when a decoder giving infinite (clamped: white) or NaN (bytes 0: black) pixels returns frames."""
+    vae = tiny_vae()
+    vae.decoder.conv_out.bias.data.fill_(bad)
+    with pytest.raises(NonFinitePixels):
+        decode_to_host(vae, raw_latents(pipeline, frames=2, height=4, width=6), grid)
+
+
+def test_the_piece_hook_runs_before_every_tile_and_can_stop_the_decode(pipeline):
+    """Fails when `on_piece` is not called at every tile a rank decodes (a server could not stop a tiled
+    decode between tiles), or when what it raises does not stop the decode before its first piece."""
+    z = raw_latents(pipeline, frames=2, height=4, width=6)
+
+    def calls(grid: TileGrid, only=None) -> int:
+        count = []
+        decode_tiles(pipeline.vae, z, grid, lambda *piece: None, only, lambda: count.append(1))
+        return len(count)
+
+    untiled = calls(TileGrid())
+    assert untiled >= 1
+    assert calls(TileGrid(rows=1, cols=3)) == 3 * untiled
+    assert calls(TileGrid(rows=1, cols=3), only={0, 2}) == 2 * untiled
+
+    emitted = []
+
+    def stop() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        decode_tiles(pipeline.vae, z, TileGrid(), lambda *piece: emitted.append(piece), None, stop)
+    assert emitted == []
 
 
 def test_nano_decoder_blocks():

@@ -4,15 +4,19 @@ and what the folder holds.
 Every problem is collected (`loading.checkpoint.inspect_checkpoint`), not only the first one the
 loader stops at: missing or stray shards, damaged headers, shard indexes that name absent weights,
 weights of the wrong shape or dtype for the config, unknown class names, configs the model classes
-reject, folders that are not Cosmos3 at all; the pipeline options and the tokenizer are loaded as a
-run loads them. A good folder gets a report: model size, towers, sound and action heads, stored
-dtypes, the bytes of each weight group as loaded, and which placements fit this machine for the
-checkpoint's default request. Only JSON files, tokenizer files and safetensors headers are read
-(never a weight, a pickle or `vision_encoder/`); nothing is written.
+reject, configs claiming sizes their shards do not hold, names that are no regular files (a FIFO, a
+link to /dev/zero), folders that are not Cosmos3 at all; the pipeline options (with the scheduler
+config they sample with), the default negative prompts and the tokenizer are read by the functions a
+run reads them with, so `check` passes exactly what `generate` accepts. A good folder gets a report:
+model size, towers, sound and action heads, stored dtypes, the bytes of each weight group as loaded,
+and which placements fit this machine for the checkpoint's default request. Only JSON files,
+tokenizer files and safetensors headers are read (never a weight, a pickle or `vision_encoder/`);
+nothing is written.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ from transformers import AutoTokenizer
 from ..errors import InputError, first_line
 from ..loading.checkpoint import CheckpointContents, group_rule, inspect_checkpoint
 from ..loading.files import dtype_name, read_json
-from ..loading.layout import SOUND_TOKENIZER, pipeline_options
+from ..loading.layout import SOUND_TOKENIZER, default_negative_prompt, pipeline_options
 from ..loading.quantization import describe_quantization
 from ..loading.sizes import model_sizes
 from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, UNUSED, VAE, VAE_ENCODER
@@ -37,7 +41,7 @@ from ..planning.request import DeviceProfile, Request
 from ..planning.search import choose_plan, least_budget, predict
 from ..planning.sizes import ModelSizes
 from ..request.spec import RequestSpec, request_defaults
-from ..units import GIB, format_bytes
+from ..units import format_budget, format_bytes
 from .feasibility import device_free_bytes, host_available_bytes
 from .planned_request import request_of
 
@@ -87,12 +91,23 @@ def check_folder(path: Path, machine: Machine | None = None) -> str:
 
 
 def _run_problems(path: Path) -> list[str]:
-    """What a run reads besides the models: the pipeline options and the tokenizer."""
+    """What a run reads besides the models, read by the run's own functions: the pipeline options (and the
+    scheduler config they sample with), the default negative prompts of a video with and without
+    conditioning, and the tokenizer."""
     problems = []
-    try:
-        pipeline_options(path)
-    except InputError as error:
-        problems.append(str(error))
+    frames = request_defaults()["frames"]  # a video: the requests that get a default negative prompt
+    checks = [
+        functools.partial(pipeline_options, path),
+        *(
+            functools.partial(default_negative_prompt, path, frames=frames, conditioned=conditioned)
+            for conditioned in (False, True)
+        ),
+    ]
+    for check in checks:
+        try:
+            check()
+        except InputError as error:
+            problems.append(str(error))
     if (path / "text_tokenizer").is_dir():
         try:
             AutoTokenizer.from_pretrained(path / "text_tokenizer")
@@ -216,7 +231,7 @@ def _plans(sizes: ModelSizes, machine: Machine, distilled_steps: int | None = No
         least = least_budget(sizes, request, profile)
         lines.append(
             f"  this machine: no GPU (host {_maybe(machine.host_available)} available); the planner's "
-            f"placements need a GPU budget of at least {least / GIB:.1f} GiB"
+            f"placements need a GPU budget of at least {format_budget(least)}"
         )
         return lines
     lines.append(f"  this machine: {machine.gpu}, {_maybe(machine.gpu_free)} free")
@@ -225,7 +240,7 @@ def _plans(sizes: ModelSizes, machine: Machine, distilled_steps: int | None = No
     except InputError as error:  # nothing fits: the message says the least budget that would
         return [*lines, f"  the planner's pick: none; {error}"]
     lines.append(
-        f"  the planner's pick for {machine.gpu_free / GIB:.1f} GiB: {choice.plan.describe()} "
+        f"  the planner's pick for {format_budget(machine.gpu_free)}: {choice.plan.describe()} "
         f"(peak {format_bytes(choice.prediction.peak)}, {choice.prediction.times.total:.0f} s predicted)"
     )
     return lines

@@ -1,23 +1,25 @@
 """The validated request on this machine, and where to run it (device, dtype, kernels).
 
 The request's fields and their checks are declared once in request/spec.py; `GenerationConfig` adds
-what looks at this machine: the conditioning files exist, the output can be written, the schedule
-runs. Every check happens before anything is loaded, with a message that says how to fix it; the CLI
-turns an InputError into a one-line error and exit status 2.
+what looks at this machine: the conditioning files exist, the output can be written and is none of
+them, the schedule runs. Every check happens before anything is loaded, with a message that says how
+to fix it; the CLI turns an InputError into a one-line error and exit status 2.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..errors import InputError
 from ..kernels.attention import available_attention
 from ..kernels.probe import AUTO, DIFFUSERS, check_attention_choice
-from ..request.checks import check_input_file, shown
+from ..request.checks import InputFiles, check_input_file, shown
 from ..request.spec import RequestSpec
-from .outputs import check_output
+from .outputs import OutputFailed, check_output
 from .schedule import check_schedule
 
 DTYPES: dict[str, torch.dtype] = {
@@ -92,17 +94,20 @@ DEFAULT_KERNELS = KernelOptions()
 @dataclass(frozen=True, kw_only=True)
 class GenerationConfig(RequestSpec):
     """A request (see request/spec.py) checked against this machine too: its image or video exists, its
-    output can be written, and UniPC can run its (steps, shift) schedule."""
+    output can be written and is not its image or video (by any path, link or hard link), and UniPC can
+    run its (steps, shift) schedule."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for kind, path in (("image", self.image), ("video", self.video)):
+        inputs = (("image", self.image), ("video", self.video))
+        for kind, path in inputs:
             if path is not None:
                 check_input_file(kind, path)
+        InputFiles(inputs).refuse_output(self.output)
         check_schedule(self.steps, self.flow_shift)
         try:
             check_output(self.output, self.frames)
-        except InputError:
+        except (InputError, OutputFailed):  # bad input, or a disk with no room even for the probe (exit 1)
             raise
         except ValueError:  # a NUL byte, which only the Python API can pass
             raise InputError(f"output {str(self.output)!r} is not a usable path (it holds a NUL byte)") from None
@@ -110,3 +115,12 @@ class GenerationConfig(RequestSpec):
             raise InputError(
                 f"output {str(self.output)!r} cannot be used: {error.strerror}; choose another --output"
             ) from None
+
+
+def check_output_spares_checkpoint(output: Path, checkpoint: Path | None) -> None:
+    """Refuse an output that would replace one of the checkpoint's files (a symlink to it, a hard link,
+    a file inside its folder), which the request alone does not know."""
+    if checkpoint is not None and os.path.lexists(output):  # a new file replaces nothing
+        files = InputFiles()
+        files.add_folder("checkpoint", checkpoint)
+        files.refuse_output(output)

@@ -8,6 +8,8 @@ before the first collective, so no rank waits for another that has already left.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..errors import InputError
@@ -55,9 +57,10 @@ def rank_device(device: torch.device) -> torch.device:
 
 
 def start_mesh(layout: ParallelLayout, device: torch.device) -> ProcessMesh | None:
-    """Join the other ranks (None for a single process). Blocks until every rank has joined."""
+    """Join the other ranks (None for a single process). Blocks until every rank has joined, at most the
+    mesh's RENDEZVOUS_TIMEOUT; SIGINT and SIGTERM end the wait (parallel/mesh.py)."""
     if not layout.parallel:
         return None
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return ProcessMesh.start(layout, Environment.read(), device)
+    return ProcessMesh.start(dataclasses.replace(layout, on_cpu=device.type == "cpu"), Environment.read(), device)

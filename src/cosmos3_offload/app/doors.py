@@ -3,8 +3,8 @@
 The doors are the CLI, sample files and the server (through `LoadedModel.write`) and a diffusers
 pipeline under `enable()` (integration/generation.py). Each translates its input into a
 `PlacedPipeline`, a request and its `GenerationHooks`, and its output from `Generated`; the phases
-and their order are the path's alone, so what one door gains (the step cache, the non-finite check)
-every door has.
+and their order are the path's alone, so what one door gains (the step cache, the refusal of
+non-finite latents, frames or waveform) every door has.
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ class GenerationHooks:
     - `templates`: the prompt templates' switches;
     - `progress`: a progress bar over the steps; `on_step(i)`: called after step i (a server reports
       progress there, or raises to stop the request);
+    - `on_decode_tile()`: called before each piece of the video decode (each latent frame of each tile;
+      untiled, the frame is one tile), so what it raises stops a long decode within a piece; it propagates
+      and nothing is written;
     - `decode_video`: False leaves the video as latents (diffusers' output_type="latent").
     """
 
@@ -101,6 +104,7 @@ class GenerationHooks:
     templates: PromptTemplates = PromptTemplates()
     progress: bool = True
     on_step: Callable[[int], None] | None = None
+    on_decode_tile: Callable[[], None] | None = None
     decode_video: bool = True
 
 

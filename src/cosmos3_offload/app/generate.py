@@ -396,24 +396,31 @@ def _step(scheduler, velocity: torch.Tensor, t: torch.Tensor, sample: torch.Tens
 
 @torch.no_grad()
 def decode_frames(
-    pipe: Cosmos3OmniPipeline, latents: torch.Tensor, *, grid: TileGrid = UNTILED, mesh: ProcessMesh | None = None
+    pipe: Cosmos3OmniPipeline,
+    latents: torch.Tensor,
+    *,
+    grid: TileGrid = UNTILED,
+    mesh: ProcessMesh | None = None,
+    on_piece: Callable[[], None] | None = None,
 ) -> np.ndarray | None:
     """Normalized latents [1, C, T, H, W] -> uint8 frames [T, H, W, 3] on the host.
 
     Decoded in the tiles of `grid` (one tile: diffusers' untiled decode); frames leave the device
     as they are decoded (see vae/decode.py). With a `mesh` every rank decodes every n-th tile of a
-    grid with at least n tiles, and the leader gets the frames (the others None).
+    grid with at least n tiles, and the leader gets the frames (the others None). `on_piece()` is
+    called before each latent frame of each tile this rank decodes (what it raises stops the decode);
+    NaN or infinite pixels raise `NonFinitePixels` on the rank that decoded them.
     """
     vae = pipe.vae
     mean = pipe._vae_latents_mean.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
     inv_std = pipe._vae_latents_inv_std.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
     raw = latents.to(vae.dtype) / inv_std + mean
     if mesh is None or mesh.layout.world_size == 1:
-        return decode_to_host(vae, raw, grid)
+        return decode_to_host(vae, raw, grid, on_piece=on_piece)
     grid = at_least_tiles(grid, mesh.layout.world_size)
     tiles = grid.rows * grid.cols
     mine = range(mesh.rank, tiles, mesh.layout.world_size)
-    frames = torch.from_numpy(decode_to_host(vae, raw, grid, only=set(mine)))
+    frames = torch.from_numpy(decode_to_host(vae, raw, grid, only=set(mine), on_piece=on_piece))
     frames = mesh.sum_to_leader(frames, latents.device)  # the tiles are disjoint: the sum is each pixel once
     return None if frames is None else frames.numpy()
 

@@ -1,14 +1,19 @@
-"""Reading the user's conditioning files, bounded, before anything is loaded.
+"""Reading the user's files, bounded, before anything is loaded.
 
-An image is checked for its pixel count from its header, before a single pixel is decoded; a clip
-is read frame by frame and only as far as the frames that condition (its header's frame size is
-checked first, and ffmpeg's decoder is told to refuse frames past twice the bound, padding
-included, so a lying header cannot make it allocate more), so a long or huge file costs no more
-than what is used. A file that cannot be used is an InputError naming it.
+An image is checked for its pixel count and aspect ratio from its header, before a single pixel is
+decoded (the pipeline scales an image to cover the frame, so a 100000x1 strip would ask for tens of
+gigabytes); a clip is read frame by frame and only as far as the frames that condition (its header's
+frame size is checked first, and ffmpeg's decoder is told to refuse frames past twice the bound,
+padding included, so a lying header cannot make it allocate more), so a long or huge file costs no
+more than what is used. A text file (a sample file, a prompt file) is read only when it is a regular
+file of at most a bound's bytes: a FIFO, a device or `/dev/zero` is refused without being opened.
+A file that cannot be used is an InputError naming it.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +24,12 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
 from ..model.geometry import frames_to_encode
+from ..units import format_bytes
 
 MAX_INPUT_PIXELS = 8192 * 8192  # per image or clip frame; every tier is resized down from this
+# Longest side over shortest, per image or clip frame: a 32:9 screen or a 6:1 panorama, not a strip.
+# Covering a 9:16 frame, an 8:1 image is resized to at most 14 frames' pixels.
+MAX_ASPECT_RATIO = 8
 
 
 def _too_large(kind: str, path: Path, size: str | None) -> InputError:
@@ -34,6 +43,11 @@ def _check_pixels(kind: str, path: Path, width: int, height: int) -> None:
         raise InputError(f"{kind} {str(path)!r} has no pixels")
     if width * height > MAX_INPUT_PIXELS:
         raise _too_large(kind, path, f"{width}x{height}")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InputError(
+            f"{kind} {str(path)!r} is {width}x{height}, longer than {MAX_ASPECT_RATIO}:1 on one side; crop it "
+            f"to at most {MAX_ASPECT_RATIO}:1 first"
+        )
 
 
 def _check_file(kind: str, path: Path) -> None:
@@ -110,3 +124,45 @@ def read_conditioning(image: Path | None, video: Path | None, condition_frames: 
         needed = frames_to_encode(image=False, video=True, condition_frames=indexes)
         return Conditioning(None, read_video(video, needed), indexes)
     return None
+
+
+def read_text_file(kind: str, path: Path, max_bytes: int) -> str:
+    """A UTF-8 text file of at most `max_bytes`: a FIFO, a device (`/dev/zero`) or a folder is refused
+    without being opened (opening some devices acts), one grown past the bound since is read no further."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{kind} {str(path)!r} does not exist") from None
+    except (OSError, ValueError) as error:  # too long, a symlink loop, a NUL byte (the Python API only)
+        raise InputError(f"{kind} {str(path)!r} cannot be read: {getattr(error, 'strerror', None) or error}") from None
+    _check_text_file(kind, path, status, max_bytes)
+    try:
+        # O_NONBLOCK: a FIFO swapped in since the stat would block the open; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as error:
+        raise InputError(f"{kind} {str(path)!r} cannot be read: {error.strerror or error}") from None
+    with os.fdopen(fd, "rb") as file:
+        _check_text_file(kind, path, os.fstat(fd), max_bytes)
+        try:
+            data = file.read(max_bytes + 1)
+        except OSError as error:
+            raise InputError(f"{kind} {str(path)!r} cannot be read: {error.strerror or error}") from None
+    if len(data) > max_bytes:
+        raise _too_long(kind, path, max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{kind} {str(path)!r} is not UTF-8 text") from None
+
+
+def _check_text_file(kind: str, path: Path, status: os.stat_result, max_bytes: int) -> None:
+    if stat.S_ISDIR(status.st_mode):
+        raise InputError(f"{kind} {str(path)!r} is a folder, not a file")
+    if not stat.S_ISREG(status.st_mode):
+        raise InputError(f"{kind} {str(path)!r} is not a regular file (a FIFO, a socket or a device); give a file")
+    if status.st_size > max_bytes:
+        raise _too_long(kind, path, max_bytes)
+
+
+def _too_long(kind: str, path: Path, max_bytes: int) -> InputError:
+    return InputError(f"{kind} {str(path)!r} is larger than {format_bytes(max_bytes)}, the most a {kind} may hold")

@@ -12,8 +12,10 @@
   that output (nobody else can be writing them while the lock is held); only names of exactly
   the temporary files' form are removed, whatever characters the output's name holds.
 - `write_output` encodes into a temporary file in the target's folder, flushes it to the disk
-  and renames it over the target only when complete, with the existing file's mode and owner
-  (or the umask's mode for a new file).
+  and renames it over the target only when complete and read back (see `video_io`), with the
+  existing file's mode and owner (or the umask's mode for a new file). Any failure (a full disk, a
+  failing encoder) is an `OutputFailed`, an OSError with the cause's errno (ENOSPC for a full disk)
+  naming the output: the temporary file is removed and an existing file is left as it was.
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ from .video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, encode_frames
 
 PARTIAL_MARK = ".partial"
 _TOKEN_HEX = 4  # bytes of randomness in a temporary file's name (8 hex digits)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class OutputFailed(OSError):
+    """The output could not be written, and nothing new is at its path. `errno` is the cause's where it is
+    known (ENOSPC for a full disk, EDQUOT for a quota; None for an encoder that failed otherwise),
+    `strerror` says what failed and `filename` is the output as given."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename!r}: {self.strerror}"
 
 
 def resolve_target(path: Path) -> Path:
@@ -72,6 +84,8 @@ def check_output(path: Path, frames: int) -> None:
                 f"output name {target.name!r} is too long for the temporary file written beside it; "
                 "choose a shorter --output"
             ) from None
+        if error.errno in _DISK_FULL:  # not the request's fault: a disk error, as one while writing is
+            raise OutputFailed(error.errno, error.strerror, str(path)) from None
         raise InputError(f"output folder {str(folder)!r} is not writable; choose another --output") from None
     probe.unlink(missing_ok=True)
 
@@ -124,7 +138,9 @@ class OutputLock:
         while True:
             try:
                 fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError:
+            except OSError as error:
+                if error.errno in _DISK_FULL:
+                    raise OutputFailed(error.errno, error.strerror, str(self.target)) from None
                 raise InputError(f"cannot create a lock file beside {str(self.target)!r}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,26 +179,35 @@ class OutputLock:
 
 def write_output(frames: np.ndarray, path: Path, fps: float, sound: tuple[np.ndarray, int] | None = None) -> None:
     """Write `frames` (and the audio track `sound`: waveform, sample rate) to `path` (through a symlink to
-    its target) whole or not at all."""
+    its target) whole or not at all: OutputFailed when not."""
     target = resolve_target(path)
     temporary = _temporary_path(target)
     try:
-        encode_frames(frames, temporary, fps, sound)
-        try:
-            existing = target.stat()
-        except FileNotFoundError:
-            existing = None
-        if existing is not None:
-            try:  # keep the owner of the file replaced (root writing a user's file); before chmod, which it resets
-                os.chown(temporary, existing.st_uid, existing.st_gid)
-            except OSError:
-                pass  # not ours to give away: the file becomes ours, as a copy would
-        os.chmod(temporary, stat.S_IMODE(existing.st_mode) if existing is not None else 0o666 & ~_current_umask())
-        _flush_to_disk(temporary)  # else a crash just after the rename can leave an empty file in its place
+        _write_temporary(frames, temporary, target, fps, sound)
         os.replace(temporary, target)
+    except OSError as error:
+        raise OutputFailed(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
     _flush_to_disk(target.parent, required=False)  # the rename itself
+
+
+def _write_temporary(
+    frames: np.ndarray, temporary: Path, target: Path, fps: float, sound: tuple[np.ndarray, int] | None
+) -> None:
+    """`temporary` encoded and read back, with the mode and owner it will have as `target`, flushed to the disk."""
+    encode_frames(frames, temporary, fps, sound)
+    try:
+        existing = target.stat()
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        try:  # keep the owner of the file replaced (root writing a user's file); before chmod, which it resets
+            os.chown(temporary, existing.st_uid, existing.st_gid)
+        except OSError:
+            pass  # not ours to give away: the file becomes ours, as a copy would
+    os.chmod(temporary, stat.S_IMODE(existing.st_mode) if existing is not None else 0o666 & ~_current_umask())
+    _flush_to_disk(temporary)  # else a crash just after the rename can leave an empty file in its place
 
 
 def _flush_to_disk(path: Path, *, required: bool = True) -> None:

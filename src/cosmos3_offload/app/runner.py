@@ -26,7 +26,7 @@ import torch
 from diffusers import Cosmos3OmniPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..kernels.choice import EAGER, Kernels
 from ..kernels.probe import DIFFUSERS, choose_attention, kernel_rates
 from ..loading.components import Components, load_components, model_configs
@@ -41,7 +41,15 @@ from ..parallel.mesh import ProcessMesh
 from ..planning.parallel import SINGLE, ParallelLayout
 from ..planning.plan import Plan
 from ..stepcache.seacache import SeaCache, seacache_config
-from .config import DEFAULT_KERNELS, GenerationConfig, KernelOptions, resolve_device, resolve_dtype
+from ..vae.decode import NonFinitePixels
+from .config import (
+    DEFAULT_KERNELS,
+    GenerationConfig,
+    KernelOptions,
+    check_output_spares_checkpoint,
+    resolve_device,
+    resolve_dtype,
+)
 from .device_profile import probe_shape
 from .distributed import parallel_layout, rank_device, start_mesh
 from .doors import Fp8Steps, Generated, GeneratedVideo, GenerationHooks, PlacedPipeline, Request
@@ -69,6 +77,10 @@ from .schedule import request_scheduler
 from .timer import PhaseTimer
 
 logger = logging.getLogger(__name__)
+
+# What holds NaN or infinity when a decoder's output has them (its input latents were finite).
+VAE_BROKEN = "the checkpoint's VAE weights hold NaN or infinity: check or re-download it"
+SOUND_BROKEN = "the checkpoint's sound tokenizer weights hold NaN or infinity: check or re-download it"
 
 
 def run(
@@ -105,6 +117,7 @@ def run(
     )
     layout = parallel_layout(config, model_configs(loaded.checkpoint, loaded.model)[0], cfg_parallel)
     config = loaded.check(config, budgeted=budgeted, layout=layout)
+    check_output_spares_checkpoint(config.output, loaded.checkpoint)
     # Read before the load: a conditioning file that cannot be used costs nothing.
     conditioning = read_conditioning(config.image, config.video, config.condition_frames)
     mesh = start_mesh(layout, loaded.device)
@@ -243,10 +256,12 @@ class LoadedModel:
         conditioning: Conditioning | None = None,
         progress: bool = True,
         on_step: Callable[[int], None] | None = None,
+        on_decode_tile: Callable[[], None] | None = None,
     ) -> RunReport | None:
         """Generate one request into `config.output` (the caller holds its OutputLock). Over several
         processes every rank calls this and only the leader writes and reports. `on_step(i)` is called
-        after denoising step i (a server reports progress there, or raises to stop the request)."""
+        after denoising step i, `on_decode_tile()` before each piece of the video decode (a server
+        reports progress there, or raises to stop the request: nothing is written)."""
         components = self.load(timer)
         video = generate_video(
             config,
@@ -254,6 +269,7 @@ class LoadedModel:
             timer,
             progress=progress,
             on_step=on_step,
+            on_decode_tile=on_decode_tile,
             conditioning=conditioning,
             kernels=self.kernels,
             mesh=self.mesh,
@@ -273,6 +289,7 @@ def generate_video(
     *,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    on_decode_tile: Callable[[], None] | None = None,
     conditioning: Conditioning | None = None,
     kernels: Kernels = EAGER,
     mesh: ProcessMesh | None = None,
@@ -283,7 +300,10 @@ def generate_video(
     if config.sound and components.sound_tokenizer is None:
         raise InputError("this model was loaded without its sound tokenizer; load it with sound to generate sound")
     options = components.options
-    scheduler = request_scheduler(config.flow_shift, components.scheduler_config, distilled=options.distilled)
+    try:  # the folder's config was checked before the load; the request's shift may still be refused
+        scheduler = request_scheduler(config.flow_shift, components.scheduler_config, distilled=options.distilled)
+    except Exception as error:
+        raise InputError(f"the scheduler cannot be built for this request: {first_line(error)}") from None
     placed = PlacedPipeline(
         pipe=helper_pipeline(components, scheduler),
         engine=components.engine,
@@ -294,7 +314,13 @@ def generate_video(
         mesh=mesh,
     )
     templates = PromptTemplates(use_system_prompt=config.system_prompt)
-    hooks = GenerationHooks(generator=noise_generator(config), templates=templates, progress=progress, on_step=on_step)
+    hooks = GenerationHooks(
+        generator=noise_generator(config),
+        templates=templates,
+        progress=progress,
+        on_step=on_step,
+        on_decode_tile=on_decode_tile,
+    )
     generated = generate(placed, config, hooks, conditioning=conditioning, timer=timer)
     sound = None
     if generated.waveform is not None:
@@ -313,8 +339,9 @@ def generate(
 ) -> Generated:
     """The one generation path, for every door (see doors.py): (encode,) prefill each CFG branch once,
     denoise with the generator alone (and the request's step cache), refuse non-finite latents, decode
-    the video and the sound, each while its group's weights are on the device (and, given a `timer`,
-    timed as a phase). `conditioning` puts clean frames into the noise and keeps them clean."""
+    the video and the sound (refusing non-finite frames or waveform), each while its group's weights are
+    on the device (and, given a `timer`, timed as a phase). `conditioning` puts clean frames into the
+    noise and keeps them clean."""
     pipe, engine, mesh = placed.pipe, placed.engine, placed.mesh
     with torch.no_grad():
         vision, sound = _starting_latents(pipe, request, hooks, engine.device)
@@ -334,6 +361,7 @@ def generate(
             if mesh is not None:
                 mesh.layout.check_tokens(branches[0].layout.tokens)  # with sound: its tokens too
             memories = prefill_branches(pipe, branches, layers=engine.layers(REASONER), kernels=placed.kernels)
+            model_dtype = memories[0].keys[0].dtype  # what the transformer computes in
         step_cache = None
         if request.cache != "none":
             step_cache = SeaCache(seacache_config(request.cache_threshold), len(branches))
@@ -355,10 +383,10 @@ def generate(
                 mesh=mesh,
             )
             del memories
-        check_finite(latents)
+        check_finite(latents, model_dtype)
         if step_cache is not None:
             step_cache = dataclasses.replace(step_cache)  # its decisions, without the residuals it held on the device
-        frames, waveform = _decode(placed, latents, hooks.decode_video, timer)
+        frames, waveform = _decode(placed, latents, hooks, timer)
     return Generated(latents, frames, waveform, step_cache)
 
 
@@ -380,19 +408,26 @@ def _starting_latents(
 
 
 def _decode(
-    placed: PlacedPipeline, latents: Latents, decode_video: bool, timer: PhaseTimer | None
+    placed: PlacedPipeline, latents: Latents, hooks: GenerationHooks, timer: PhaseTimer | None
 ) -> tuple[np.ndarray | None, torch.Tensor | None]:
     """(uint8 frames [T, H, W, 3], the sound decoder's waveform), each None when not asked for; over several
-    GPUs every rank decodes its tiles and the leader gets both."""
-    engine, mesh = placed.engine, placed.mesh
+    GPUs every rank decodes its tiles and the leader gets both. NaN or infinite frames or waveform are an
+    InputError naming the decoder (they would be written as black frames or silence)."""
+    pipe, engine, mesh = placed.pipe, placed.engine, placed.mesh
     frames = waveform = None
     with _phase(timer, "decode"):
-        if decode_video:
+        if hooks.decode_video:
+            grid = placed.plan.decode_grid
             with engine.use(VAE):
-                frames = decode_frames(placed.pipe, latents.vision, grid=placed.plan.decode_grid, mesh=mesh)
+                try:
+                    frames = decode_frames(pipe, latents.vision, grid=grid, mesh=mesh, on_piece=hooks.on_decode_tile)
+                except NonFinitePixels:
+                    raise not_finite("the VAE decoder's frames are", VAE_BROKEN, pipe.vae.dtype) from None
         if latents.sound is not None and (mesh is None or mesh.leader):
             with engine.use(SOUND):
-                waveform = placed.pipe.decode_sound(latents.sound)
+                waveform = pipe.decode_sound(latents.sound)
+            if not bool(torch.isfinite(waveform).all()):
+                raise not_finite("the sound decoder's waveform is", SOUND_BROKEN, waveform.dtype)
     return frames, waveform
 
 
@@ -408,14 +443,25 @@ def _anchor(conditioned: torch.Tensor, indexes: tuple[int, ...]) -> tuple[torch.
     return mask, conditioned.clone()
 
 
-def check_finite(latents: Latents) -> None:
-    """Refuse to decode NaN or infinite latents (they decode to a black or garbage video). Waits for the device."""
+def check_finite(latents: Latents, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse to decode NaN or infinite latents (they decode to a black or garbage video), denoised by a
+    transformer computing in `dtype`. Waits for the device."""
     values = latents.vision if latents.sound is None else torch.cat([latents.vision.flatten(), latents.sound.flatten()])
     if not bool(torch.isfinite(values).all()):
-        raise InputError(
-            "the denoised latents are not finite (NaN or infinity), so no video was written; "
-            "lower --guidance or --shift, or use --dtype float32"
+        broken = "the checkpoint's weights or the inputs hold NaN or infinity: check or re-download the checkpoint"
+        raise not_finite(
+            "the denoised latents are", broken, dtype, "lower --guidance or --shift, or use --dtype float32"
         )
+
+
+def not_finite(what: str, broken: str, dtype: torch.dtype, narrower: str = "use --dtype float32") -> InputError:
+    """The one line refusing NaN or infinite `what` ("the X are"), computed in `dtype`. In float32 an overflow
+    of finite weights and inputs is all but impossible, so the advice is `broken` (what must hold them); in a
+    narrower dtype it is `narrower` first (an overflow), `broken` if that does not help."""
+    refused = f"{what} not finite (NaN or infinity), so nothing was written"
+    if dtype in (torch.float32, torch.float64):
+        return InputError(f"{refused}; in a {str(dtype).removeprefix('torch.')} run that means {broken}")
+    return InputError(f"{refused}; {narrower} (if it persists, {broken})")
 
 
 def check_distilled(config: GenerationConfig, checkpoint: Path | None) -> None:

@@ -8,6 +8,10 @@ cosmos-framework documents but this tool does not run (action, transfer, reasone
 audio conditioning...) refuses its sample with the reason; an unknown field (a typo) is refused
 too, never ignored. Nothing here loads a model: a sample is read into the `GenerationConfig`
 keywords it sets, and every problem is an InputError naming the field.
+
+A sample file and a `prompt_path` are read only when they are regular files of bounded size (a FIFO
+or `/dev/zero` is refused unopened); JSON nested past MAX_JSON_DEPTH or holding a number of more
+than MAX_NUMBER_DIGITS digits is refused in one line, never a RecursionError or a ValueError.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any
 from ..errors import InputError
 from ..request.checks import FieldError, shown
 from ..request.spec import FIELDS_BY_NAME, door_fields, named_at
+from ..units import MIB
+from .inputs import read_text_file
 
 # cosmos-framework's IMAGE_EXTENSIONS and VIDEO_EXTENSIONS: the suffix of `vision_path` picks the mode.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -80,6 +86,10 @@ UNSUPPORTED_MODES = {
     "reasoner": _REASONER,
 }
 _NAME = re.compile(r"\w[\w.+-]{0,127}")  # one path component: no separator, no leading dot, not too long
+MAX_SAMPLE_FILE_BYTES = 16 * MIB  # thousands of samples, each with an upsampled prompt of a few KiB
+MAX_PROMPT_FILE_BYTES = MIB  # a prompt is at most 20,000 characters (request/checks.py)
+MAX_JSON_DEPTH = 32  # a list of samples, a sample, an upsampled prompt object and its parts: 4 or 5
+MAX_NUMBER_DIGITS = 100  # a seed has at most 20; Python refuses to read more than 4300
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,7 @@ class Sample:
     name: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    reads: tuple[tuple[str, Path], ...] = ()  # (kind, path) of the files read besides the vision_path
 
 
 def read_samples(paths: list[Path]) -> list[Sample]:
@@ -100,7 +111,7 @@ def read_samples(paths: list[Path]) -> list[Sample]:
         try:
             samples += _read_file(path)
         except InputError as error:
-            samples.append(Sample(str(path), error=str(error)))
+            samples.append(Sample(str(path), error=str(error), reads=(("sample file", path),)))
     return _refuse_duplicates(samples)
 
 
@@ -118,49 +129,85 @@ def _read_file(path: Path) -> list[Sample]:
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl"):
         raise InputError(f"sample file {str(path)!r} is neither .json nor .jsonl")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise InputError(f"sample file {str(path)!r} cannot be read: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"sample file {str(path)!r} is not UTF-8 text") from None
+    text = read_text_file("sample file", path, MAX_SAMPLE_FILE_BYTES)
     if suffix == ".jsonl":
         lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
         if not lines:
             raise InputError(f"sample file {str(path)!r} holds no samples")
-        return [_line(f"{path} line {n}", f"{path.stem}_{i}", line, path.parent) for i, (n, line) in enumerate(lines)]
+        return [_line(f"{path} line {n}", f"{path.stem}_{i}", line, path) for i, (n, line) in enumerate(lines)]
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InputError(f"sample file {str(path)!r} is not valid JSON: {error}") from None
+        data = _parse_json(text)
+    except InputError as error:
+        raise InputError(f"sample file {str(path)!r} {error}") from None
     if not isinstance(data, list):
-        return [_sample(str(path), path.stem, data, path.parent)]
+        return [_sample(str(path), path.stem, data, path)]
     if not data:
         raise InputError(f"sample file {str(path)!r} holds an empty list")
-    return [_sample(f"{path} sample {i}", f"{path.stem}_{i}", item, path.parent) for i, item in enumerate(data)]
+    return [_sample(f"{path} sample {i}", f"{path.stem}_{i}", item, path) for i, item in enumerate(data)]
 
 
-def _line(source: str, default_name: str, line: str, folder: Path) -> Sample:
+def _parse_json(text: str) -> Any:
+    """JSON as a sample file holds it, or an InputError whose message completes "sample file 'a.json' ..."."""
+    try:
+        data = json.loads(text, parse_int=_bounded_int)
+    except InputError:
+        raise
+    except json.JSONDecodeError as error:
+        raise InputError(f"is not valid JSON: {error}") from None
+    except RecursionError:  # the parser's own limit, near 1000 levels
+        raise _too_deep() from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise _too_deep()
+    return data
+
+
+def _too_deep() -> InputError:
+    return InputError(f"nests lists and objects more than {MAX_JSON_DEPTH} levels deep")
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise InputError(f"holds a number of {len(digits.lstrip('-'))} digits; no field takes more than 20")
+    return int(digits)
+
+
+def _depth(data: Any) -> int:
+    """How deep lists and objects nest in `data` (a scalar: 0), without recursion."""
+    deepest, level = 0, [data]
+    while level:
+        containers = [item for item in level if isinstance(item, (list, dict))]
+        if not containers:
+            break
+        deepest += 1
+        level = [v for c in containers for v in (c.values() if isinstance(c, dict) else c)]
+    return deepest
+
+
+def _line(source: str, default_name: str, line: str, file: Path) -> Sample:
     """One .jsonl line: invalid JSON refuses this sample only."""
     try:
-        data = json.loads(line)
-    except json.JSONDecodeError as error:
-        return Sample(source, error=f"not valid JSON: {error}")
-    return _sample(source, default_name, data, folder)
+        data = _parse_json(line)
+    except InputError as error:
+        return Sample(source, error=str(error).removeprefix("is "), reads=(("sample file", file),))
+    return _sample(source, default_name, data, file)
 
 
-def _sample(source: str, default_name: str, data: Any, folder: Path) -> Sample:
+def _sample(source: str, default_name: str, data: Any, file: Path) -> Sample:
+    reads = (("sample file", file),)
     if not isinstance(data, dict):
-        return Sample(source, error=f"a sample is a JSON object, got {type(data).__name__}")
+        return Sample(source, error=f"a sample is a JSON object, got {type(data).__name__}", reads=reads)
+    prompt_file = data.get("prompt_path")
+    if isinstance(prompt_file, str):
+        reads += (("prompt_path", file.parent / prompt_file),)
     name = data.get("name") if data.get("name") is not None else default_name
     try:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             fix = "set `name`" if "name" not in data else "use letters, digits, '_', '-', '.' and '+'"
             raise InputError(f"name {shown(name)} is not a usable folder name; {fix}")
-        fields = sample_fields(data, folder)
+        fields = sample_fields(data, file.parent)
     except InputError as error:
-        return Sample(source, name=name if isinstance(name, str) else None, error=str(error))
-    return Sample(source, name=name, fields=fields)
+        return Sample(source, name=name if isinstance(name, str) else None, error=str(error), reads=reads)
+    return Sample(source, name=name, fields=fields, reads=reads)
 
 
 def _refuse_duplicates(samples: list[Sample]) -> list[Sample]:
@@ -228,13 +275,7 @@ def _text(key: str, value: Any) -> Any:
 def _read_prompt(folder: Path, value: Any) -> str:
     if not isinstance(value, str):
         raise InputError(f"prompt_path must be a path, got {shown(value)}")
-    path = folder / value
-    try:
-        return path.read_text(encoding="utf-8").strip()  # as cosmos-framework reads it
-    except OSError as error:
-        raise InputError(f"prompt_path {value!r} cannot be read: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"prompt_path {value!r} is not UTF-8 text") from None
+    return read_text_file("prompt_path", folder / value, MAX_PROMPT_FILE_BYTES).strip()  # as cosmos-framework
 
 
 def _vision(values: dict[str, Any], folder: Path) -> dict[str, Any]:

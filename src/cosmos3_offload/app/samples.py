@@ -11,9 +11,13 @@ then the defaults (as cosmos-framework's inference script takes them). For each 
   phase's seconds and device/host peaks.
 
 A sample refused before anything loads (a bad field, a file that is missing, a request that does
-not fit) gets no folder; one failing at run time (e.g. NaN latents, a full disk) keeps its records
-with status "failed". Exit status: 0 when every sample was written, 2 when some were refused before
-anything ran and the others written, 1 when some sample failed at run time.
+not fit, a sound request the model cannot voice) is skipped with one line and gets no folder; one
+failing at run time (e.g. NaN latents, a full disk) keeps its records with status "failed". A sample's
+folder is made when it is about to be written (checks make it only for the moment they look at it),
+so an interrupted or refused run leaves no empty folders. No file a sample writes may be a file the
+run reads: a sample file, a prompt_path, a vision_path (or --image, --video) or the checkpoint's files.
+Exit status: 0 when every sample was written, 2 when some were refused before anything ran and the
+others written, 1 when some sample failed at run time.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +34,13 @@ from typing import Any
 from ..errors import InputError
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..planning.plan import Plan
-from ..request.checks import FieldError
+from ..request.checks import FieldError, InputFiles
 from ..request.spec import door_fields, named_at
 from ..units import format_bytes
 from .config import DEFAULT_KERNELS, GenerationConfig, KernelOptions
 from .inputs import read_conditioning
-from .outputs import OutputLock
+from .outputs import OutputFailed, OutputLock
+from .report import shown_path
 from .runner import LoadedModel
 from .sample_files import READ_BELOW, Sample, read_samples
 from .timer import PhaseTimer
@@ -70,7 +76,7 @@ class SamplesReport:
         counts = ", ".join(
             f"{self.count(s)} {w}" for s, w in (("success", "written"), ("failed", "failed"), ("refused", "refused"))
         )
-        return f"samples: {counts}; outputs in {output_dir}"
+        return f"samples: {counts}; outputs in {shown_path(output_dir)}"
 
 
 def run_samples(
@@ -95,35 +101,27 @@ def run_samples(
     A bad sample is reported through `warn`, one line each, and skipped; progress goes through `say`."""
     outcomes: list[Outcome] = []
     made: list[Path] = []  # folders this call created, removed again when nothing is written there
-    requests: list[tuple[Sample, GenerationConfig]] = []
-    for sample in read_samples(paths):
-        try:
-            if sample.error is not None:
-                raise InputError(sample.error)
-            requests.append((sample, _config(sample, output_dir, defaults, overrides, made)))
-        except InputError as error:
-            outcomes.append(_refuse(sample, str(error), warn))
-    loaded = None
-    if requests:
-        loaded = LoadedModel.open(
-            checkpoint=checkpoint, device=device, dtype=dtype, plan=plan, model=model,
-            sound=any(config.sound for _, config in requests), fp8=fp8, kernel_options=kernels,
-        )  # fmt: skip
-        requests = _checked(loaded, requests, outcomes, warn)
     try:
-        if loaded is not None and requests:
-            timer = PhaseTimer(loaded.device)
-            loaded.load(timer, progress=progress)
-            say(f"loaded the model in {timer.phases[0].seconds:.2f}s; {len(requests)} sample(s) to run")
-            for index, (sample, config) in enumerate(requests, 1):
-                try:
-                    outcomes.append(_run_one(loaded, sample, config, f"[{index}/{len(requests)}]", progress, say, warn))
-                except BaseException:  # Ctrl-C, SIGTERM, an unforeseen error: every sample stops here
-                    warn(
-                        f"stopped at sample {sample.name} ({index} of {len(requests)}); the samples before it have run"
-                    )
-                    raise
-    finally:
+        samples = read_samples(paths)
+        inputs = _files_read(samples, overrides, checkpoint)
+        requests: list[tuple[Sample, GenerationConfig]] = []
+        for sample in samples:
+            try:
+                if sample.error is not None:
+                    raise InputError(sample.error)
+                requests.append((sample, _config(sample, output_dir, defaults, overrides, inputs, made)))
+            except InputError as error:
+                outcomes.append(_refuse(sample, str(error), warn))
+        if requests:
+            loaded = LoadedModel.open(
+                checkpoint=checkpoint, device=device, dtype=dtype, plan=plan, model=model,
+                sound=any(config.sound for _, config in requests), fp8=fp8, kernel_options=kernels,
+            )  # fmt: skip
+            requests = _checked(loaded, requests, outcomes, warn)
+            loaded.sound = any(config.sound for _, config in requests)  # none, when the sound samples were refused
+            if requests:
+                _run_all(loaded, requests, outcomes, made, progress, say, warn)
+    finally:  # also on Ctrl-C while the samples are checked
         for folder in reversed(made):
             _remove_if_empty(folder)
     report = SamplesReport(outcomes)
@@ -131,8 +129,49 @@ def run_samples(
     return report
 
 
+def _run_all(
+    loaded: LoadedModel,
+    requests: list[tuple[Sample, GenerationConfig]],
+    outcomes: list[Outcome],
+    made: list[Path],
+    progress: bool,
+    say: Say,
+    warn: Say,
+) -> None:
+    """Load the model once and write the checked requests in order; an interrupt stops them all."""
+    timer = PhaseTimer(loaded.device)
+    loaded.load(timer, progress=progress)
+    say(f"loaded the model in {timer.phases[0].seconds:.2f}s; {len(requests)} sample(s) to run")
+    for index, (sample, config) in enumerate(requests, 1):
+        try:
+            outcomes.append(_run_one(loaded, sample, config, f"[{index}/{len(requests)}]", made, progress, say, warn))
+        except BaseException:  # Ctrl-C, SIGTERM, an unforeseen error: every sample stops here
+            warn(f"stopped at sample {sample.name} ({index} of {len(requests)}); the samples before it have run")
+            raise
+
+
+def _files_read(samples: list[Sample], overrides: dict[str, Any], checkpoint: Path | None) -> InputFiles:
+    """Every file this run reads: no sample may write one (a sample's output may be another's vision_path)."""
+    files = InputFiles()
+    for sample in samples:
+        for kind, path in sample.reads:
+            files.add(kind, path)
+        for kind in ("image", "video"):
+            for path in (sample.fields.get(kind), overrides.get(kind)):
+                if path is not None:
+                    files.add(kind, path)
+    if checkpoint is not None:
+        files.add_folder("checkpoint", checkpoint)
+    return files
+
+
 def _config(
-    sample: Sample, output_dir: Path, defaults: dict[str, Any], overrides: dict[str, Any], made: list[Path]
+    sample: Sample,
+    output_dir: Path,
+    defaults: dict[str, Any],
+    overrides: dict[str, Any],
+    inputs: InputFiles,
+    made: list[Path],
 ) -> GenerationConfig:
     """The sample's request: defaults, then its fields, then the typed flags; output in OUTDIR/<name>/."""
     values = defaults | sample.fields | overrides
@@ -142,18 +181,41 @@ def _config(
         raise InputError("the sample has no prompt; set `prompt` (or `prompt_path`)")
     assert sample.name is not None
     folder = output_dir / sample.name
-    for path in (output_dir, folder):
-        if not path.is_dir():
-            try:
-                path.mkdir()
-            except OSError as error:
-                raise InputError(f"output folder {str(path)!r} cannot be created: {error.strerror}") from None
-            made.append(path)
     output = folder / ("vision.jpg" if values["frames"] == 1 else "vision.mp4")
+    for written in (output, folder / ARGS_FILE, folder / OUTPUTS_FILE):
+        inputs.refuse_output(written)
+    if not output_dir.is_dir():
+        _make_folder(output_dir, made)
     try:
-        return GenerationConfig(**values | {"output": output})
+        with _folder_while_checked(folder):
+            return GenerationConfig(**values | {"output": output})
     except FieldError as error:  # named as the sample file names the field
         raise named_at(error, "sample") from None
+
+
+def _make_folder(folder: Path, made: list[Path]) -> None:
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        if folder.is_dir():
+            return
+        raise InputError(f"output folder {str(folder)!r} cannot be created: a file has its name") from None
+    except OSError as error:
+        raise InputError(f"output folder {str(folder)!r} cannot be created: {error.strerror}") from None
+    made.append(folder)
+
+
+@contextmanager
+def _folder_while_checked(folder: Path) -> Iterator[None]:
+    """`folder` exists while a request writing into it is checked (an output's folder must), and is
+    removed again when this made it: a sample's folder is made when the sample is about to be written."""
+    made: list[Path] = []
+    _make_folder(folder, made)
+    try:
+        yield
+    finally:
+        for path in made:
+            _remove_if_empty(path)
 
 
 def _checked(
@@ -163,7 +225,8 @@ def _checked(
     good = []
     for sample, config in requests:
         try:
-            config = loaded.check(config)
+            with _folder_while_checked(config.output.parent):  # check may rebuild the config, which checks it
+                config = loaded.check(config)
             read_conditioning(config.image, config.video, config.condition_frames)  # read again when it runs
             good.append((sample, config))
         except InputError as error:
@@ -178,11 +241,23 @@ def _refuse(sample: Sample, message: str, warn: Say) -> Outcome:
 
 
 def _run_one(
-    loaded: LoadedModel, sample: Sample, config: GenerationConfig, step: str, progress: bool, say: Say, warn: Say
+    loaded: LoadedModel,
+    sample: Sample,
+    config: GenerationConfig,
+    step: str,
+    made: list[Path],
+    progress: bool,
+    say: Say,
+    warn: Say,
 ) -> Outcome:
-    """Write one sample and its records; an InputError or OSError fails this sample only."""
+    """Write one sample and its records (its folder made now); an InputError or OSError fails this sample only."""
     folder = config.output.parent
     timer = PhaseTimer(loaded.device)
+    try:
+        _make_folder(folder, made)
+    except InputError as error:
+        warn(f"{step} {sample.name}: failed: {error}")
+        return Outcome(sample, "failed", str(error))
     try:
         _write_json(folder / ARGS_FILE, sample_args(sample, config, loaded))
         conditioning = read_conditioning(config.image, config.video, config.condition_frames)
@@ -190,7 +265,7 @@ def _run_one(
             loaded.write(config, timer, conditioning=conditioning, progress=progress)
         outcome = Outcome(sample, "success")
     except (InputError, OSError) as error:
-        message = str(error) if isinstance(error, InputError) else f"{error.strerror or error}"
+        message = str(error) if isinstance(error, (InputError, OutputFailed)) else f"{error.strerror or error}"
         outcome = Outcome(sample, "failed", message)
     try:
         _write_json(folder / OUTPUTS_FILE, sample_outputs(outcome, config, timer))
@@ -200,7 +275,7 @@ def _run_one(
         c = config
         peaks = _peaks(timer)
         say(
-            f"{step} {sample.name}: wrote {c.output} ({c.frames} frame{'s' if c.frames > 1 else ''}, "
+            f"{step} {sample.name}: wrote {shown_path(c.output)} ({c.frames} frame{'s' if c.frames > 1 else ''}, "
             f"{c.width}x{c.height}, {c.steps} steps) in {sum(p.seconds for p in timer.phases):.2f}s{peaks}"
         )
     else:

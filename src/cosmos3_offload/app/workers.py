@@ -83,15 +83,21 @@ def strip_gpus_flag(argv: list[str]) -> tuple[list[str], int | None]:
 
 def gpu_count_problem(count: int, device: str | None) -> str | None:
     """Why `--gpus count` cannot run on `device` here (None: it can). A CUDA run needs a GPU per
-    worker; a CPU run (`--device cpu`, or no --device on a machine without CUDA) runs `count` CPU
-    workers over gloo, however many."""
+    worker; `--device cpu`, asked for by name, runs `count` CPU workers over gloo, however many. No
+    --device on a machine without CUDA is refused: `--gpus` asks for GPUs, and CPU workers in their
+    place would be a quiet change of what was asked (and hours slower)."""
     from .config import resolve_device  # torch: the launcher itself and its tests need none
 
     resolved = resolve_device(device)  # an InputError for a device that does not exist
     if count < 1:
         return f"--gpus must be 1 or more, got {count}"
     if resolved.type != "cuda":
-        return None
+        if device is not None:
+            return None
+        return (
+            f"--gpus {count}, but this machine has no CUDA GPU (or this torch cannot use one); "
+            f"add --device cpu to run {count} CPU processes instead"
+        )
     if resolved.index is not None and count > 1:
         return f"with --gpus {count} worker K drives cuda:K; drop --device {device} (or pass --device cuda)"
     import torch

@@ -12,10 +12,11 @@ not have. The JSON files (the pipeline index, the model configs, the shard index
 and tokenizer files) are read too, and each config must build its model.
 
 The checks of files alone (layout, JSON, shard indexes, headers) are in files.py and run without
-torch; this module adds what needs the model classes: each config builds its model, and each
-stored weight has the shape the config implies. Every check can collect its problems
-(`CheckpointWeights.problems_against`, `inspect_checkpoint`: `cosmos3-offload check` prints them
-all) or raise the first as an InputError that names the file (the loader).
+torch; this module adds what needs the model classes: each config builds its model, and each stored
+weight has the shape the config implies. A config is built only once the sizes it claims agree with
+the headers (claims.py): a claim of 1e9 layers or channels is refused, not built. Every check can
+collect its problems (`CheckpointWeights.problems_against`, `inspect_checkpoint`: `cosmos3-offload
+check` prints them all) or raise the first as an InputError that names the file (the loader).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ..errors import InputError, first_line
 from ..model.groups import UNUSED, sound_group_of, transformer_group_of, vae_group_of
 from ..offload.materialize import build_on_meta, group_layouts
 from ..quant.policy import TowerSwitches
+from .claims import claim_problem
 from .files import CheckpointWeights, Problems, check_checkpoint, part_problems, pipeline_problems, read_json
 from .mapped_files import MappedFiles
 from .quantization import NONE, Quantization, apply_quantization, check_scales, quantization_of, stored_skip
@@ -65,6 +67,10 @@ def model_config(path: Path, part: str) -> dict:
     class_name = config.get("_class_name", cls.__name__)
     if class_name != cls.__name__:
         raise InputError(f"{part} config {str(file)!r} is for a {class_name!r}; a Cosmos3 {part} is a {cls.__name__}")
+    # Before anything is built: a config claiming more than its weights would cost its claim to build.
+    problem = claim_problem(part, config, CheckpointWeights(path / part, strict=False))
+    if problem is not None:
+        raise InputError(problem)
     problem = _config_problem(config) if cls is Cosmos3OmniTransformer else None
     if problem is None:
         problem = _build_problem(cls, json.dumps(config, sort_keys=True))

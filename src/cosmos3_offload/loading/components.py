@@ -43,7 +43,7 @@ from ..quant.fp8 import has_fp8_matmul
 from ..quant.linear import Precision, fp8_linear_paths, stored_dtypes
 from ..quant.policy import StepPolicy, TowerSwitches, Uniform, step_schedule
 from .checkpoint import model_configs_of
-from .files import CheckpointWeights, read_json
+from .files import CheckpointWeights
 from .layout import SOUND_TOKENIZER, PipelineOptions, has_sound_tokenizer, pipeline_options, sound_config
 from .mapped_files import MappedFiles
 from .mapped_reasoner import check_mapped_reasoner
@@ -61,6 +61,7 @@ from .quantization import (
     stored_skip,
 )
 from .random_weights import RandomValues, random_value
+from .scheduler import scheduler_config
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +158,10 @@ def load_components(
             ]
             stored.check_against(expected, stored_skip(part.group_of, UNUSED))
         check_scales(MappedFiles(stored_transformer).view, quantization)
-    # The tokenizer is cheap: load it before any weight memory exists, so a broken one costs nothing.
+    # The tokenizer and the scheduler are cheap: read them before any weight memory exists, so a broken one
+    # costs nothing.
     tokenizer = build_tiny_tokenizer() if checkpoint is None else _checkpoint_tokenizer(checkpoint)
+    options = pipeline_options(checkpoint)
     # A mapped reasoner reads weights[0].
     placer = Placer(device, plan, None if checkpoint is None else weights[0], host_share=host_share)
     try:
@@ -198,12 +201,12 @@ def load_components(
         transformer=transformer,
         vae=vae,
         tokenizer=tokenizer,
-        scheduler_config=_scheduler_config(checkpoint),
+        scheduler_config=scheduler_config(checkpoint, options.distilled_sigmas),
         source=f"{random_model} model (random weights)" if checkpoint is None else str(checkpoint),
         random_weights=checkpoint is None,
         engine=OffloadEngine(device, placer.placements, tuple(g for g in USE_ORDER if g in placer.placements)),
         plan=plan,
-        options=pipeline_options(checkpoint),
+        options=options,
         sound_tokenizer=sound_tokenizer,
         quantization=quantization,
         switches=switches,
@@ -271,10 +274,3 @@ def _checkpoint_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         raise InputError(
             f"the tokenizer in {str(path / 'text_tokenizer')!r} cannot be loaded: {first_line(error)}"
         ) from None
-
-
-def _scheduler_config(path: Path | None) -> dict[str, Any]:
-    scheduler_file = None if path is None else path / "scheduler" / "scheduler_config.json"
-    if scheduler_file is None or not scheduler_file.is_file():
-        return {}
-    return read_json(scheduler_file, "scheduler config")

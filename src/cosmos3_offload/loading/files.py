@@ -8,7 +8,9 @@ files are there and parse, every shard the index names exists and has a whole he
 here, byte for byte as safetensors lays it out), no stray weight file sits beside the shards, no
 weight appears twice, every weight is floating point (FP8 as e4m3 only: loading/quantization.py
 checks its scales), and each
-index agrees with what the shards hold. `checkpoint.py` adds the checks that need the model
+index agrees with what the shards hold. Every file is read only if it is a regular file
+(file_kinds.py: a link to /dev/zero or a FIFO is named for what it is, never opened for reading),
+and a JSON file only up to MAX_JSON_BYTES. `checkpoint.py` adds the checks that need the model
 classes (configs that build, weights of the right shapes).
 
 Every check can collect its problems (`folder_problems`, `CheckpointWeights(strict=False)`) or raise
@@ -20,13 +22,15 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from ..errors import InputError
+from .file_kinds import file_problem, open_regular, present
 
 PIPELINE_CLASS = "Cosmos3OmniPipeline"
 MODULAR_INDEX = "modular_model_index.json"  # the distilled repos' index; its class names vary by pipeline
@@ -45,8 +49,7 @@ T = TypeVar("T")
 
 HEADER_LENGTH_BYTES = 8  # a safetensors file starts with its header's length, little-endian
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit: a longer header is a damaged file
-
-T = TypeVar("T")
+MAX_JSON_BYTES = 256 * 2**20  # far above any config, index or tokenizer file: a larger one is no such file
 
 
 class Problems(list[str]):
@@ -61,12 +64,16 @@ class Problems(list[str]):
 
 
 def read_json(path: Path, what: str, *, object_only: bool = True) -> dict:
-    if not path.is_file():
-        raise InputError(f"{what} {str(path)!r} is missing")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        raise InputError(f"{what} {str(path)!r} cannot be read as JSON") from None
+    """The JSON object (or, without `object_only`, any value) of a checkpoint's file; an InputError naming
+    `what` for a file that is missing, not a regular file, too large for JSON or not JSON."""
+    with open_regular(path, what) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > MAX_JSON_BYTES:
+            raise InputError(f"{what} {str(path)!r} holds {size} bytes, too many for a JSON file of a checkpoint")
+        try:
+            value = json.loads(handle.read(MAX_JSON_BYTES + 1).decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            raise InputError(f"{what} {str(path)!r} cannot be read as JSON") from None
     if object_only and not isinstance(value, dict):
         raise InputError(f"{what} {str(path)!r} is not a JSON object")
     return value
@@ -89,7 +96,7 @@ def pipeline_problems(path: Path) -> list[str]:
     """Why `path` is not a Cosmos3 pipeline folder at all ([]: it is one)."""
     if not path.is_dir():
         return [f"checkpoint {str(path)!r} is not a folder; pass a diffusers-layout Cosmos3 folder"]
-    indexes = [name for name in ("model_index.json", MODULAR_INDEX) if (path / name).is_file()]
+    indexes = [name for name in ("model_index.json", MODULAR_INDEX) if present(path / name)]
     if not indexes:
         return [f"checkpoint {str(path)!r} has no model_index.json; it is not a diffusers pipeline folder"]
     problems = Problems()
@@ -115,7 +122,7 @@ def part_problems(path: Path) -> list[str]:
             problems.attempt(functools.partial(read_json, path / part / "config.json", f"{part} config"))
     # Read only at the end of a load: checked here, before any weight is allocated.
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    if scheduler_file.exists():
+    if present(scheduler_file):
         scheduler = problems.attempt(lambda: read_json(scheduler_file, "scheduler config"))
         name = None if scheduler is None else scheduler.get("_class_name", SCHEDULER_CLASSES[0])
         if scheduler is not None and name not in SCHEDULER_CLASSES:
@@ -125,7 +132,15 @@ def part_problems(path: Path) -> list[str]:
             )
     for file in sorted((path / "text_tokenizer").glob("*.json")):
         problems.attempt(functools.partial(read_json, file, "tokenizer file", object_only=False))
+    problems.extend(_tokenizer_file_problems(path / "text_tokenizer"))
     return problems
+
+
+def _tokenizer_file_problems(folder: Path) -> list[str]:
+    """The tokenizer's loader opens whatever files it finds: each must be a regular file (or a folder)."""
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    problems = {entry: file_problem(entry) for entry in entries if not entry.is_dir()}
+    return [f"tokenizer file {str(entry)!r} {problem}" for entry, problem in problems.items() if problem is not None]
 
 
 @dataclass(frozen=True)
@@ -148,10 +163,16 @@ class CheckpointWeights:
     def __init__(self, folder: Path, *, strict: bool = True):
         self.folder = folder
         self.tensors: dict[str, StoredTensor] = {}
+        self.indexed: frozenset[str] = frozenset()  # the names the shard index lists, read or not
         self._unread: set[str] = set()  # weight files missing or unreadable: what they hold is unknown
         self.problems: list[str] = self._scan()
         if strict and self.problems:
             raise InputError(self.problems[0])
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every weight name known: those of the headers read and those the shard index lists."""
+        return self.indexed | self.tensors.keys()
 
     @property
     def complete(self) -> bool:
@@ -163,6 +184,8 @@ class CheckpointWeights:
         index = problems.attempt(self._index)
         if problems:  # an index that cannot be used: which files count is unknown
             self._unread.add("*")
+        if index is not None:
+            self.indexed = frozenset(index[1])
         files = self._weight_files(index, problems)
         twice: list[str] = []
         for file in files:
@@ -213,8 +236,12 @@ class CheckpointWeights:
         index_file, weight_map = index
         named = sorted(set(weight_map.values()))
         for name in named:
-            if Path(name).name != name or not (self.folder / name).is_file():
+            problem = "is missing" if Path(name).name != name else file_problem(self.folder / name)
+            if problem == "is missing":
                 problems.append(f"shard {name!r} named by {index_file.name} is missing from {str(self.folder)!r}")
+            elif problem is not None:  # never opened: a device or a FIFO could be read forever or block
+                problems.append(f"shard {name!r} named by {index_file.name} in {str(self.folder)!r} {problem}")
+            if problem is not None:
                 self._unread.add(name)
         stray = sorted(f.name for f in found if f.name not in set(named))
         if stray:
@@ -329,16 +356,20 @@ def read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     `shape`, `data_offsets` [begin, end) counted from the end of the header; an optional
     `__metadata__`), then the tensors' bytes, back to back, to the end of the file.
     """
+    with open_regular(file, "weight file") as handle:
+        return _read_header(file, handle)
+
+
+def _read_header(file: Path, handle: BinaryIO) -> dict[str, tuple[tuple[int, ...], str]]:
     try:
-        size = file.stat().st_size
-        with open(file, "rb") as handle:
-            head = handle.read(HEADER_LENGTH_BYTES)
-            if len(head) < HEADER_LENGTH_BYTES:
-                raise ValueError("header too small")
-            (length,) = struct.unpack("<Q", head)
-            if length > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + length > size:
-                raise ValueError(f"a header of {length} bytes does not fit a file of {size}")
-            header = json.loads(handle.read(length))
+        size = os.fstat(handle.fileno()).st_size
+        head = handle.read(HEADER_LENGTH_BYTES)
+        if len(head) < HEADER_LENGTH_BYTES:
+            raise ValueError("header too small")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + length > size:
+            raise ValueError(f"a header of {length} bytes does not fit a file of {size}")
+        header = json.loads(handle.read(length))
         return _tensors_of(header, size - HEADER_LENGTH_BYTES - length)
     except (OSError, ValueError, RecursionError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]

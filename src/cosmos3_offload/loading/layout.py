@@ -24,7 +24,9 @@ from pathlib import Path
 
 from ..errors import InputError
 from .checkpoint import model_config
+from .file_kinds import present
 from .files import read_json
+from .scheduler import scheduler_config
 
 SOUND_TOKENIZER = "sound_tokenizer"
 NEGATIVE_PROMPT_T2V = "negative_prompt.json"
@@ -46,11 +48,14 @@ class PipelineOptions:
 
 
 def pipeline_options(checkpoint: Path | None) -> PipelineOptions:
-    """The options of `checkpoint`'s pipeline index (and modular index); the defaults without one."""
+    """The options of `checkpoint`'s pipeline index (and modular index); the defaults without one.
+
+    Every door reads these before anything loads (`check` too), so the scheduler config they sample
+    with is checked here as well (see scheduler.py): a run never meets a scheduler it cannot build."""
     if checkpoint is None:
         return PipelineOptions()
     index_file = checkpoint / "model_index.json"
-    index = read_json(index_file, "pipeline index") if index_file.is_file() else {}
+    index = read_json(index_file, "pipeline index") if present(index_file) else {}
     options = {}
     keys = (("default_use_system_prompt", "use_system_prompt"), ("use_native_flow_schedule", "native_flow_schedule"))
     for key, name in keys:
@@ -59,11 +64,13 @@ def pipeline_options(checkpoint: Path | None) -> PipelineOptions:
                 raise InputError(f"{key} in {str(index_file)!r} must be true or false, got {index[key]!r}")
             options[name] = index[key]
     modular_file = checkpoint / "modular_model_index.json"
-    if modular_file.is_file():
+    if present(modular_file):
         sigmas = _find_key(read_json(modular_file, "modular pipeline index"), "distilled_sigmas")
         if sigmas is not None:
             options["distilled_sigmas"] = _check_sigmas(sigmas, modular_file)
-    return PipelineOptions(**options)
+    pipeline = PipelineOptions(**options)
+    scheduler_config(checkpoint, pipeline.distilled_sigmas)  # samples with these options, or refused here
+    return pipeline
 
 
 def _find_key(node: object, key: str) -> object | None:
@@ -100,7 +107,7 @@ def _check_sigmas(value: object, file: Path) -> tuple[float, ...]:
 
 
 def has_sound_tokenizer(checkpoint: Path | None) -> bool:
-    return checkpoint is not None and (checkpoint / SOUND_TOKENIZER / "config.json").is_file()
+    return checkpoint is not None and present(checkpoint / SOUND_TOKENIZER / "config.json")
 
 
 def sound_config(checkpoint: Path) -> dict:
@@ -139,7 +146,7 @@ def default_negative_prompt(checkpoint: Path | None, *, frames: int, conditioned
     names = (NEGATIVE_PROMPT_CONDITIONED, NEGATIVE_PROMPT_T2V) if conditioned else (NEGATIVE_PROMPT_T2V,)
     for name in names:
         file = checkpoint / "assets" / name
-        if file.is_file():
+        if present(file):  # a link to nothing, a FIFO, a folder: refused by read_json, not skipped
             try:  # exactly what the docs pass: json.dumps(json.load(file))
                 return json.dumps(read_json(file, "negative prompt", object_only=False))
             except InputError as error:

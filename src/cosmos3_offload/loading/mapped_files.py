@@ -23,6 +23,7 @@ import torch
 
 from ..errors import InputError
 from ..offload.slabs import SlabEntry
+from .file_kinds import open_regular
 from .files import CheckpointWeights
 
 # safetensors dtype names of floating-point tensors (checkpoint.py refuses any other kind).
@@ -86,12 +87,14 @@ class MappedFiles:
     def _open(self, file: Path) -> _MappedFile:
         if file not in self._files:
             try:
-                with open(file, "rb") as handle:
+                with open_regular(file, "weight file") as handle:
                     (length,) = struct.unpack("<Q", handle.read(HEADER_LENGTH_BYTES))
                     if length > MAX_HEADER_BYTES:
                         raise ValueError(f"a header of {length} bytes")
                     header = json.loads(handle.read(length))
                     mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            except InputError:  # not a regular file: its own line says what it is
+                raise
             except (OSError, ValueError, struct.error) as error:
                 raise InputError(f"{file.name} in {str(file.parent)!r} cannot be mapped: {error}") from None
             self._files[file] = _MappedFile(mapping, HEADER_LENGTH_BYTES + length, header)

@@ -5,22 +5,31 @@ the CPU. Rank r runs CFG branch r // sequence and holds row block r % sequence o
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..planning.parallel import ParallelLayout
 from .ulysses import SequenceShards
+
+logger = logging.getLogger(__name__)
 
 # How long a collective may wait for the others. Long: ranks meet again only after the load, and
 # the process that fills the shared host copy of a large checkpoint takes minutes; a rank that dies
 # is noticed sooner by its launcher (torchrun or --gpus), which stops the rest.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# How long a rank waits at the rendezvous for the others to join. Every rank gets there after the
+# same checks (seconds, a minute on a cold machine); one that has not come by then was never started
+# or has died before it, and waiting longer only holds this one.
+RENDEZVOUS_TIMEOUT = timedelta(minutes=5)
 REDUCE_BLOCK_BYTES = 64 << 20  # what `sum_to_leader` holds on the device at once
 
 
@@ -91,20 +100,39 @@ class ProcessMesh:
 
     @classmethod
     def start(cls, layout: ParallelLayout, environment: Environment, device: torch.device) -> ProcessMesh:
-        """Join the process group (blocks until every rank has joined) and build the layout's groups."""
+        """Join the process group and build the layout's groups. Blocks until every rank has joined, at most
+        RENDEZVOUS_TIMEOUT (then an InputError naming what it waited for); SIGINT and SIGTERM still end it."""
         if environment.world_size != layout.world_size:
             raise InputError(
                 f"the layout {layout.describe()!r} needs {layout.world_size} processes, "
                 f"but WORLD_SIZE={environment.world_size}"
             )
+        address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        logger.info("rank %d of %d: waiting at %s for the others", environment.rank, environment.world_size, address)
+        joined = _wait_interruptibly(lambda: cls._join(layout, environment, device), RENDEZVOUS_TIMEOUT)
+        if joined is None:
+            raise InputError(
+                f"rank {environment.rank} of {environment.world_size} waited {RENDEZVOUS_TIMEOUT.total_seconds():g} s "
+                f"at {address} (MASTER_ADDR:MASTER_PORT) for the other {environment.world_size - 1} rank(s) to join, "
+                "and not all came; start every rank with the same MASTER_ADDR and MASTER_PORT; nothing was written"
+            )
+        return joined
+
+    @classmethod
+    def _join(cls, layout: ParallelLayout, environment: Environment, device: torch.device) -> ProcessMesh:
+        """Join the process group and build the layout's groups: blocks, in C++, until every rank has joined."""
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend,
-            rank=environment.rank,
-            world_size=environment.world_size,
-            timeout=COLLECTIVE_TIMEOUT,
-            device_id=device if device.type == "cuda" else None,
-        )
+        try:
+            dist.init_process_group(
+                backend,
+                rank=environment.rank,
+                world_size=environment.world_size,
+                timeout=COLLECTIVE_TIMEOUT,
+                device_id=device if device.type == "cuda" else None,
+            )
+        except dist.DistNetworkError as error:  # MASTER_PORT taken, MASTER_ADDR unreachable
+            address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise InputError(f"the ranks cannot meet at {address}: {first_line(error)}") from None
         name = [secrets.token_hex(6) if environment.rank == 0 else None]
         dist.broadcast_object_list(name, src=0)
         return cls(layout, environment, name[0])
@@ -153,3 +181,25 @@ class ProcessMesh:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _wait_interruptibly(join: Callable[[], ProcessMesh], timeout: timedelta) -> ProcessMesh | None:
+    """`join()` on a helper thread while this one waits, at most `timeout` (None then). Blocks the host.
+
+    The rendezvous blocks in C++, where Python runs no signal handler: called here, SIGINT and SIGTERM
+    would wait for it. This thread's wait is interruptible, so their handlers run (the CLI ends in one
+    line, 130 or 143) and the helper, a daemon still blocked, ends with the process."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["mesh"] = join()
+        except BaseException as error:  # raised again on the waiting thread
+            outcome["error"] = error
+
+    helper = threading.Thread(target=run, name="rendezvous", daemon=True)
+    helper.start()
+    helper.join(timeout.total_seconds())
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("mesh")

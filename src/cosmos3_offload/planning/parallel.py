@@ -17,10 +17,12 @@ MAX_GPUS = 64  # past this, a typo
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelLayout:
-    """`cfg` (1 or 2) CFG branches side by side, each over `sequence` ranks."""
+    """`cfg` (1 or 2) CFG branches side by side, each over `sequence` ranks; `on_cpu`: the ranks are CPU
+    processes (gloo, `--device cpu`), which the messages count as such rather than as GPUs."""
 
     cfg: int = 1
     sequence: int = 1
+    on_cpu: bool = False
 
     def __post_init__(self) -> None:
         if self.cfg not in (1, 2):
@@ -69,27 +71,32 @@ class ParallelLayout:
         """Ulysses gives each rank heads/sequence query heads and kv_heads/sequence key/value heads."""
         if heads % self.sequence or kv_heads % self.sequence:
             raise InputError(
-                f"sequence-parallel over {self.sequence} GPUs splits the attention heads, but this model has "
+                f"sequence-parallel over {self.ranks(self.sequence)} splits the attention heads, but this model has "
                 f"{heads} query and {kv_heads} key/value heads; use a degree that divides {kv_heads} "
-                f"(at most {kv_heads} GPUs per CFG branch)"
+                f"(at most {self.ranks(kv_heads)} per CFG branch)"
             )
 
     def check_tokens(self, tokens: int) -> None:
         """Each rank holds tokens/sequence of its branch's generator tokens."""
         if tokens % self.sequence:
             raise InputError(
-                f"sequence-parallel over {self.sequence} GPUs splits the {tokens} generator tokens of this request "
-                f"into equal blocks, and {self.sequence} does not divide {tokens}; change --frames or the "
-                "resolution, or use fewer GPUs"
+                f"sequence-parallel over {self.ranks(self.sequence)} splits the {tokens} generator tokens of this "
+                f"request into equal blocks, and {self.sequence} does not divide {tokens}; change --frames or the "
+                "resolution, or use fewer"
             )
+
+    def ranks(self, count: int) -> str:
+        """`count` ranks as a message names them: '2 GPUs', 'one GPU', '2 CPU processes'."""
+        unit = ("CPU process", "CPU processes") if self.on_cpu else ("GPU", "GPUs")
+        return f"one {unit[0]}" if count == 1 else f"{count} {unit[1]}"
 
     def describe(self) -> str:
         if not self.parallel:
-            return "one GPU"
+            return self.ranks(1)
         parts = (["CFG-parallel 2"] if self.cfg == 2 else []) + (
             [f"sequence-parallel {self.sequence} (Ulysses)"] if self.sequence > 1 else []
         )
-        return f"{self.world_size} GPUs: {' x '.join(parts)}"
+        return f"{self.ranks(self.world_size)}: {' x '.join(parts)}"
 
 
 SINGLE = ParallelLayout()

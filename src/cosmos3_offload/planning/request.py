@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from ..errors import InputError
 from ..model.geometry import generator_tokens
-from ..units import GIB, MIB
+from ..units import GIB, KIB, MIB, PIB, TIB
 from .parallel import SINGLE, ParallelLayout
 
 
@@ -111,22 +112,30 @@ class DeviceProfile:
 
 
 MAX_RATE = 1e6  # GB/s or TFLOP/s: far above any device, low enough that the arithmetic stays finite
-MAX_BUDGET = 1 << 50  # 1 PiB: a budget past this is a typo
-_BUDGET_UNITS = {"gib": GIB, "gb": 10**9, "g": GIB, "mib": MIB, "mb": 10**6, "m": MIB, "": GIB}
+MAX_BUDGET = PIB  # a budget past this is a typo
+# Budget units, as the user may write them (any case); a plain number is GiB.
+BUDGET_UNITS = {
+    "": GIB, "b": 1,
+    "k": KIB, "kib": KIB, "kb": 10**3,
+    "m": MIB, "mib": MIB, "mb": 10**6,
+    "g": GIB, "gib": GIB, "gb": 10**9,
+    "t": TIB, "tib": TIB, "tb": 10**12,
+    "p": PIB, "pib": PIB, "pb": 10**15,
+}  # fmt: skip
+_BUDGET_TEXT = re.compile(r"\s*([-+]?[\d.]+(?:e[-+]?\d+)?|[-+]?(?:nan|inf))\s*([a-z]*)\s*")
+BUDGET_FORMS = "a number and one of B, KiB, MiB, GiB, TiB, PiB (KB to PB are powers of 1000; no unit is GiB)"
 
 
 def parse_budget(text: str) -> int:
-    """'8GiB', '8G', '7.5GB', '8192MiB' or a plain number of GiB -> bytes (at least 1 MiB)."""
-    value = text.strip().lower()
-    number = value.rstrip("gibm")
-    unit = value[len(number) :]
+    """'8GiB', '8G', '7.5GB', '8192MiB', '1PiB' or a plain number of GiB -> bytes (1 MiB to 1 PiB)."""
+    match = _BUDGET_TEXT.fullmatch(text.lower())
     try:
-        amount = float(number)
+        amount = float(match.group(1)) if match else math.nan
     except ValueError:
         amount = math.nan
-    if unit not in _BUDGET_UNITS or not math.isfinite(amount):
-        raise InputError(f"cannot read the budget {text!r}; write it like 8GiB or 7500MiB")
-    nbytes = amount * _BUDGET_UNITS[unit]
+    if match is None or match.group(2) not in BUDGET_UNITS or not math.isfinite(amount):
+        raise InputError(f"cannot read the budget {text!r}; write it like 8GiB or 7500MiB: {BUDGET_FORMS}")
+    nbytes = amount * BUDGET_UNITS[match.group(2)]
     if not MIB <= nbytes <= MAX_BUDGET:
-        raise InputError(f"the budget {text!r} is out of range; give between 1MiB and {MAX_BUDGET // GIB}GiB")
+        raise InputError(f"the budget {text!r} is out of range; give between 1 MiB and 1 PiB")
     return int(nbytes)

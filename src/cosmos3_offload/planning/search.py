@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, replace
 
 from ..errors import InputError
-from ..units import GIB
+from ..units import GIB, format_budget
 from .memory import DECODE_FRAME_SLOWDOWN, HostMemory, Peaks, host_memory, peaks
 from .parallel import SINGLE, ParallelLayout
 from .plan import GroupPlan, Mode, Plan
@@ -114,7 +114,7 @@ def choose_plan(
         least = min(c.prediction.peak for c in scored) / profile.headroom
         per_gpu = f" per GPU over {layout.describe()}" if layout.parallel else ""
         raise InputError(
-            f"nothing fits a {budget_bytes / GIB:.1f} GiB budget{per_gpu} for this request; it needs at least "
+            f"nothing fits a {format_budget(budget_bytes)} budget{per_gpu} for this request; it needs at least "
             f"{_gib_up(least)} GiB (or fewer frames or a lower resolution)"
         )
     if host_budget is not None:
@@ -134,7 +134,7 @@ def _fitting_host(fitting: list[Choice], host_budget: int, profile: DeviceProfil
     least = min(c.prediction.host.held for c in fitting) / profile.headroom
     hint = "" if mapped else "; with --checkpoint the reasoner can be mapped from its files, which needs less"
     raise InputError(
-        f"no plan that fits the device budget fits a {host_budget / GIB:.1f} GiB host budget; it needs at least "
+        f"no plan that fits the device budget fits a {format_budget(host_budget)} host budget; it needs at least "
         f"{_gib_up(least)} GiB of host memory (or a larger device budget){hint}"
     )
 
@@ -153,7 +153,7 @@ def describe_choice(choice: Choice, budget_bytes: int, host_budget: int | None =
     """The plan and its predictions, for `cosmos3-offload plan` and the run summary; with several GPUs
     the layout first, and the budget, memory and times are each GPU's."""
     p, t, h = choice.prediction.peaks, choice.prediction.times, choice.prediction.host
-    host = "" if host_budget is None else f" and a {host_budget / GIB:.1f} GiB host budget"
+    host = "" if host_budget is None else f" and a {format_budget(host_budget)} host budget"
     layout = choice.layout
     per_gpu = " per GPU" if layout.parallel else ""
     parallel = (
@@ -163,7 +163,7 @@ def describe_choice(choice: Choice, budget_bytes: int, host_budget: int | None =
     return "\n".join(
         ([parallel] if layout.parallel else [])
         + [
-            f"plan for a {budget_bytes / GIB:.1f} GiB budget{per_gpu}{host}: {choice.plan.describe()}",
+            f"plan for a {format_budget(budget_bytes)} budget{per_gpu}{host}: {choice.plan.describe()}",
             "predicted peak: "
             + (f"encode {p.encode / GIB:.2f} GiB, " if p.encode else "")
             + f"prefill {p.prefill / GIB:.2f} GiB, denoise {p.denoise / GIB:.2f} GiB, decode {p.decode / GIB:.2f} GiB",

@@ -14,7 +14,12 @@ It drives diffusers' own `AutoencoderKLWan` decoder modules in two passes:
    one tile's caches and a few frames of one tile.
 
 Decoded tiles become bytes on the device and leave through pinned buffers without stopping the
-decode (`HostLanding`; plain copies on the CPU).
+decode (`HostLanding`; plain copies on the CPU). Whether every decoded value was finite is kept on
+the device as the tiles go (no wait per tile) and read once at the end: NaN or infinite pixels
+would become black or white bytes, so `decode_to_host` refuses them (`NonFinitePixels`).
+
+A caller may stop the decode between pieces: `on_piece()` is called before each latent frame of each
+tile goes through the up blocks (the untiled decode is one tile), and what it raises ends the decode.
 
 Tiles are independent once the low-resolution pass is done, so several processes can share a decode:
 each decodes the tiles it is given (`only`) and leaves the others' pixels zero.
@@ -22,7 +27,7 @@ each decodes the tiles it is given (`only`) and leaves the others' pixels zero.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import numpy as np
 import torch
@@ -33,6 +38,10 @@ from torch import nn
 from ..offload.streams import HostLanding
 from ..planning.tiles import UNTILED, DecoderBlock, TileGrid, block_region
 from .structure import cache_slots, decoder_blocks
+
+
+class NonFinitePixels(ArithmeticError):
+    """The decoder gave NaN or infinite values, which bytes cannot hold (they would be written as black frames)."""
 
 
 def _cached_conv(conv: nn.Module, x: torch.Tensor, cache: list, idx: list[int]) -> torch.Tensor:
@@ -69,6 +78,7 @@ class _TileDecoder:
     def __init__(self, vae: AutoencoderKLWan, blocks: tuple[DecoderBlock, ...], tile, frame_size, frames: int, emit):
         self.vae, self.decoder, self.blocks, self.frames, self.emit = vae, vae.decoder, blocks, frames, emit
         self.tile, self.frame_size = tile, frame_size
+        self.finite: torch.Tensor | None = None  # a bool on the device: every value of the tile's output was finite
         blocks = list(self.decoder.up_blocks)
         first = 1 + cache_slots(self.decoder.mid_block)
         self.starts = [first + sum(cache_slots(b) for b in blocks[:i]) for i in range(len(blocks) + 1)]
@@ -105,6 +115,8 @@ class _TileDecoder:
         x = self.crop(x, origin, self.region(-1, halo=0))
         if self.vae.config.patch_size is not None:
             x = unpatchify(x, patch_size=self.vae.config.patch_size)
+        finite = torch.isfinite(x).all()  # before the clamp, which would make an infinity look fine
+        self.finite = finite if self.finite is None else self.finite & finite
         x = torch.clamp(x, min=-1.0, max=1.0)[0].permute(1, 2, 3, 0)  # [frames, H_tile, W_tile, 3]
         pixel = self.vae.spatial_compression_ratio
         (top, bottom), (left, right) = self.tile
@@ -115,20 +127,33 @@ class _TileDecoder:
 
 @torch.no_grad()
 def decode_tiles(
-    vae: AutoencoderKLWan, z: torch.Tensor, grid: TileGrid, emit, only: Collection[int] | None = None
-) -> None:
+    vae: AutoencoderKLWan,
+    z: torch.Tensor,
+    grid: TileGrid,
+    emit,
+    only: Collection[int] | None = None,
+    on_piece: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """Decode raw latents z [1, C, T, h, w] tile by tile: emit(frames, rows, cols, pixels) receives
     each decoded piece, pixels [frames, H_tile, W_tile, 3] in [-1, 1] on the device. `only`: the
-    indexes (in `grid.tiles` order) of the tiles to decode; default every tile."""
+    indexes (in `grid.tiles` order) of the tiles to decode; default every tile. `on_piece()` is called
+    before each latent frame of each tile (what it raises stops the decode there).
+
+    Returns a bool on z's device: whether every decoded value was finite (reading it waits for the decode)."""
     blocks = decoder_blocks(vae.decoder)
     low = low_resolution_pass(vae, z)
     height, width = z.shape[-2:]
+    finite = torch.ones((), dtype=torch.bool, device=z.device)
     for index, tile in enumerate(grid.tiles(height, width)):
         if only is not None and index not in only:
             continue
         decoder = _TileDecoder(vae, blocks, tile, (height, width), grid.frames, emit)
         for t in range(low.shape[0]):
+            if on_piece is not None:
+                on_piece()
             decoder.latent_frame(low[t].to(z.device, non_blocking=True)[None, :, None], first_chunk=t == 0)
+        finite &= decoder.finite
+    return finite
 
 
 def to_bytes(pixels: torch.Tensor) -> torch.Tensor:
@@ -138,10 +163,15 @@ def to_bytes(pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_to_host(
-    vae: AutoencoderKLWan, z: torch.Tensor, grid: TileGrid = UNTILED, only: Collection[int] | None = None
+    vae: AutoencoderKLWan,
+    z: torch.Tensor,
+    grid: TileGrid = UNTILED,
+    only: Collection[int] | None = None,
+    on_piece: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """Raw latents z [1, C, T, h, w] -> uint8 frames [frames, H, W, 3] on the host (zero outside the
-    tiles of `only`, when given)."""
+    tiles of `only`, when given). `on_piece`: see `decode_tiles`. Raises NonFinitePixels when a decoded
+    value is NaN or infinite (waits for the decode, as the last copies do)."""
     _, _, latent_frames, height, width = z.shape
     scale = vae.spatial_compression_ratio
     frames = 1 + vae.config.scale_factor_temporal * (latent_frames - 1)
@@ -149,6 +179,9 @@ def decode_to_host(
     landing = HostLanding()
     if only is not None:
         video.zero_()
-    decode_tiles(vae, z, grid, lambda f, r, c, pixels: landing.put(video[f, r, c], to_bytes(pixels)), only)
+    emit = lambda f, r, c, pixels: landing.put(video[f, r, c], to_bytes(pixels))  # noqa: E731
+    finite = decode_tiles(vae, z, grid, emit, only, on_piece)
     landing.drain()
+    if not bool(finite):
+        raise NonFinitePixels("the VAE decoder gave NaN or infinite pixels")
     return video.numpy()
