@@ -133,20 +133,10 @@ def cli_serve_arguments(storage: Path, *flags: str):
 @contextlib.contextmanager
 def _uvicorn_thread(app):
     """`app` served by uvicorn (the server's settings) on a free loopback port, from a thread; yields its URL."""
-    import uvicorn
-
     from cosmos3_offload.serve import server
 
     listener = server.bind("127.0.0.1", 0)
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        timeout_graceful_shutdown=server.GRACEFUL_SECONDS,
-        timeout_keep_alive=server.KEEP_ALIVE_SECONDS,
-        lifespan="off",
-        access_log=False,
-    )
-    running = uvicorn.Server(config)  # off the main thread it installs no signal handlers
+    running = server.uvicorn_server(app)  # off the main thread it installs no signal handlers
     thread = threading.Thread(target=running.run, kwargs={"sockets": [listener]}, name="uvicorn", daemon=True)
     thread.start()
     try:

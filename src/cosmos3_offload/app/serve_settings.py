@@ -8,6 +8,7 @@ No torch here: the entry point imports this module.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,49 @@ DEFAULT_QUEUE_SIZE = 16  # jobs waiting behind the running one; one more is answ
 MAX_QUEUE_SIZE = 10_000
 DEFAULT_STORAGE = Path("cosmos3-offload-storage")
 MIN_API_KEY_CHARS = 8
+API_KEY_VARIABLE = "COSMOS3_API_KEY"  # the key's safe form: a flag's value shows in `ps`
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long finished jobs of one kind are kept: the newest `count` (None: any number), each for at most
+    `seconds` after it ended (None: for ever). Written `all`, `N`, a duration (`90m`, `12h`, `7d`) or
+    `N,DURATION` (both bounds hold)."""
+
+    count: int | None = None
+    seconds: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, flag: str) -> Retention:
+        """Read `all`, `N`, `DURATION` or `N,DURATION`; an InputError naming `flag` otherwise."""
+        if text.strip().lower() == "all":
+            return cls()
+        count = seconds = None
+        for part in text.split(","):
+            part = part.strip().lower()
+            duration = re.fullmatch(r"([0-9]{1,9})([smhd])", part)
+            if part.isdigit() and len(part) <= 9 and count is None:
+                count = int(part)
+            elif duration is not None and seconds is None:
+                seconds = int(duration[1]) * _DURATION_UNITS[duration[2]]
+            else:
+                raise InputError(
+                    f"{flag} must be all, a count (100), an age (90m, 12h, 7d) or both (100,7d), got {text!r}"
+                )
+        if count == 0 or seconds == 0:
+            raise InputError(f"{flag}: keep at least one job for at least a second (all: keep every job), got {text!r}")
+        return cls(count, seconds)
+
+    def __str__(self) -> str:
+        parts = [] if self.count is None else [str(self.count)]
+        if self.seconds is not None:
+            unit = next(u for u in "dhms" if self.seconds % _DURATION_UNITS[u] == 0)
+            parts.append(f"{self.seconds // _DURATION_UNITS[unit]}{unit}")
+        return ",".join(parts) or "all"
+
+
+KEEP_VIDEOS, KEEP_IMAGES = Retention(), Retention(count=100, seconds=86400)
 
 
 @dataclass(frozen=True)
@@ -46,7 +90,9 @@ class ServeSettings:
     """`host` and `port` to listen on; `api_key` (None: open) is the bearer token every API call needs;
     `queue_size` jobs may wait behind the running one; `storage` holds the job database and files;
     `limit` (None: any request the machine fits) comes from a budget's plan; `model_name` is what the
-    API reports as the model; `progress` shows the load's progress bar."""
+    API reports as the model; `progress` shows the load's progress bar; `allow_origins` are the web
+    origins (scheme://host[:port]) besides the server's own whose pages may call it; `keep_videos` and
+    `keep_images` say how long finished jobs and their files are kept."""
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -57,6 +103,9 @@ class ServeSettings:
     model_name: str = "cosmos3"
     defaults: dict[str, Any] | None = None  # request defaults: frames, resolution, steps, guidance
     progress: bool = True
+    allow_origins: tuple[str, ...] = ()
+    keep_videos: Retention = KEEP_VIDEOS
+    keep_images: Retention = KEEP_IMAGES
 
     def __post_init__(self) -> None:
         check_host(self.host)
@@ -66,6 +115,7 @@ class ServeSettings:
             raise InputError(f"--api-key must be at least {MIN_API_KEY_CHARS} printable characters")
         if self.api_key is not None and any(c.isspace() for c in self.api_key):
             raise InputError("--api-key must not hold spaces (it is sent as 'Authorization: Bearer KEY')")
+        object.__setattr__(self, "allow_origins", tuple(check_origin(origin) for origin in self.allow_origins))
         if not isinstance(self.queue_size, int) or not 1 <= self.queue_size <= MAX_QUEUE_SIZE:
             raise InputError(f"--queue-size must be a whole number from 1 to {MAX_QUEUE_SIZE}, got {self.queue_size!r}")
         object.__setattr__(self, "storage", Path(self.storage))
@@ -85,6 +135,14 @@ def check_host(host: str) -> None:
     labels = host.split(".")
     if not host or len(host) > 253 or not all(label and label.replace("-", "").isalnum() for label in labels):
         raise InputError(f"--host {host!r} is neither an IP address nor a host name")
+
+
+def check_origin(origin: str) -> str:
+    """A web origin as browsers send it (`scheme://host[:port]`, no path), lower-cased; else an InputError."""
+    match = re.fullmatch(r"(https?)://([^/?#@\s]+?)(:[0-9]{1,5})?/?", origin.strip(), flags=re.IGNORECASE)
+    if match is None:
+        raise InputError(f"--allow-origin must be scheme://host[:port] (http://localhost:3000), got {origin!r}")
+    return f"{match[1]}://{match[2]}{match[3] or ''}".lower()
 
 
 # The server, as the console script passes it to the CLI: (the opened model, the settings) -> exit status.

@@ -1,21 +1,24 @@
 """The HTTP API: OpenAI's video job routes and image route, /health, /metrics and the web page.
 
 - `POST /v1/videos` -> a queued job (OpenAI's video object); `GET /v1/videos/{id}` its state and
-  progress; `GET /v1/videos/{id}/content` the mp4 once completed; `GET /v1/videos` the list (newest
-  first, `after`/`limit`/`order`); `DELETE /v1/videos/{id}` cancels a waiting or running job, or deletes
-  a finished one with its file.
-- `POST /v1/images/generations` waits for its one-frame jobs and returns the images (base64).
-- `GET /health` (no key needed), `GET /metrics` (Prometheus text), `GET /` the page.
+  progress; `GET /v1/videos/{id}/content` the mp4 once completed (HEAD: its headers); `GET /v1/videos`
+  the list (newest first, `after`/`limit`/`order`); `DELETE /v1/videos/{id}` cancels a waiting or running
+  job, or deletes a finished one with its file.
+- `POST /v1/images/generations` waits for its one-frame jobs and returns the images (base64), each with
+  its job `id` and `seed`; `DELETE /v1/images/{id}` deletes one (kept by --keep-images otherwise).
+- `GET /health` (no key needed; 503 with the reason when the job worker or the storage cannot work),
+  `GET /metrics` (Prometheus text), `GET /` the page. No /docs or /openapi.json: the routes are OpenAI's.
 
 With an API key every /v1 route and /metrics need `Authorization: Bearer KEY` (401 otherwise). Every
-error has OpenAI's body; a bad request is a 400, a full queue a 429, never a 500.
+error has OpenAI's body; a bad request is a 400, a full queue a 429, a full storage a 507, never a 500.
+Whatever blocks (saving and decoding an upload, checking a request, reading and deleting files, the
+health probe) runs in a worker thread, so one slow request never stalls the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import logging
 import time
 from pathlib import Path
@@ -24,42 +27,54 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 
 from ..app.config import GenerationConfig
 from ..app.inputs import read_conditioning
 from ..app.runner import LoadedModel
 from ..app.serve_settings import ServeSettings
 from ..errors import InputError
-from ..request.checks import FieldError
+from ..request.checks import FieldError, shown
 from ..request.spec import named_at
-from .api_errors import ApiError, bad_request, error_body, not_found, unauthorized
+from .api_errors import (
+    ApiError,
+    bad_request,
+    error_body,
+    file_gone,
+    not_found,
+    storage_full,
+    storage_unavailable,
+)
+from .guard import install_guard
 from .metrics import Metrics
 from .queue import JobQueue, Work
 from .requests import (
     HTTP_NAMES,
     IMAGE_FIELDS,
-    MAX_UPLOAD_BYTES,
     READ_APART,
     VIDEO_FIELDS,
     ParsedRequest,
     Upload,
     parse_image,
     parse_video,
+    read_fields,
 )
-from .store import COMPLETED, FAILED, Job, JobStore
+from .store import COMPLETED, FAILED, Job, JobStore, StorageError, StorageFull, storage_error
 
 logger = logging.getLogger(__name__)
 
 PAGE = Path(__file__).parent / "page"
 PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
-MAX_BODY_BYTES = MAX_UPLOAD_BYTES + 2**20
 MAX_LIST = 100
 WAIT_POLL_SECONDS = 0.05
 # What a failed image job answers: its error code -> HTTP status (the request's fault is a 400).
-IMAGE_FAILURE_STATUS = {"generation_failed": 400, "out_of_memory": 503, "server_stopped": 503}
+IMAGE_FAILURE_STATUS = {
+    "generation_failed": 400,
+    "out_of_memory": 503,
+    "server_stopped": 503,
+    "storage_full": 507,
+    "storage_error": 503,
+}
 MEDIA_TYPES = {".mp4": "video/mp4", ".png": "image/png", ".jpg": "image/jpeg"}
 
 
@@ -91,8 +106,17 @@ class Service:
             "stats": job.stats,
         }
 
+    def problem(self) -> str | None:
+        """Why the server cannot run jobs now (its worker is dead, its storage refuses a write), or None."""
+        if not self.queue.alive:
+            return "the job worker has stopped; restart the server"
+        return self.store.problem()
+
     def admit(self, kind: str, parsed: ParsedRequest, *, suffix: str, seeds: list[int]) -> list[str]:
-        """Check each request as the model runs it, record the jobs and queue them (all or none)."""
+        """Check each request as the model runs it, record the jobs and queue them (all or none). Blocking
+        (it saves and decodes the upload): run it in a worker thread. An image request's jobs are held from
+        the retention until it has read them (`queue.release`)."""
+        self.store.check_room()
         reserved: list[str] = []
         works: list[Work] = []
         try:
@@ -107,9 +131,9 @@ class Service:
                 if image is not None:
                     read_conditioning(image, None, config.condition_frames)  # readable, before it waits
                 works.append(Work(job_id, config))
-            for work in works:
-                self.store.insert(work.job_id, kind, _public(kind, parsed, work.config, self.settings.model_name))
-            self.queue.submit(works)
+            model = self.settings.model_name
+            self.store.insert([(work.job_id, kind, _public(kind, parsed, work.config, model)) for work in works])
+            self.queue.submit(works, hold=kind == "image")
         except InputError as error:
             self._forget(reserved)
             param = None
@@ -125,30 +149,36 @@ class Service:
             raise
         return reserved
 
+    def delete(self, job: Job) -> None:
+        """Cancel a waiting or running job, or delete a finished one, with its files. Blocking: a thread's."""
+        running = self.queue.cancel(job.id)  # a waiting job leaves the queue, a running one stops
+        self.store.delete(job.id, files=not running)  # a running job's folder goes when its worker stops
+
     def _forget(self, job_ids: list[str]) -> None:
+        """Undo a request that failed after reserving `job_ids`: no folder and no job left (a job the full
+        database cannot delete is failed instead, in memory if need be)."""
         for job_id in job_ids:
-            self.store.delete(job_id)
+            try:
+                self.store.delete(job_id)
+            except StorageError:
+                self.store.fail(job_id, "storage_full", "the server's storage was full when this job was created")
 
 
 def create_app(service: Service) -> FastAPI:
-    app = FastAPI(title="cosmos3-offload", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="cosmos3-offload", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service  # for the tests, which reach the queue and the store through the app
     settings, store = service.settings, service.store
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if settings.api_key is not None and (path.startswith("/v1/") or path == "/metrics"):
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-                return _error(unauthorized())
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(ApiError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB"))
-        return await call_next(request)
+    install_guard(app, settings)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
         return _error(error)
+
+    @app.exception_handler(StorageError)
+    async def storage(request: Request, error: StorageError):
+        logger.error("%s %s: %s", request.method, request.url.path, error)
+        full = isinstance(error, StorageFull)
+        return _error(storage_full(str(error)) if full else storage_unavailable(str(error)))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
@@ -172,13 +202,14 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:
         if name not in PAGE_FILES:
-            raise not_found(f"file {name!r}")
+            raise not_found("file", name)
         return FileResponse(PAGE / name, media_type=PAGE_FILES[name])
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> JSONResponse:
+        problem = await asyncio.to_thread(service.problem)
+        body = {
+            "status": "ok" if problem is None else "unavailable",
             "model": settings.model_name,
             "device": str(service.loaded.device),
             "queue_length": len(service.queue),
@@ -186,6 +217,9 @@ def create_app(service: Service) -> FastAPI:
             "auth": settings.api_key is not None,
             "defaults": settings.defaults,
         }
+        if problem is not None:
+            body["reason"] = problem
+        return JSONResponse(body, status_code=200 if problem is None else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -194,9 +228,9 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/videos")
     async def create_video(request: Request) -> JSONResponse:
-        parsed = parse_video(await _fields(request), settings.defaults, settings.limit)
-        (job_id,) = service.admit("video", parsed, suffix=".mp4", seeds=[parsed.config["seed"]])
-        return JSONResponse(service.video_object(store.get(job_id)))
+        parsed = parse_video(await read_fields(request), settings.defaults, settings.limit)
+        admitted = await asyncio.to_thread(service.admit, "video", parsed, suffix=".mp4", seeds=[parsed.config["seed"]])
+        return JSONResponse(service.video_object(store.get(admitted[0])))
 
     @app.get("/v1/videos")
     async def list_videos(after: str | None = None, limit: int = 20, order: str = "desc") -> dict[str, Any]:
@@ -204,9 +238,10 @@ def create_app(service: Service) -> FastAPI:
             raise bad_request(f"limit must be 1 to {MAX_LIST}", "limit")
         if order not in ("asc", "desc"):
             raise bad_request("order must be asc or desc", "order")
-        if after is not None and store.get(after) is None:
-            raise bad_request(f"after: no video {after!r}", "after")
-        jobs = store.list("video", after=after, limit=limit + 1, newest_first=order == "desc")
+        place = None if after is None else store.cursor("video", after)  # a deleted job's id still places it
+        if after is not None and place is None:
+            raise bad_request(f"after: {not_found('video', after).message}", "after")
+        jobs = store.list("video", after=place, limit=limit + 1, newest_first=order == "desc")
         data = [service.video_object(job) for job in jobs[:limit]]
         return {
             "object": "list",
@@ -218,78 +253,59 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/videos/{video_id}")
     async def retrieve_video(video_id: str) -> dict[str, Any]:
-        return service.video_object(_video(store, video_id))
+        return service.video_object(_job(store, "video", video_id))
 
-    @app.get("/v1/videos/{video_id}/content")
+    @app.api_route("/v1/videos/{video_id}/content", methods=["GET", "HEAD"])
     async def video_content(video_id: str, variant: str = "video") -> Response:
-        job = _video(store, video_id)
+        job = _job(store, "video", video_id)
         if variant != "video":
             raise bad_request("variant must be video (no thumbnails or spritesheets here)", "variant")
         if job.status != COMPLETED:
-            raise ApiError(409, f"video {video_id!r} is {job.status}, not completed", code="not_ready")
+            raise ApiError(409, f"video {shown(video_id)} is {job.status}, not completed", code="not_ready")
         path = store.folder_of(job.id) / job.file
+        if not await asyncio.to_thread(path.is_file):
+            raise file_gone("video", job.id)
         return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"))
 
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(video_id: str) -> dict[str, Any]:
-        job = _video(store, video_id)
-        running = service.queue.cancel(job.id)  # a waiting job leaves the queue, a running one stops
-        store.delete(job.id, files=not running)  # a running job's folder goes when its worker stops
+        job = _job(store, "video", video_id)
+        await asyncio.to_thread(service.delete, job)
         return {"id": job.id, "object": "video.deleted", "deleted": True}
+
+    @app.delete("/v1/images/{image_id}")
+    async def delete_image(image_id: str) -> dict[str, Any]:
+        job = _job(store, "image", image_id)
+        await asyncio.to_thread(service.delete, job)
+        return {"id": job.id, "object": "image.deleted", "deleted": True}
 
     @app.post("/v1/images/generations")
     async def generate_images(request: Request) -> dict[str, Any]:
-        parsed, count, suffix = parse_image(await _fields(request), settings.defaults, settings.limit)
+        parsed, count, suffix = parse_image(await read_fields(request), settings.defaults, settings.limit)
         first = parsed.config["seed"]
-        job_ids = service.admit("image", parsed, suffix=suffix, seeds=[first + i for i in range(count)])
-        jobs = await _finished(store, job_ids)
-        failed = next((job for job in jobs if job.status == FAILED), None)
-        if failed is not None:
-            code = failed.error["code"]
-            raise ApiError(IMAGE_FAILURE_STATUS.get(code, 500), failed.error["message"], code=code)
-        data = [
-            {"b64_json": base64.b64encode((store.folder_of(job.id) / job.file).read_bytes()).decode(), "seed": seed}
-            for job, seed in zip(jobs, range(first, first + count))
-        ]
+        seeds = [first + i for i in range(count)]
+        job_ids = await asyncio.to_thread(service.admit, "image", parsed, suffix=suffix, seeds=seeds)
+        try:
+            jobs = await _finished(store, job_ids)
+            failed = next((job for job in jobs if job.status == FAILED), None)
+            if failed is not None:
+                code = failed.error["code"]
+                status = IMAGE_FAILURE_STATUS.get(code, 500)
+                kind = "server_error" if status >= 500 else "invalid_request_error"
+                raise ApiError(status, failed.error["message"], code=code, type=kind)
+            images = await asyncio.to_thread(_read_images, store, jobs)
+        finally:
+            service.queue.release(job_ids)
+        data = [{"b64_json": image, "id": job.id, "seed": seed} for image, job, seed in zip(images, jobs, seeds)]
         return {"created": int(time.time()), "data": data, "size": parsed.size, "output_format": suffix[1:]}
 
     return app
 
 
-async def _fields(request: Request) -> dict[str, Any]:
-    """The body's fields: a JSON object, or a form (multipart or urlencoded) whose files are read here."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind == "application/json":
-        try:
-            body = await request.json()
-        except ValueError:
-            raise bad_request("the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise bad_request("the body must be a JSON object")
-        return body
-    if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        raise bad_request("send the body as application/json or multipart/form-data")
-    try:
-        form = await request.form(max_files=1, max_fields=64, max_part_size=MAX_UPLOAD_BYTES)
-    except (MultiPartException, ValueError) as error:
-        raise bad_request(f"the form cannot be read: {error}") from None
-    fields: dict[str, Any] = {}
-    for name, value in form.multi_items():
-        if name in fields:
-            raise bad_request(f"{name} is given twice", name)
-        if isinstance(value, UploadFile):
-            data = await value.read(MAX_UPLOAD_BYTES + 1)
-            fields[name] = Upload(data, Path(value.filename or "").suffix.lower() or ".png")
-        else:
-            fields[name] = value
-    await form.close()
-    return fields
-
-
-def _video(store: JobStore, video_id: str) -> Job:
-    job = store.get(video_id)
-    if job is None or job.kind != "video":
-        raise not_found(f"video {video_id!r}")
+def _job(store: JobStore, kind: str, job_id: str) -> Job:
+    job = store.get(job_id)
+    if job is None or job.kind != kind:
+        raise not_found(kind, job_id)
     return job
 
 
@@ -306,9 +322,23 @@ async def _finished(store: JobStore, job_ids: list[str]) -> list[Job]:
     ]
 
 
+def _read_images(store: JobStore, jobs: list[Job]) -> list[str]:
+    """The completed image jobs' files, base64; a file removed behind the server's back is a 410."""
+    images = []
+    for job in jobs:
+        try:
+            images.append(base64.b64encode((store.folder_of(job.id) / job.file).read_bytes()).decode())
+        except FileNotFoundError:
+            raise file_gone("image", job.id) from None
+    return images
+
+
 def _save(upload: Upload, folder: Path) -> Path:
     path = folder / f"input{upload.suffix if upload.suffix in ('.png', '.jpg', '.jpeg', '.webp') else '.png'}"
-    path.write_bytes(upload.data)
+    try:
+        path.write_bytes(upload.data)
+    except OSError as error:
+        raise storage_error(error, "the uploaded image") from None
     return path
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..request.checks import shown
+
 
 @dataclass(eq=False)  # not frozen: Starlette clears an exception's __traceback__ once it is handled
 class ApiError(Exception):
@@ -33,8 +35,26 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code="invalid_value" if param else None)
 
 
-def not_found(what: str) -> ApiError:
-    return ApiError(404, f"no {what}", code="not_found")
+def not_found(kind: str, job_id: str) -> ApiError:
+    """No `kind` (video, image) `job_id`: the id quoted escaped and cut short, whatever the client sent."""
+    return ApiError(404, f"no {kind} {shown(job_id)}", code="not_found")
+
+
+def file_gone(kind: str, job_id: str) -> ApiError:
+    """A completed job whose file is no longer in the storage (removed behind the server's back)."""
+    return ApiError(
+        410,
+        f"the file of {kind} {shown(job_id)} is gone from the server's storage; create the job again",
+        code="file_gone",
+    )
+
+
+def storage_full(message: str) -> ApiError:
+    return ApiError(507, message, code="storage_full", type="server_error")
+
+
+def storage_unavailable(message: str) -> ApiError:
+    return ApiError(503, message, code="storage_error", type="server_error")
 
 
 def queue_full(size: int) -> ApiError:

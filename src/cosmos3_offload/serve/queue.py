@@ -3,15 +3,23 @@
 One GPU runs one job at a time: the worker takes the oldest waiting job, runs it as `generate`
 would (`LoadedModel.write` into the job's folder, under the output's lock, written whole or not at
 all) and records the outcome. Progress is the denoising steps' share (5% to 95%); a job that is
-deleted while it runs, or a server that stops, ends it at the next step. A job that fails (bad input
-found late, NaN latents, out of memory) fails alone: the worker goes on with the next.
+deleted while it runs, or a server that stops, ends it at the next step or decode tile. Whatever a
+job raises (bad input found late, NaN latents, out of memory, a full disk, a store that refuses its
+record) fails that job alone, with its files removed: the worker goes on with the next, and the
+server's health says when it could not.
+
+Finished jobs past the server's retention (`--keep-videos`, `--keep-images`) are deleted with their
+files at the start, after each job and every minute while idle; the jobs an images request still
+waits for are held until it has read them.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import logging
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,51 +30,101 @@ from ..app.config import GenerationConfig
 from ..app.inputs import read_conditioning
 from ..app.outputs import OutputLock
 from ..app.runner import LoadedModel
+from ..app.serve_settings import KEEP_IMAGES, KEEP_VIDEOS, Retention
 from ..app.timer import PhaseTimer
 from ..errors import InputError
 from .api_errors import queue_full
 from .metrics import Metrics
-from .store import COMPLETED, FAILED, IN_PROGRESS, JobStore
+from .store import COMPLETED, IN_PROGRESS, JobStore, StorageError, is_disk_full
 
 logger = logging.getLogger(__name__)
 
 FIRST_STEP_PROGRESS, LAST_STEP_PROGRESS = 5, 95
+EXPIRE_EVERY_SECONDS = 60  # while idle, how often jobs that aged past the retention are deleted
+STORAGE_FULL_MESSAGE = "the server's storage is full; delete finished jobs or free space on it, then submit again"
 
 
 class JobStopped(Exception):
-    """Raised at a step boundary: the job was deleted, or the server is stopping."""
+    """Raised at a step or decode tile boundary: the job was deleted, or the server is stopping."""
 
 
 @dataclass
 class Work:
-    """A job waiting for the worker: its request and how many of its requests' outcomes a waiter reads."""
+    """A job waiting for the worker: its request, and an event set once it has ended (or left the queue)."""
 
     job_id: str
     config: GenerationConfig
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def failure(error: BaseException) -> tuple[str, str]:
+    """(code, message) a job that raised `error` fails with."""
+    if isinstance(error, JobStopped):
+        return "server_stopped", "the server stopped while this job ran"
+    if is_disk_full(error):
+        return "storage_full", STORAGE_FULL_MESSAGE
+    if isinstance(error, StorageError):
+        return "storage_error", str(error)
+    if isinstance(error, InputError):
+        return "generation_failed", str(error)
+    if isinstance(error, OSError):
+        return "generation_failed", f"{error.strerror or error}"
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "out_of_memory", "the GPU ran out of memory for this request; ask for fewer frames"
+    return "server_error", "the server failed while running this job"
+
+
 class JobQueue:
-    def __init__(self, loaded: LoadedModel, store: JobStore, size: int, metrics: Metrics) -> None:
+    """Jobs waiting for the one worker; `retention` (kind -> Retention) says how long finished ones are kept."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: JobStore,
+        size: int,
+        metrics: Metrics,
+        retention: dict[str, Retention] | None = None,
+    ) -> None:
         self.loaded, self.store, self.size, self.metrics = loaded, store, size, metrics
+        self.retention = retention or {"video": KEEP_VIDEOS, "image": KEEP_IMAGES}
         self._waiting: collections.deque[Work] = collections.deque()
         self._condition = threading.Condition()
         self._running: Work | None = None
         self._cancelled: set[str] = set()
+        self._held: set[str] = set()  # finished jobs a request still reads: out of the retention's reach
+        self._expire_soon = False  # a request released held jobs: expire before waiting again
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="cosmos3-jobs", daemon=True)
 
     def start(self) -> None:
+        """Delete what the retention no longer keeps (before the first request is answered), then work."""
+        self.expire()
         self._thread.start()
 
-    def submit(self, works: list[Work]) -> None:
-        """Queue `works` together, or none of them (429) when the queue has no room for all."""
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (False before `start` and after `stop`)."""
+        return self._thread.is_alive()
+
+    def submit(self, works: list[Work], *, hold: bool = False) -> None:
+        """Queue `works` together, or none of them (429) when the queue has no room for all. With `hold`,
+        the retention keeps them until `release`."""
         with self._condition:
             if self._stopping:
                 raise queue_full(self.size)
             if len(self._waiting) + len(works) > self.size:
                 raise queue_full(self.size)
+            if hold:
+                self._held.update(work.job_id for work in works)
             self._waiting.extend(works)
+            self._condition.notify()
+
+    def release(self, job_ids: list[str]) -> None:
+        """The held jobs `job_ids` are read: the worker applies the retention to them next (this never blocks,
+        so a request may call it as it ends, even cancelled)."""
+        with self._condition:
+            self._held.difference_update(job_ids)
+            self._expire_soon = True
             self._condition.notify()
 
     def __len__(self) -> int:
@@ -104,27 +162,60 @@ class JobQueue:
             self._thread.join(timeout)
         return left
 
-    def _next(self) -> Work | None:
+    def expire(self) -> None:
+        """Delete the finished jobs past the retention, with their files (the worker's, and the start's before
+        it runs). A store that refuses is logged, never raised: the next pass tries again."""
         with self._condition:
-            while not self._waiting and not self._stopping:
-                self._condition.wait()
-            if self._stopping:
+            held = set(self._held)
+        removed = 0
+        try:
+            for kind, retention in self.retention.items():
+                for job_id in self.store.expired(kind, retention, now=time.time(), keep=held):
+                    self.store.delete(job_id)
+                    removed += 1
+        except Exception:
+            logger.exception("finished jobs past the retention could not all be deleted")
+        if removed:
+            logger.info("deleted %d finished job(s) past the retention", removed)
+
+    def _next(self, timeout: float) -> Work | None:
+        """The next job, or None when stopping, when held jobs were released, or after `timeout` seconds."""
+        with self._condition:
+            if not self._waiting and not self._stopping and not self._expire_soon:
+                self._condition.wait(timeout)
+            self._expire_soon = False  # the worker expires jobs whenever this returns
+            if self._stopping or not self._waiting:
                 return None
             self._running = self._waiting.popleft()
             return self._running
 
     def _work(self) -> None:
-        while (work := self._next()) is not None:
+        while not self._stopping:
+            work = self._next(EXPIRE_EVERY_SECONDS)
+            if work is not None:
+                self._run_safely(work)
+            if not self._stopping:
+                self.expire()
+
+    def _run_safely(self, work: Work) -> None:
+        """Run `work`; whatever it raises fails it alone (and whatever that raises is logged), so the worker
+        goes on with the next job."""
+        try:
+            self._run(work)
+        except BaseException as error:
             try:
-                self._run(work)
-            except BaseException:  # never leave a job in progress: the worker goes on with the next
-                logger.exception("job %s failed unexpectedly", work.job_id)
-                self.store.fail(work.job_id, "server_error", "the server failed while running this job")
-            finally:
-                with self._condition:
-                    self._running = None
-                    self._cancelled.discard(work.job_id)
-                work.done.set()
+                self._ended(work.job_id, error)
+            except BaseException:
+                logger.exception("job %s failed and its failure could not be recorded", work.job_id)
+        finally:
+            with self._condition:
+                self._running = None
+                self._cancelled.discard(work.job_id)
+            work.done.set()
+
+    def _check_stopped(self, job_id: str) -> None:
+        if job_id in self._cancelled or self._stopping:
+            raise JobStopped
 
     def _run(self, work: Work) -> None:
         job_id, config = work.job_id, work.config
@@ -139,29 +230,22 @@ class JobQueue:
             now = time.perf_counter()
             self.metrics.step(now - last)
             last = now
-            if job_id in self._cancelled or self._stopping:
-                raise JobStopped
+            self._check_stopped(job_id)
             share = (index + 1) / config.steps
             self.store.update(
                 job_id, progress=FIRST_STEP_PROGRESS + round((LAST_STEP_PROGRESS - FIRST_STEP_PROGRESS) * share)
             )
 
-        try:
-            conditioning = read_conditioning(config.image, config.video, config.condition_frames)
-            with OutputLock(config.output):
-                self.loaded.write(config, timer, conditioning=conditioning, progress=False, on_step=on_step)
-        except JobStopped:
-            self._ended(job_id, "server_stopped", "the server stopped while this job ran")
-            return
-        except (InputError, OSError) as error:
-            message = str(error) if isinstance(error, InputError) else f"{error.strerror or error}"
-            self._ended(job_id, "generation_failed", message)
-            return
-        except torch.cuda.OutOfMemoryError:
-            gc.collect()
-            torch.cuda.empty_cache()
-            self._ended(job_id, "out_of_memory", "the GPU ran out of memory for this request; ask for fewer frames")
-            return
+        conditioning = read_conditioning(config.image, config.video, config.condition_frames)
+        with OutputLock(config.output):
+            self.loaded.write(
+                config,
+                timer,
+                conditioning=conditioning,
+                progress=False,
+                on_step=on_step,
+                on_decode_tile=lambda: self._check_stopped(job_id),
+            )
         seconds = time.perf_counter() - started
         stats = self.metrics.finished(timer, seconds, self.loaded.device)
         recorded = self.store.update(
@@ -170,11 +254,21 @@ class JobQueue:
         if not recorded:  # deleted as it finished
             self.store.remove_files(job_id)
 
-    def _ended(self, job_id: str, code: str, message: str) -> None:
-        """A job that did not finish: gone if it was deleted, else failed with `code`."""
+    def _ended(self, job_id: str, error: BaseException) -> None:
+        """A job that raised `error`: gone if it was deleted, else failed with its code and no output left."""
+        code, message = failure(error)
+        if code == "server_error":
+            logger.error("job %s failed unexpectedly", job_id, exc_info=error)
+        elif code == "out_of_memory":
+            gc.collect()
+            torch.cuda.empty_cache()
         self.metrics.failed()
-        job = self.store.get(job_id)
-        if job_id in self._cancelled or job is None:
+        gone = job_id in self._cancelled
+        if not gone:
+            with contextlib.suppress(sqlite3.Error):  # a database that cannot be read: fail the job all the same
+                gone = self.store.get(job_id) is None
+        if gone:
             self.store.remove_files(job_id)
-        elif job.status != FAILED:
-            self.store.fail(job_id, code, message)
+            return
+        self.store.remove_outputs(job_id)  # a file written before its record failed is no job's file
+        self.store.fail(job_id, code, message)

@@ -1,4 +1,7 @@
-"""A request's fields, as JSON or a multipart form sends them, checked and turned into a request.
+"""A request's fields, as JSON or a form sends them, checked and turned into a request.
+
+`read_fields` reads the body: a JSON object (400 for anything else, nested too deep included), or a
+multipart or urlencoded form whose text is UTF-8 as the client sent it.
 
 `POST /v1/videos` takes the request fields the declaration gives the HTTP door (request/spec.py:
 `prompt`, `negative_prompt`, `frames`, `steps`, `guidance`, `shift`, `fps`, `seed`, `sound`, `cache`,
@@ -7,7 +10,8 @@ aspect ratio, `input_reference` for the image), and OpenAI's `model` and `second
 `POST /v1/images/generations` takes those that make one frame, and `n`, `response_format` (b64_json)
 and `output_format` (png or jpeg). A form sends every value as text, so a value is read from text as
 the CLI reads its flags. An unknown field is refused (a typo would otherwise be ignored); `model` may
-name anything (clients send their default) and the job reports the served model.
+name any model (clients send their default) and the job reports the served model. A list or object
+where text or a number belongs is a 400 naming the field, never a 500.
 
 Each field is checked by its declaration, in the words every door uses, with `param` naming it; this
 module adds what only the API has: sizes as "WxH", seconds, the server's defaults and its planned limit.
@@ -20,14 +24,20 @@ import binascii
 import math
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
 
 from ..app.serve_settings import RequestLimit
 from ..errors import InputError
 from ..model.tiers import RESOLUTION_TIERS
 from ..request.checks import FieldError, shown
 from ..request.spec import FIELDS_BY_NAME, MAX_FRAMES, door_fields, named_at, request_defaults
-from .api_errors import bad_request
+from .api_errors import ApiError, bad_request
 
 # Request fields under their HTTP names; "size" and "input_reference" are read apart (composite, upload).
 HTTP_NAMES = door_fields("http")
@@ -42,6 +52,7 @@ IMAGE_FIELDS = (VIDEO_FIELDS - NOT_FOR_IMAGES) | {"n", "response_format", "outpu
 MAX_IMAGES = 4  # `n` of one images request: each is a job in the queue
 MAX_SECONDS = 60.0
 MAX_UPLOAD_BYTES = 32 * 2**20
+MAX_FORM_FIELDS = 64
 SIZES = {f"{w}x{h}": (tier, aspect) for tier, sizes in RESOLUTION_TIERS.items() for aspect, (w, h) in sizes.items()}
 
 
@@ -61,6 +72,64 @@ class ParsedRequest:
     upload: Upload | None
     size: str
     seconds: str
+
+
+async def read_fields(request: Request) -> dict[str, Any]:
+    """The body's fields: a JSON object, or a form (multipart or urlencoded, its text UTF-8) whose files are
+    read here."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        try:
+            body = await request.json()
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
+            raise bad_request("the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise bad_request("the body must be a JSON object")
+        return body
+    if kind == "application/x-www-form-urlencoded":
+        return _named_once(await _urlencoded(request))
+    if kind != "multipart/form-data":
+        raise bad_request("send the body as application/json or multipart/form-data")
+    try:
+        form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_UPLOAD_BYTES)
+    except (MultiPartException, ValueError) as error:
+        raise bad_request(f"the form cannot be read: {error}") from None
+    items: list[tuple[str, Any]] = []
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data = await value.read(MAX_UPLOAD_BYTES + 1)
+            value = Upload(data, Path(value.filename or "").suffix.lower() or ".png")
+        items.append((name, value))
+    await form.close()
+    return _named_once(items)
+
+
+async def _urlencoded(request: Request) -> list[tuple[str, str]]:
+    """A urlencoded body's fields, as UTF-8 whether the client escaped its bytes (%C3%A9) or sent them raw
+    (curl -d): Starlette reads raw bytes as Latin-1."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_UPLOAD_BYTES:
+            raise ApiError(413, f"the form is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+    try:
+        text = body.decode("utf-8")
+        return parse_qsl(
+            text, keep_blank_values=True, encoding="utf-8", errors="strict", max_num_fields=MAX_FORM_FIELDS
+        )
+    except UnicodeDecodeError:
+        raise bad_request("the form is not UTF-8 text") from None
+    except ValueError as error:
+        raise bad_request(f"the form cannot be read: {error}") from None
+
+
+def _named_once(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, value in items:
+        if name in fields:
+            raise bad_request(f"{name} is given twice", name)
+        fields[name] = value
+    return fields
 
 
 def parse_video(fields: dict[str, Any], defaults: dict[str, Any], limit: RequestLimit | None) -> ParsedRequest:
@@ -88,14 +157,19 @@ def parse_image(
     count = _openai_number("n", fields["n"], int) if "n" in fields else 1
     if not 1 <= count <= MAX_IMAGES:
         raise bad_request(f"n must be 1 to {MAX_IMAGES}, got {count}", "n")
-    if fields.get("response_format", "b64_json") not in ("b64_json", None):
-        raise bad_request("response_format must be b64_json (this server returns the image in the response)")
+    if _text("response_format", fields.get("response_format")) not in ("b64_json", None):
+        raise bad_request(
+            "response_format must be b64_json (this server returns the image in the response)", "response_format"
+        )
     formats = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", None: ".png"}
-    if fields.get("output_format") not in formats:
-        raise bad_request("output_format must be png or jpeg", "output_format")
+    output_format = _text("output_format", fields.get("output_format"))
+    if output_format not in formats:
+        raise bad_request(f"output_format must be png or jpeg, got {shown(output_format)}", "output_format")
+    for name in IGNORED_IMAGE_FIELDS & set(fields):
+        _scalar(name, fields[name])
     config = _common(fields, defaults) | {"frames": 1, "cache": "none", "cache_threshold": None}
     size = _check_limit(config, limit)
-    return ParsedRequest(config, None, size, "0"), count, formats[fields.get("output_format")]
+    return ParsedRequest(config, None, size, "0"), count, formats[output_format]
 
 
 def _known(fields: dict[str, Any], allowed: set[str]) -> None:
@@ -104,17 +178,30 @@ def _known(fields: dict[str, Any], allowed: set[str]) -> None:
         raise bad_request(f"unknown parameter {unknown[0]!r}; this endpoint takes {', '.join(sorted(allowed))}")
 
 
+def _text(name: str, value: Any) -> str | None:
+    """An OpenAI text field (`size`, `output_format`, `model`...): a string or null, else a 400 naming it."""
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"{name} must be a string, got {shown(value)}", name)
+    return value
+
+
+def _scalar(name: str, value: Any) -> None:
+    """A field taken and not used: text, a number, true/false or null; a list or object is a 400 naming it."""
+    if isinstance(value, (list, dict)):
+        raise bad_request(f"{name} must be a string or a number, got {shown(value)}", name)
+
+
 def _common(fields: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """The server's defaults, then each request field the body sets, read and checked by its declaration."""
     if "prompt" not in fields:
         raise bad_request("prompt is required", "prompt")
+    _text("model", fields.get("model"))
     config = {name: DECLARED_DEFAULTS[name] for name in HTTP_NAMES if name in DECLARED_DEFAULTS} | defaults
     for name, http_name in HTTP_NAMES.items():
         if http_name not in READ_APART and fields.get(http_name) is not None:
             config[name] = _read(FIELDS_BY_NAME[name], http_name, fields[http_name])
-    if "size" in fields:
-        size = fields["size"]
-        size = size.lower().replace(" ", "") if isinstance(size, str) else size
+    if fields.get("size") is not None:  # null: the server's size, as for every other field
+        size = _text("size", fields["size"]).lower().replace(" ", "")
         if size not in SIZES:
             raise bad_request(f"size {shown(size)} is not a Cosmos3 frame size; use one of {', '.join(SIZES)}", "size")
         config["resolution"], config["aspect_ratio"] = SIZES[size]

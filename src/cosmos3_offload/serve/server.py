@@ -4,10 +4,16 @@ The port is bound and the storage locked before the model loads, so a port in us
 folder another server holds is refused at once (one line, exit status 2). Ctrl-C or SIGTERM stops
 cleanly: no new connections, the running job ends at its next step and is marked failed with the
 waiting ones (a restart reports them as such), the database is closed, exit status 0.
+
+No connection is held for ever: an idle one is closed after KEEP_ALIVE_SECONDS, one whose request line and
+headers are not in after REQUEST_HEAD_SECONDS (an idle new connection, headers sent a byte at a time) is cut
+off, and a body that stops arriving is answered by the guard (guard.py). Past MAX_CONNECTIONS open
+connections, requests are answered 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import signal
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..app.runner import LoadedModel
 from ..app.serve_settings import ServeSettings
@@ -32,21 +39,16 @@ GRACEFUL_SECONDS = 3  # open connections (an images request waiting for its job)
 # An idle connection is kept longer than clients keep theirs (httpx, and so openai's client: 5 s), so a
 # client never sends a request on a connection the server is closing at that moment (a reset).
 KEEP_ALIVE_SECONDS = 30
+REQUEST_HEAD_SECONDS = 15  # a request's line and headers must be in this soon after the connection or their first byte
+MAX_HEAD_BYTES = 16 * 2**10  # a request's line and headers; a longer head is answered 400
+MAX_CONNECTIONS = 100  # open connections (a waiting images request holds one); past it requests are answered 503
 
 
 def serve(loaded: LoadedModel, settings: ServeSettings) -> int:
     listener = bind(settings.host, settings.port)
     try:
         with in_process(loaded, settings) as running:
-            config = uvicorn.Config(
-                running.app,
-                log_level="warning",
-                timeout_graceful_shutdown=GRACEFUL_SECONDS,
-                timeout_keep_alive=KEEP_ALIVE_SECONDS,
-                lifespan="off",
-                access_log=False,
-            )
-            server = uvicorn.Server(config)
+            server = uvicorn_server(running.app)
             host, port = listener.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             print(
@@ -60,6 +62,67 @@ def serve(loaded: LoadedModel, settings: ServeSettings) -> int:
         listener.close()
     print(f"stopped; {len(running.unfinished)} unfinished job(s) marked failed", flush=True)
     return 0
+
+
+def uvicorn_server(app: FastAPI) -> uvicorn.Server:
+    """uvicorn as `serve` runs `app` (its `run(sockets=[...])` serves): HTTP/1.1 only, through h11 with the
+    head deadline (whatever else is installed), no websockets, no Server header, the limits above."""
+    config = uvicorn.Config(
+        app,
+        http=HeadDeadlineProtocol,
+        ws="none",
+        log_level="warning",
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        limit_concurrency=MAX_CONNECTIONS,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        lifespan="off",
+        access_log=False,
+        server_header=False,
+    )
+    return uvicorn.Server(config)
+
+
+class HeadDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's head, which uvicorn lacks: between
+    requests (no request in progress) a connection that is new, or has begun a request, is closed unless the
+    request's line and headers are in within REQUEST_HEAD_SECONDS. Without it a client that connects and
+    sends nothing, or sends a header a byte at a time, holds its connection for ever. (An idle connection
+    after a response is closed by uvicorn's keep-alive timeout; a body's reads are timed by the guard.)"""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._between_requests():  # the first bytes of a request, or more of its head
+            self._start_head_timer()
+        super().data_received(data)
+        if not self._between_requests():  # its head is in: the route (and the guard) have it now
+            self._stop_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(REQUEST_HEAD_SECONDS, self._head_too_slow)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._between_requests():
+            self.transport.close()
 
 
 @dataclass
@@ -84,7 +147,8 @@ def in_process(loaded: LoadedModel, settings: ServeSettings) -> Iterator[Running
         timer = PhaseTimer(loaded.device)
         loaded.load(timer, progress=settings.progress)
         metrics = Metrics()
-        queue = JobQueue(loaded, store, settings.queue_size, metrics)
+        retention = {"video": settings.keep_videos, "image": settings.keep_images}
+        queue = JobQueue(loaded, store, settings.queue_size, metrics, retention)
         running = Running(create_app(Service(loaded, store, queue, metrics, settings)), timer.phases[-1].seconds)
         queue.start()
         yield running

@@ -29,7 +29,7 @@ from ..distributed import layout_for, rank_device
 from ..feasibility import request_of
 from ..runner import LoadedModel, run
 from ..samples import run_samples
-from ..serve_settings import RequestLimit, Serve, ServeSettings
+from ..serve_settings import RequestLimit, Retention, Serve, ServeSettings
 from .flags import COMMAND_FIELDS
 from .translate import (
     check_flags,
@@ -201,6 +201,9 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
         model_name=args.checkpoint.name if args.checkpoint is not None else f"cosmos3-{args.model}-random",
         defaults={name: getattr(shape, name) for name in SERVED_DEFAULTS},
         progress=not args.no_progress,
+        allow_origins=tuple(args.allow_origin),
+        keep_videos=Retention.parse(args.keep_videos, "--keep-videos"),
+        keep_images=Retention.parse(args.keep_images, "--keep-images"),
     )
     loaded = LoadedModel.open(
         checkpoint=args.checkpoint,

@@ -21,7 +21,15 @@ from ...request.field import FieldSpec
 from ...request.spec import FIELDS_BY_NAME, REQUEST_FIELDS
 from ..config import COMPILE_CHOICES, DTYPES
 from ..console import PROG, printable
-from ..serve_settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_QUEUE_SIZE, DEFAULT_STORAGE
+from ..serve_settings import (
+    API_KEY_VARIABLE,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_STORAGE,
+    KEEP_IMAGES,
+    KEEP_VIDEOS,
+)
 
 # The request fields each command takes: `plan` and `serve` take what shapes a request (serve: the
 # defaults of requests that leave them out; --image, --video and --condition-frames it refuses by name).
@@ -238,8 +246,30 @@ def _serve_parser(commands) -> None:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0: a free one)")
     serve.add_argument(
         "--api-key",
-        default=os.environ.get("COSMOS3_API_KEY"),
-        help="every API call must send 'Authorization: Bearer KEY' (default: $COSMOS3_API_KEY; unset: no key)",
+        default=os.environ.get(API_KEY_VARIABLE),
+        help=f"every API call must send 'Authorization: Bearer KEY' (default: ${API_KEY_VARIABLE}, the safer form: "
+        "a flag's value shows in ps; unset: no key, and only this machine's pages may call)",
+    )
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (scheme://host[:port]) whose pages may call this server besides its own; repeat for "
+        "more (default: none)",
+    )
+    serve.add_argument(
+        "--keep-videos",
+        default=str(KEEP_VIDEOS),
+        metavar="KEEP",
+        help="how many finished video jobs to keep, and for how long: all, N, an age (12h, 7d) or N,AGE "
+        f"(default: {KEEP_VIDEOS})",
+    )
+    serve.add_argument(
+        "--keep-images",
+        default=str(KEEP_IMAGES),
+        metavar="KEEP",
+        help=f"the same for image jobs, whose images were already returned (default: {KEEP_IMAGES})",
     )
     serve.add_argument(
         "--queue-size",
