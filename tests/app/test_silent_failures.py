@@ -10,8 +10,9 @@ import torch
 
 import cosmos3_offload
 from cosmos3_offload.app.config import GenerationConfig
+from cosmos3_offload.app.finite import check_finite
 from cosmos3_offload.app.generate import Latents
-from cosmos3_offload.app.runner import LoadedModel, check_finite
+from cosmos3_offload.app.runner import LoadedModel
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.planning.plan import Plan

@@ -54,6 +54,7 @@ from .device_profile import probe_shape
 from .distributed import parallel_layout, rank_device, start_mesh
 from .doors import Fp8Steps, Generated, GeneratedVideo, GenerationHooks, PlacedPipeline, Request
 from .feasibility import check_fits
+from .finite import SOUND_BROKEN, VAE_BROKEN, check_finite, not_finite
 from .generate import (
     Latents,
     PromptTemplates,
@@ -77,10 +78,6 @@ from .schedule import request_scheduler
 from .timer import PhaseTimer
 
 logger = logging.getLogger(__name__)
-
-# What holds NaN or infinity when a decoder's output has them (its input latents were finite).
-VAE_BROKEN = "the checkpoint's VAE weights hold NaN or infinity: check or re-download it"
-SOUND_BROKEN = "the checkpoint's sound tokenizer weights hold NaN or infinity: check or re-download it"
 
 
 def run(
@@ -441,27 +438,6 @@ def _anchor(conditioned: torch.Tensor, indexes: tuple[int, ...]) -> tuple[torch.
     mask = torch.zeros(conditioned.shape[2], 1, 1, device=conditioned.device, dtype=conditioned.dtype)
     mask[list(indexes)] = 1.0
     return mask, conditioned.clone()
-
-
-def check_finite(latents: Latents, dtype: torch.dtype = torch.float32) -> None:
-    """Refuse to decode NaN or infinite latents (they decode to a black or garbage video), denoised by a
-    transformer computing in `dtype`. Waits for the device."""
-    values = latents.vision if latents.sound is None else torch.cat([latents.vision.flatten(), latents.sound.flatten()])
-    if not bool(torch.isfinite(values).all()):
-        broken = "the checkpoint's weights or the inputs hold NaN or infinity: check or re-download the checkpoint"
-        raise not_finite(
-            "the denoised latents are", broken, dtype, "lower --guidance or --shift, or use --dtype float32"
-        )
-
-
-def not_finite(what: str, broken: str, dtype: torch.dtype, narrower: str = "use --dtype float32") -> InputError:
-    """The one line refusing NaN or infinite `what` ("the X are"), computed in `dtype`. In float32 an overflow
-    of finite weights and inputs is all but impossible, so the advice is `broken` (what must hold them); in a
-    narrower dtype it is `narrower` first (an overflow), `broken` if that does not help."""
-    refused = f"{what} not finite (NaN or infinity), so nothing was written"
-    if dtype in (torch.float32, torch.float64):
-        return InputError(f"{refused}; in a {str(dtype).removeprefix('torch.')} run that means {broken}")
-    return InputError(f"{refused}; {narrower} (if it persists, {broken})")
 
 
 def check_distilled(config: GenerationConfig, checkpoint: Path | None) -> None:
