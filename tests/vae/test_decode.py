@@ -113,8 +113,9 @@ def test_non_finite_pixels_are_refused_not_turned_into_bytes(pipeline, bad, grid
 
 
 def test_the_piece_hook_runs_before_every_tile_and_can_stop_the_decode(pipeline):
-    """Fails when `on_piece` is not called at every tile a rank decodes (a server could not stop a tiled
-    decode between tiles), or when what it raises does not stop the decode before its first piece."""
+    """Fails when `on_piece` is not called before each latent frame of the low-resolution pass and of every
+    tile a rank decodes (a server could not stop a decode between them), or when what it raises does not
+    stop the decode before its first piece."""
     z = raw_latents(pipeline, frames=2, height=4, width=6)
 
     def calls(grid: TileGrid, only=None) -> int:
@@ -122,10 +123,10 @@ def test_the_piece_hook_runs_before_every_tile_and_can_stop_the_decode(pipeline)
         decode_tiles(pipeline.vae, z, grid, lambda *piece: None, only, lambda: count.append(1))
         return len(count)
 
-    untiled = calls(TileGrid())
-    assert untiled >= 1
-    assert calls(TileGrid(rows=1, cols=3)) == 3 * untiled
-    assert calls(TileGrid(rows=1, cols=3), only={0, 2}) == 2 * untiled
+    frames = z.shape[2]  # latent frames: one piece each in the low-resolution pass, and in each tile
+    assert calls(TileGrid()) == 2 * frames
+    assert calls(TileGrid(rows=1, cols=3)) == frames + 3 * frames
+    assert calls(TileGrid(rows=1, cols=3), only={0, 2}) == frames + 2 * frames
 
     emitted = []
 

@@ -56,8 +56,11 @@ def _cached_conv(conv: nn.Module, x: torch.Tensor, cache: list, idx: list[int]) 
     return out
 
 
-def low_resolution_pass(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
-    """post_quant_conv, conv_in and the mid block over whole frames -> [latent frames, C, h, w] on the host."""
+def low_resolution_pass(
+    vae: AutoencoderKLWan, z: torch.Tensor, on_piece: Callable[[], None] | None = None
+) -> torch.Tensor:
+    """post_quant_conv, conv_in and the mid block over whole frames -> [latent frames, C, h, w] on the host;
+    `on_piece()` is called before each latent frame (what it raises stops the pass there)."""
     decoder = vae.decoder
     x = vae.post_quant_conv(z)
     cache: list = [None] * (1 + cache_slots(decoder.mid_block))
@@ -65,6 +68,8 @@ def low_resolution_pass(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
     channels = decoder.conv_in.out_channels
     host = torch.empty(z.shape[2], channels, *z.shape[-2:], dtype=x.dtype, pin_memory=pin)
     for t in range(z.shape[2]):
+        if on_piece is not None:
+            on_piece()
         idx = [0]
         y = _cached_conv(decoder.conv_in, x[:, :, t : t + 1], cache, idx)
         y = decoder.mid_block(y, feat_cache=cache, feat_idx=idx)
@@ -137,11 +142,12 @@ def decode_tiles(
     """Decode raw latents z [1, C, T, h, w] tile by tile: emit(frames, rows, cols, pixels) receives
     each decoded piece, pixels [frames, H_tile, W_tile, 3] in [-1, 1] on the device. `only`: the
     indexes (in `grid.tiles` order) of the tiles to decode; default every tile. `on_piece()` is called
-    before each latent frame of each tile (what it raises stops the decode there).
+    before each latent frame of the low-resolution pass and of each tile (what it raises stops the decode
+    there).
 
     Returns a bool on z's device: whether every decoded value was finite (reading it waits for the decode)."""
     blocks = decoder_blocks(vae.decoder)
-    low = low_resolution_pass(vae, z)
+    low = low_resolution_pass(vae, z, on_piece)
     height, width = z.shape[-2:]
     finite = torch.ones((), dtype=torch.bool, device=z.device)
     for index, tile in enumerate(grid.tiles(height, width)):
