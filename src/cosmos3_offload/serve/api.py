@@ -59,7 +59,8 @@ from .requests import (
     parse_video,
     read_fields,
 )
-from .store import COMPLETED, FAILED, Job, JobStore, StorageError, StorageFull, storage_error
+from .storage_errors import StorageError, StorageFull, storage_error
+from .store import COMPLETED, FAILED, Job, JobStore
 
 logger = logging.getLogger(__name__)
 

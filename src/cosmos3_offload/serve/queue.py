@@ -35,7 +35,8 @@ from ..app.timer import PhaseTimer
 from ..errors import InputError
 from .api_errors import queue_full
 from .metrics import Metrics
-from .store import COMPLETED, IN_PROGRESS, JobStore, StorageError, is_disk_full
+from .storage_errors import StorageError, is_disk_full
+from .store import COMPLETED, IN_PROGRESS, JobStore
 
 logger = logging.getLogger(__name__)
 
