@@ -247,8 +247,9 @@ def test_the_aspect_bound_keeps_panoramas_and_bounds_clips(tmp_path):
         ('{"prompt": "a", "seed": ' + "9" * 5000 + "}", "holds a number of 5000 digits"),
         ('{"prompt": "a", "seed": -' + "9" * 5000 + "}", "holds a number of 5000 digits"),
         ('{"prompt": ' + "[" * 40 + "]" * 40 + "}", "nests lists and objects more than 32 levels deep"),
+        ('{"prompt": "a", "num_frames": 5, "prompt": "b"}', "gives the field 'prompt' twice"),
     ],
-    ids=["brackets", "digits", "negative-digits", "deep-prompt"],
+    ids=["brackets", "digits", "negative-digits", "deep-prompt", "a-field-twice"],
 )
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 def test_json_past_reason_is_one_line(capsys, tmp_path, no_load, text, said, suffix):
@@ -260,13 +261,16 @@ def test_json_past_reason_is_one_line(capsys, tmp_path, no_load, text, said, suf
 
 
 def test_json_within_reason_is_read(tmp_path):
-    """Fails when the bounds refuse a nested upsampled prompt, a 20-digit seed or a file that is JSON null."""
+    """Fails when the bounds refuse a nested upsampled prompt, a 20-digit seed, a file that is JSON null, or a
+    file an editor saved with a UTF-8 byte-order mark."""
     prompt = {"caption": {"shots": [{"camera": {"motion": ["pan", "tilt"]}}]}}
     write_json(tmp_path / "a.json", {"prompt": prompt, "seed": 2**64 - 1})
     (tmp_path / "null.json").write_text("null")
-    sample, null = read_samples([tmp_path / "a.json", tmp_path / "null.json"])
+    (tmp_path / "bom.json").write_text('\ufeff{"prompt": "a fox"}', encoding="utf-8")
+    sample, null, bom = read_samples([tmp_path / "a.json", tmp_path / "null.json", tmp_path / "bom.json"])
     assert sample.error is None and sample.fields["seed"] == 2**64 - 1
     assert "a sample is a JSON object, got NoneType" in null.error
+    assert bom.error is None and bom.fields["prompt"] == "a fox"
 
 
 # --- silent wrong results -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import pytest
 from published_layout import write_published_checkpoint
@@ -89,3 +90,16 @@ def test_a_good_folder_and_odd_paths_go_on(published, tmp_path):
     assert launch.first_file_problem(published) is None
     assert launch.first_file_problem(tmp_path / ("x" * 5000)) is None
     assert "is not a folder" in launch.first_file_problem(tmp_path / "nowhere")
+
+
+def test_ctrl_c_while_the_command_line_imports_is_one_line(monkeypatch, capsys):
+    """Fails when Ctrl-C during the seconds torch and diffusers take to import prints a traceback (the
+    command's own handling of it starts only after those imports)."""
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "cosmos3_offload.app.cli", Importing("cosmos3_offload.app.cli"))
+    assert launch.main(["generate", "--prompt", "a fox"]) == 130
+    assert capsys.readouterr().err == "cosmos3-offload: interrupted; nothing was written\n"

@@ -31,9 +31,13 @@ def main(argv: list[str] | None = None, *, serve: Serve | None = None) -> int:
     if problem is not None:
         print(printable(f"{PROG}: error: {problem}", sys.stderr, one_line=True), file=sys.stderr)
         return 2
-    from .cli import main as full_main  # torch, diffusers and the rest load here
+    try:
+        from .cli import main as full_main  # torch, diffusers and the rest load here (seconds)
 
-    return full_main(argv, serve=serve)
+        return full_main(argv, serve=serve)
+    except KeyboardInterrupt:  # Ctrl-C before the command's own handling started: still one line
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 def checkpoint_argument(args: list[str]) -> Path | None:

@@ -149,7 +149,7 @@ def _read_file(path: Path) -> list[Sample]:
 def _parse_json(text: str) -> Any:
     """JSON as a sample file holds it, or an InputError whose message completes "sample file 'a.json' ..."."""
     try:
-        data = json.loads(text, parse_int=_bounded_int)
+        data = json.loads(text.removeprefix("\ufeff"), parse_int=_bounded_int, object_pairs_hook=_unique_fields)
     except InputError:
         raise
     except json.JSONDecodeError as error:
@@ -159,6 +159,16 @@ def _parse_json(text: str) -> Any:
     if _depth(data) > MAX_JSON_DEPTH:
         raise _too_deep()
     return data
+
+
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose fields are each given once: a second `prompt` is a mistake, never ignored."""
+    fields: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in fields:
+            raise InputError(f"gives the field {shown(name)} twice")
+        fields[name] = value
+    return fields
 
 
 def _too_deep() -> InputError:
