@@ -12,7 +12,9 @@ import json
 import signal
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,22 @@ def test_bad_requests_are_400_with_the_openai_error_shape(server, fields, param)
     assert error["param"] == param
 
 
+def test_seconds_are_taken_and_numbers_past_reason_are_400(server):
+    """OpenAI's `seconds` was refused as "not both" whenever the server had a default frame count (always); a
+    400-digit `n` or an id past SQLite's integers as `after` were 500s."""
+    created = server.http.post("/v1/videos", json={"prompt": "a fox", "seconds": "0.2", "steps": 1})
+    assert created.status_code == 200, created.text
+    assert created.json()["parameters"]["frames"] == 5 and created.json()["seconds"] == "0.2"
+    also = server.http.post("/v1/videos", json={"prompt": "a fox", "seconds": 0.2, "frames": None, "steps": 1})
+    assert also.status_code == 200, also.text
+    huge = server.http.post("/v1/images/generations", json={"prompt": "a", "n": int("9" * 400)})
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "n"
+    listed = server.http.get("/v1/videos", params={"after": "video_8" + "0" * 15 + "a" * 16})
+    assert listed.status_code == 400 and listed.json()["error"]["param"] == "after"
+    for job in (created, also):
+        server.http.delete(f"/v1/videos/{job.json()['id']}")
+
+
 def test_bad_bodies_and_prompts_are_400_never_500(server):
     """Bodies that are no JSON object, bad or missing prompts, n too large, a bad limit: 400; a missing video: 404."""
     for body, kind in (
@@ -236,8 +254,9 @@ def test_the_api_key_is_required(tmp_path):
 
 def test_a_restart_keeps_finished_jobs_and_fails_interrupted_ones(tmp_path, capsys):
     """A server process holds its storage: a second `serve` on it exits 2 before loading. SIGTERM stops it with
-    exit 0 and fails the jobs running or waiting; after a restart the completed job and its file are kept and
-    the two others read failed (server_stopped)."""
+    exit 0 and fails the jobs running or waiting; an images request waiting then is answered 503 server_stopped
+    in OpenAI's body (it was cancelled into a plain-text 500); after a restart the completed job and its file
+    are kept and the two others read failed (server_stopped)."""
     from cosmos3_offload.main import main
 
     storage = tmp_path / "storage"
@@ -252,8 +271,15 @@ def test_a_restart_keeps_finished_jobs_and_fails_interrupted_ones(tmp_path, caps
         with pytest.raises(SystemExit) as refused:  # the real `serve` command, from this process
             main(["serve", "--port", "0", "--storage", str(storage), "--no-progress"])
         assert refused.value.code == 2 and "in use by another server" in capsys.readouterr().err
+        answered: list[tuple[int, dict]] = []
+        image = threading.Thread(target=lambda: answered.append(_post(server.url, "/v1/images/generations")))
+        image.start()
+        while client.videos.retrieve(running.id).status != "in_progress" or _queue_length(server.url) < 2:
+            time.sleep(0.05)
         assert server.stop(signal.SIGTERM) == 0
-    assert "2 unfinished job(s) marked failed" in server.output
+        image.join(30)
+        assert answered and answered[0][0] == 503 and answered[0][1]["error"]["code"] == "server_stopped", answered
+    assert "3 unfinished job(s) marked failed" in server.output  # the image too
     with InProcessServer(storage) as restarted:
         client = client_for(restarted)
         kept = client.videos.retrieve(done.id)
@@ -261,6 +287,22 @@ def test_a_restart_keeps_finished_jobs_and_fails_interrupted_ones(tmp_path, caps
         for video_id in (running.id, waiting.id):
             failed = client.videos.retrieve(video_id)
             assert failed.status == "failed" and failed.error.code == "server_stopped"
+
+
+def _post(url: str, path: str) -> tuple[int, dict]:
+    """(status, JSON body) of a POST of an image request to a server over HTTP."""
+    body = json.dumps({"prompt": PROMPT, "steps": 1}).encode()
+    request = urllib.request.Request(url + path, body, {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _queue_length(url: str) -> int:
+    with urllib.request.urlopen(url + "/health", timeout=30) as response:
+        return json.loads(response.read())["queue_length"]
 
 
 def test_a_killed_server_marks_its_running_job_failed_at_restart(tmp_path):

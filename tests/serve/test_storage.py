@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import shutil
 import sqlite3
 import subprocess
 import threading
@@ -121,6 +122,20 @@ def test_health_is_503_while_the_job_worker_is_dead(tmp_path):
         service_of(server).queue.stop()
         status, health = http(server, "GET", "/health")
         assert status == 503 and "worker" in health["reason"], health
+
+
+def test_health_is_503_while_job_folders_cannot_be_made(tmp_path):
+    """/health probed the storage folder only: with jobs/ unusable (a file in its place) every POST failed
+    with storage_error while /health said ok."""
+    with InProcessServer(tmp_path / "storage") as server:
+        jobs = tmp_path / "storage" / "jobs"
+        shutil.rmtree(jobs)
+        jobs.write_text("not a folder")
+        status, health = http(server, "GET", "/health")
+        assert status == 503 and health["status"] == "unavailable", health
+        jobs.unlink()
+        jobs.mkdir()
+        assert http(server, "GET", "/health")[0] == 200
 
 
 def test_a_worker_survives_a_database_that_refuses_every_write(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..app.config import GenerationConfig
 from ..app.inputs import read_conditioning
@@ -73,6 +74,7 @@ IMAGE_FAILURE_STATUS = {
     "generation_failed": 400,
     "out_of_memory": 503,
     "server_stopped": 503,
+    "deleted": 409,
     "storage_full": 507,
     "storage_error": 503,
 }
@@ -190,6 +192,11 @@ def create_app(service: Service) -> FastAPI:
         first = error.errors()[0] if error.errors() else {}
         param = str(first.get("loc", ["", ""])[-1]) or None
         return _error(bad_request(f"{param}: {first.get('msg', 'invalid value')}", param))
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, error: ClientDisconnect):  # the client left mid-body: nobody to answer
+        logger.info("%s %s: the client disconnected before its body was whole", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
@@ -318,7 +325,17 @@ async def _finished(store: JobStore, job_ids: list[str]) -> list[Job]:
             break
         await asyncio.sleep(WAIT_POLL_SECONDS)
     return [
-        job or Job(job_id, "image", FAILED, 0, 0, None, {}, {"code": "server_stopped", "message": "it was deleted"})
+        job
+        or Job(
+            job_id,
+            "image",
+            FAILED,
+            0,
+            0,
+            None,
+            {},
+            {"code": "deleted", "message": "it was deleted while this request waited"},
+        )
         for job, job_id in zip(jobs, job_ids)
     ]
 

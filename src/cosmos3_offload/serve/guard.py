@@ -107,7 +107,9 @@ class Guard:
         another site that posts a form or calls fetch, Sec-Fetch-Site what a browser sends elsewhere without
         an Origin (an img or video of another site); following a link to the server stays possible."""
         host = headers.one(b"host")
-        if headers.count(b"host") > 1 or (host is not None and not self.own_host(host, scope)):
+        if headers.count(b"host") != 1:  # HTTP/1.0 may leave it out; two are a smuggler's
+            return _forbidden("send exactly one Host header: without an API key the server checks it")
+        if not self.own_host(host, scope):
             return _forbidden(
                 f"host {host!r} is not this server's address: without an API key it answers only "
                 f"{', '.join(LOOPBACK_HOSTS)} or the address it listens on, at its port (--allow-origin adds a name)"

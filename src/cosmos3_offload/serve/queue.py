@@ -95,6 +95,7 @@ class JobQueue:
         self._held: set[str] = set()  # finished jobs a request still reads: out of the retention's reach
         self._expire_soon = False  # a request released held jobs: expire before waiting again
         self._stopping = False
+        self._left: list[str] = []  # the jobs a stop left unfinished
         self._thread = threading.Thread(target=self._work, name="cosmos3-jobs", daemon=True)
 
     def start(self) -> None:
@@ -151,17 +152,18 @@ class JobQueue:
         jobs are marked failed. Returns their ids and the running one's."""
         with self._condition:
             self._stopping = True
-            left = [work.job_id for work in self._waiting]
+            left = self._left  # a second stop (the signal's, then the server's exit) reports the first's too
+            left += [work.job_id for work in self._waiting]
             for work in self._waiting:
                 self.store.fail(work.job_id, "server_stopped", "the server stopped before this job ran")
                 work.done.set()
             self._waiting.clear()
-            if self._running is not None:
+            if self._running is not None and self._running.job_id not in left:
                 left.append(self._running.job_id)
             self._condition.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        return left
+        return list(left)
 
     def expire(self) -> None:
         """Delete the finished jobs past the retention, with their files (the worker's, and the start's before

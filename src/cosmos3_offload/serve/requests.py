@@ -135,9 +135,9 @@ def _named_once(items: list[tuple[str, Any]]) -> dict[str, Any]:
 def parse_video(fields: dict[str, Any], defaults: dict[str, Any], limit: RequestLimit | None) -> ParsedRequest:
     _known(fields, VIDEO_FIELDS)
     config = _common(fields, defaults)
-    if "frames" in config and "seconds" in fields:
+    if fields.get("frames") is not None and fields.get("seconds") is not None:
         raise bad_request("pass seconds or frames, not both", "seconds")
-    if "seconds" in fields:
+    if fields.get("seconds") is not None:
         config["frames"] = _frames_of(fields["seconds"], config["fps"])
     if config["frames"] == 1:
         raise bad_request("a video has at least 5 frames; for one frame use POST /v1/images/generations", "frames")
@@ -145,7 +145,8 @@ def parse_video(fields: dict[str, Any], defaults: dict[str, Any], limit: Request
         config["cache_threshold"] = None  # the server's threshold goes with the server's cache
     size = _check_limit(config, limit)
     upload = _upload(fields.get("input_reference"))
-    seconds = str(fields["seconds"]) if "seconds" in fields else f"{config['frames'] / config['fps']:g}"
+    given = fields.get("seconds")
+    seconds = str(given) if given is not None else f"{config['frames'] / config['fps']:g}"
     return ParsedRequest(config, upload, size, seconds)
 
 
@@ -234,6 +235,9 @@ def _frames_of(seconds: Any, fps: float) -> int:
     return frames
 
 
+MAX_OPENAI_NUMBER = 10**6  # far beyond any n or seconds taken; a larger one need not be converted at all
+
+
 def _openai_number(name: str, value: Any, kind: type) -> int | float:
     """OpenAI's own numbers (`n`, `seconds`), not request fields: a finite `kind`, from text too."""
     word = "a whole number" if kind is int else "a finite number"
@@ -243,8 +247,8 @@ def _openai_number(name: str, value: Any, kind: type) -> int | float:
         raise bad_request(f"{name} must be {word}, got {shown(value)}", name) from None
     if isinstance(number, bool) or not isinstance(number, int if kind is int else (int, float)):
         raise bad_request(f"{name} must be {word}, got {shown(value)}", name)
-    if not math.isfinite(number):
-        raise bad_request(f"{name} must be {word}, got {shown(value)}", name)
+    if isinstance(number, float) and not math.isfinite(number) or abs(number) > MAX_OPENAI_NUMBER:
+        raise bad_request(f"{name} must be {word} of reason, got {shown(value)}", name)
     return number
 
 

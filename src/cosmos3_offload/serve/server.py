@@ -19,6 +19,7 @@ import errno
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ def serve(loaded: LoadedModel, settings: ServeSettings) -> int:
     try:
         with in_process(loaded, settings) as running:
             server = uvicorn_server(running.app)
+            _stop_jobs_at_the_signal(server, running.queue)
             host, port = listener.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             print(
@@ -62,6 +64,20 @@ def serve(loaded: LoadedModel, settings: ServeSettings) -> int:
         listener.close()
     print(f"stopped; {len(running.unfinished)} unfinished job(s) marked failed", flush=True)
     return 0
+
+
+def _stop_jobs_at_the_signal(server: uvicorn.Server, queue: JobQueue) -> None:
+    """At Ctrl-C or SIGTERM, fail the waiting jobs and end the running one at once, not after uvicorn's
+    graceful wait: an images request waiting for its job then answers 503 `server_stopped` in OpenAI's
+    body within that wait, instead of being cancelled into a plain-text 500."""
+    handle_exit = server.handle_exit
+
+    def stop_then_exit(sig: int, frame: object) -> None:
+        if not server.should_exit:  # a thread: the store's lock may be held where the signal landed
+            threading.Thread(target=queue.stop, args=(0,), name="cosmos3-stop", daemon=True).start()
+        handle_exit(sig, frame)
+
+    server.handle_exit = stop_then_exit  # read when uvicorn installs its signal handlers, in run()
 
 
 def uvicorn_server(app: FastAPI) -> uvicorn.Server:
@@ -127,11 +143,12 @@ class HeadDeadlineProtocol(H11Protocol):
 
 @dataclass
 class Running:
-    """The app of a running server, how long its model took to load, and (once stopped) the job ids
-    that were left unfinished."""
+    """The app of a running server, how long its model took to load, its job queue, and (once stopped) the
+    job ids that were left unfinished."""
 
     app: FastAPI
     load_seconds: float
+    queue: JobQueue
     unfinished: list = field(default_factory=list)
 
 
@@ -149,7 +166,8 @@ def in_process(loaded: LoadedModel, settings: ServeSettings) -> Iterator[Running
         metrics = Metrics()
         retention = {"video": settings.keep_videos, "image": settings.keep_images}
         queue = JobQueue(loaded, store, settings.queue_size, metrics, retention)
-        running = Running(create_app(Service(loaded, store, queue, metrics, settings)), timer.phases[-1].seconds)
+        app = create_app(Service(loaded, store, queue, metrics, settings))
+        running = Running(app, timer.phases[-1].seconds, queue)
         queue.start()
         yield running
     finally:

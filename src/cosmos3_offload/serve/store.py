@@ -278,7 +278,9 @@ class JobStore:
         return None
 
     def _write_probe(self, *, sync: bool) -> None:
-        probe = self.folder / f"{PROBE}.{threading.get_ident()}"  # one per thread: probes may overlap
+        # In jobs/, where every job's files go (a probe of the storage root would pass with jobs/ unusable);
+        # its name is no job folder's, so the start's sweep never takes it. One per thread: probes may overlap.
+        probe = self.folder / JOBS / f"{PROBE}.{threading.get_ident()}"
         try:
             with open(probe, "wb") as out:
                 out.write(b"\0" * PROBE_BYTES)
@@ -352,7 +354,7 @@ class JobStore:
 
 def position_of(job_id: str) -> int | None:
     """The place an id of this store's form carries (None for an id of another form)."""
-    match = re.fullmatch(r"[a-z]+_([0-9a-f]{16})[0-9a-f]{16}", job_id)
+    match = re.fullmatch(r"[a-z]+_([0-7][0-9a-f]{15})[0-9a-f]{16}", job_id)  # below 2**63: SQLite's INTEGER
     return None if match is None else int(match[1], 16)
 
 
