@@ -13,7 +13,6 @@ A file that cannot be used is an InputError naming it.
 from __future__ import annotations
 
 import os
-import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
+from ..loading.file_kinds import open_regular
 from ..model.geometry import frames_to_encode
 from ..units import format_bytes
 
@@ -128,40 +128,25 @@ def read_conditioning(image: Path | None, video: Path | None, condition_frames: 
 
 def read_text_file(kind: str, path: Path, max_bytes: int) -> str:
     """A UTF-8 text file of at most `max_bytes`: a FIFO, a device (`/dev/zero`) or a folder is refused
-    without being opened (opening some devices acts), one grown past the bound since is read no further."""
+    without being read (`open_regular`, as the checkpoint's files are), one grown past the bound since is
+    read no further."""
+    if not os.path.lexists(path):
+        raise InputError(f"{kind} {str(path)!r} does not exist")
     try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        raise InputError(f"{kind} {str(path)!r} does not exist") from None
-    except (OSError, ValueError) as error:  # too long, a symlink loop, a NUL byte (the Python API only)
-        raise InputError(f"{kind} {str(path)!r} cannot be read: {getattr(error, 'strerror', None) or error}") from None
-    _check_text_file(kind, path, status, max_bytes)
-    try:
-        # O_NONBLOCK: a FIFO swapped in since the stat would block the open; fstat then refuses it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError as error:
-        raise InputError(f"{kind} {str(path)!r} cannot be read: {error.strerror or error}") from None
-    with os.fdopen(fd, "rb") as file:
-        _check_text_file(kind, path, os.fstat(fd), max_bytes)
-        try:
+        with open_regular(path, kind) as file:
+            if os.fstat(file.fileno()).st_size > max_bytes:
+                raise _too_long(kind, path, max_bytes)
             data = file.read(max_bytes + 1)
-        except OSError as error:
-            raise InputError(f"{kind} {str(path)!r} cannot be read: {error.strerror or error}") from None
+    except InputError:
+        raise
+    except (OSError, ValueError) as error:  # too long a name, a symlink loop, a NUL byte (the Python API only)
+        raise InputError(f"{kind} {str(path)!r} cannot be read: {getattr(error, 'strerror', None) or error}") from None
     if len(data) > max_bytes:
         raise _too_long(kind, path, max_bytes)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{kind} {str(path)!r} is not UTF-8 text") from None
-
-
-def _check_text_file(kind: str, path: Path, status: os.stat_result, max_bytes: int) -> None:
-    if stat.S_ISDIR(status.st_mode):
-        raise InputError(f"{kind} {str(path)!r} is a folder, not a file")
-    if not stat.S_ISREG(status.st_mode):
-        raise InputError(f"{kind} {str(path)!r} is not a regular file (a FIFO, a socket or a device); give a file")
-    if status.st_size > max_bytes:
-        raise _too_long(kind, path, max_bytes)
 
 
 def _too_long(kind: str, path: Path, max_bytes: int) -> InputError:
