@@ -17,7 +17,7 @@ VARIANTS = {
     "qwen": {},
     "und_k_norm": {"qk_norm_for_text": False, "use_und_k_norm_for_gen": True},
     "edge_relu2": {"hidden_act": "relu2", "qk_norm_for_text": False, "use_und_k_norm_for_gen": True},
-    "sound_action": {"sound_gen": True, "sound_dim": 8, "action_gen": True, "action_dim": 6},
+    "sound_action": {"sound_gen": True, "sound_dim": 8, "action_gen": True, "action_dim": 32},
 }
 
 

@@ -53,14 +53,16 @@ def test_tiny_components_are_seeded_and_keep_time_embedder_in_fp32():
 
 
 def test_weights_the_split_never_reads_are_never_materialized():
-    """lm_head, the final norm and the last layer's reasoner output path stay on meta; the rest is real."""
+    """lm_head, the final norm, the last layer's reasoner output path and (without actions) the action heads
+    stay on meta; the rest is real."""
     transformer = load_components(None, torch.device("cpu"), torch.float32).transformer
     last = transformer.config.num_hidden_layers - 1
     meta = {name for name, p in transformer.named_parameters() if p.is_meta}
     assert "lm_head.weight" in meta and "norm.weight" in meta
     assert f"layers.{last}.mlp.up_proj.weight" in meta and f"layers.{last}.self_attn.to_out.weight" in meta
     assert f"layers.{last}.self_attn.to_k.weight" not in meta and "layers.0.mlp.up_proj.weight" not in meta
-    assert all(name.startswith(("lm_head", "norm.", f"layers.{last}.")) for name in meta)
+    assert all(name.startswith(("lm_head", "norm.", f"layers.{last}.", "action_")) for name in meta)
+    assert "action_proj_in.fc.weight" in meta
 
 
 def test_saved_pipeline_loads_as_a_checkpoint(tmp_path):

@@ -8,8 +8,9 @@ allocated, so the weights exist twice only for the tower being moved. A weight k
 already lives on, in its dtype and aligned, keeps its tensor: nothing is allocated or copied (a
 pipeline moved to the GPU before `enable`, run resident there; a CPU pipeline's weights left at the
 byte offsets of the file they were read from are copied into aligned homes, see module_weights.py). Weights
-that video generation never reads (`unused`: lm_head, the final norm, the action heads, the sound
-tokenizer's encoder) are released: their parameters become `meta` tensors. So are the copies torch's
+that generation never reads (`unused`: lm_head, the final norm, the sound tokenizer's encoder, the action
+heads of a transformer without action_gen) are released: their parameters become `meta` tensors; a
+transformer's action heads are the generator's (a call may ask for actions). So are the copies torch's
 (old) `weight_norm` computed from its parameters at load time (the sound tokenizer's convolutions):
 the hook computes them again before every forward, from the placed parameters.
 """
@@ -42,8 +43,10 @@ def place_pipeline(
     """Place `pipe`'s transformer, VAE and sound tokenizer (if any) on `device` and host as `plan` says
     (with `fp8`, the transformer's decoder-layer linears quantized as they are written); the pipeline keeps
     its module objects, now bound to their homes. Returns the engine that moves them."""
-    layers = pipe.transformer.config.num_hidden_layers
-    placements = _place_part(pipe.transformer, weight_grouping(plan, layers), plan, device, fp8)
+    config = pipe.transformer.config
+    # The action heads stay (a few MiB) when the transformer has them: a later call may ask for actions.
+    grouping = weight_grouping(plan, config.num_hidden_layers, actions=bool(getattr(config, "action_gen", False)))
+    placements = _place_part(pipe.transformer, grouping, plan, device, fp8)
     placements.update(_place_part(pipe.vae, vae_group_of, plan, device))
     if pipe.sound_tokenizer is not None:
         placements.update(_place_part(pipe.sound_tokenizer, sound_group_of, plan, device))

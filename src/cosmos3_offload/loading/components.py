@@ -107,13 +107,15 @@ def load_components(
     random_model: str = "tiny",
     seed: int = TINY_WEIGHT_SEED,
     sound: bool = False,
+    actions: bool = False,
     progress: bool = False,
     fp8: Fp8Options = NO_FP8_FLAGS,
     host_share: HostShare | None = None,
 ) -> Components:
     """Build, place and fill every component as `plan` says (default: everything resident).
 
-    `sound` loads the checkpoint's sound tokenizer too (its decoder only). An FP8 checkpoint's
+    `sound` loads the checkpoint's sound tokenizer too (its decoder only); `actions` the transformer's
+    action heads, with the generator (see model/actions.py). An FP8 checkpoint's
     linears load as FP8; `fp8.quantize` quantizes a bf16 one's as they load (see quantization.py);
     `fp8.mode` picks W8A8 or W8A16 per step (see quant/policy.py). `host_share`: the host slabs are
     shared with the host's other processes, and filled by its owner (see offload/shared.py); every
@@ -123,6 +125,8 @@ def load_components(
     if sound and not has_sound_tokenizer(checkpoint):
         raise InputError("sound needs a checkpoint with a sound_tokenizer/ folder")
     transformer_config, vae_config = model_configs(checkpoint, random_model)
+    if actions and not transformer_config.get("action_gen", False):
+        raise InputError("action runs need a transformer with action heads (action_gen), and this one has none")
     stored_transformer = None if checkpoint is None else CheckpointWeights(checkpoint / "transformer")
     quantization = quantization_of(transformer_config, stored_transformer, quantize=fp8.quantize, scales=fp8.scales)
     if not quantization.quantized and (fp8.mode != NO_FP8_FLAGS.mode or fp8.scales != NO_FP8_FLAGS.scales):
@@ -138,7 +142,7 @@ def load_components(
     layers = transformer.config.num_hidden_layers
     transformer_dtypes = stored_dtypes(transformer, keep_fp32_dtype(Cosmos3OmniTransformer, dtype))
     parts = [
-        _Part(transformer, weight_grouping(plan, layers), transformer_dtypes, "transformer"),
+        _Part(transformer, weight_grouping(plan, layers, actions), transformer_dtypes, "transformer"),
         _Part(vae, vae_group_of, keep_fp32_dtype(AutoencoderKLWan, dtype), "vae"),
     ]
     sound_tokenizer = None

@@ -31,12 +31,12 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 LAYER_MARK = "@"  # group name of a streamed layer: "<tower>@<index>"
 
 
-def weight_grouping(plan: Plan, layers: int) -> Callable[[str], str]:
+def weight_grouping(plan: Plan, layers: int, actions: bool = False) -> Callable[[str], str]:
     """Group names for the transformer's weights; a streamed or mapped tower's non-resident layers get
-    one group each."""
+    one group each. `actions`: the action heads are the generator's (else unused: never loaded)."""
 
     def group_of(name: str) -> str:
-        group = transformer_group_of(name, layers)
+        group = transformer_group_of(name, layers, actions)
         match = _LAYER.match(name)
         if group in (REASONER, GENERATOR) and plan.group(group).streams_layers and match:
             if int(match.group(1)) not in plan.group(group).resident_layers:

@@ -33,10 +33,12 @@ def model_sizes(
     dtype_bytes: int = 2,
     sound_config: dict | None = None,
     quantization: Quantization = NONE,
+    actions: bool = False,
 ) -> ModelSizes:
     """Exact sizes from `meta` models grouped and packed the way the loader does it; with
     `sound_config` (see loading/layout.py), the sound tokenizer's decoder too; with `quantization`,
-    the FP8 linears at one byte a weight element (and their scales)."""
+    the FP8 linears at one byte a weight element (and their scales); with `actions`, the action heads in
+    the generator's head (a model loaded for action runs)."""
     dtype = DTYPES[dtype_bytes]
     transformer = build_on_meta(Cosmos3OmniTransformer, transformer_config)
     apply_quantization(transformer, quantization, TowerSwitches())
@@ -45,8 +47,8 @@ def model_sizes(
     dtype_of = stored_dtypes(transformer, keep_fp32_dtype(Cosmos3OmniTransformer, dtype))
     # Every layer streamed: each layer's share of a tower is its own layout, the head stays apart.
     per_layer = Plan(reasoner=GroupPlan(mode=Mode.STREAMED), generator=GroupPlan(mode=Mode.STREAMED))
-    split = group_layouts(transformer, weight_grouping(per_layer, layers), dtype_of)
-    whole = group_layouts(transformer, weight_grouping(Plan(), layers), dtype_of)
+    split = group_layouts(transformer, weight_grouping(per_layer, layers, actions), dtype_of)
+    whole = group_layouts(transformer, weight_grouping(Plan(), layers, actions), dtype_of)
     towers = {
         tower: TowerBytes(
             head=group_bytes(split.get(tower)),

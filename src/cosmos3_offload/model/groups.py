@@ -61,13 +61,16 @@ def sound_group_of(name: str) -> str:
     return UNUSED if name.startswith("encoder.") else SOUND
 
 
-def transformer_group_of(name: str, num_layers: int) -> str:
-    """The group of one `Cosmos3OmniTransformer` weight name."""
+def transformer_group_of(name: str, num_layers: int, actions: bool = False) -> str:
+    """The group of one `Cosmos3OmniTransformer` weight name. The action heads (`action_*`) are the
+    generator's for a model loaded for action runs (`actions`), and unused otherwise."""
     if name.startswith("embed_tokens."):
         return EMBEDDING
     last = f"layers.{num_layers - 1}."
     tail = ("self_attn.to_out.", "post_attention_layernorm.", "mlp.")
-    if name.startswith(("lm_head.", "norm.", "action_")):
+    if name.startswith("action_"):
+        return GENERATOR if actions else UNUSED
+    if name.startswith(("lm_head.", "norm.")):
         return UNUSED
     if name.startswith(last) and name[len(last) :].startswith(tail):
         return UNUSED

@@ -44,6 +44,9 @@ _WAN22_VAE = {
 
 _TINY_VAE = {**_WAN22_VAE, "base_dim": 8, "decoder_base_dim": 8, "num_res_blocks": 1}
 
+# Cosmos3 Nano and Super carry action heads for 32 numbers a row (loaded only for action runs).
+_ACTION_HEADS = {"action_gen": True, "action_dim": 32}
+
 _TINY_TRANSFORMER = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -56,9 +59,10 @@ _TINY_TRANSFORMER = {
     "qk_norm_for_text": True,
     # 256 byte tokens plus the tokenizer's special tokens.
     "vocab_size": 256 + len(SPECIAL_TOKENS),
+    **_ACTION_HEADS,
 }
 
-_QWEN3_STYLE = {"hidden_act": "silu", "qk_norm_for_text": True, "vocab_size": 151936}
+_QWEN3_STYLE = {"hidden_act": "silu", "qk_norm_for_text": True, "vocab_size": 151936, **_ACTION_HEADS}
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "tiny": ModelSpec(name="tiny", transformer=_TINY_TRANSFORMER, vae=_TINY_VAE),

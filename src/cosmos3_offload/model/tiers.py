@@ -14,8 +14,8 @@ RESOLUTION_TIERS: dict[int, dict[str, tuple[int, int]]] = {
 }
 ASPECT_RATIOS: tuple[str, ...] = ("1,1", "4,3", "3,4", "16,9", "9,16")
 
-# Flow shift per tier (Cosmos3 defaults; 768 uses the 720 value).
-DEFAULT_SHIFT: dict[int, float] = {256: 3.0, 480: 5.0, 720: 10.0, 768: 10.0}
+# Flow shift per tier (Cosmos3 defaults; 768 and the action tier 704 use the 720 value).
+DEFAULT_SHIFT: dict[int, float] = {256: 3.0, 480: 5.0, 704: 10.0, 720: 10.0, 768: 10.0}
 
 
 def frame_size(tier: int, aspect_ratio: str) -> tuple[int, int]:
