@@ -51,7 +51,7 @@ def run_cli(capsys, *args):
     [
         (["--frames", "20"], "use 17 or 21"),
         (["--frames", "0"], "frames must be a whole number from 1"),
-        (["--resolution", "1080"], "--resolution must be one of 256, 480, 720, 768, got 1080"),
+        (["--resolution", "1080"], "--resolution must be one of 256, 480, 704, 720, 768, got 1080"),
         (["--aspect-ratio", "2,1"], "--aspect-ratio must be one of"),
         (["--steps", "0"], "steps must be a whole number from 1"),
         (["--guidance", "-2"], "guidance must be a finite number"),

@@ -36,7 +36,7 @@ def test_shift_defaults_by_tier_and_can_be_overridden(tmp_path, tier, shift):
     [
         ({"prompt": "  "}, "prompt is empty"),
         ({"frames": 20}, "4k\\+1"),
-        ({"resolution": 1080}, "resolution must be one of 256, 480, 720, 768, got 1080"),
+        ({"resolution": 1080}, "resolution must be one of 256, 480, 704, 720, 768, got 1080"),
         ({"aspect_ratio": "21,9"}, "aspect ratio must be one of"),
         ({"steps": 0}, "steps must be a whole number from 1"),
         ({"guidance": -1.0}, "guidance must be a finite number in \\[0"),

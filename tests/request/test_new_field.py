@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "cosmos3_offload"
-ANCHOR = "    def __post_init__(self) -> None:\n        for spec in REQUEST_FIELDS:"
+ANCHOR = "    def __post_init__(self) -> None:\n        if self.action is None:"
 HIDDEN = """    hidden_knob: int = declare(
         7,
         help="a field only this test declares",

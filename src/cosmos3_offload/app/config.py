@@ -17,8 +17,10 @@ import torch
 from ..errors import InputError
 from ..kernels.attention import available_attention
 from ..kernels.probe import AUTO, DIFFUSERS, check_attention_choice
+from ..model.actions import canvas_aspect
 from ..request.checks import InputFiles, check_input_file, shown
 from ..request.spec import RequestSpec
+from .inputs import input_frame_size
 from .outputs import OutputFailed, check_output
 from .schedule import check_schedule
 
@@ -99,10 +101,12 @@ class GenerationConfig(RequestSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        inputs = (("image", self.image), ("video", self.video))
+        inputs = (("image", self.image), ("video", self.video), ("actions", self.actions))
         for kind, path in inputs:
             if path is not None:
                 check_input_file(kind, path)
+        if self.action is not None:
+            self._pick_action_canvas()
         InputFiles(inputs).refuse_output(self.output)
         check_schedule(self.steps, self.flow_shift)
         try:
@@ -115,6 +119,19 @@ class GenerationConfig(RequestSpec):
             raise InputError(
                 f"output {str(self.output)!r} cannot be used: {error.strerror}; choose another --output"
             ) from None
+
+    def _pick_action_canvas(self) -> None:
+        """An action run's aspect ratio: the canvas of its tier nearest its input's shape (read from the
+        file's header), as diffusers picks it; one typed must be that one."""
+        kind, path = ("image", self.image) if self.image is not None else ("video", self.video)
+        height, width = input_frame_size(kind, path)
+        aspect = canvas_aspect(height, width, self.resolution)
+        if self.aspect_ratio is not None and self.aspect_ratio != aspect:
+            raise InputError(
+                f"--aspect-ratio does not go with --action: the {kind}'s shape ({width}x{height}) picks the "
+                f"canvas, {aspect}; drop --aspect-ratio"
+            )
+        object.__setattr__(self, "aspect_ratio", aspect)
 
 
 def check_output_spares_checkpoint(output: Path, checkpoint: Path | None) -> None:

@@ -19,6 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..model.actions import (
+    ACTION_MODES,
+    ACTION_TIERS,
+    ACTION_WIDTHS,
+    DEFAULT_ACTION_TIER,
+    DEFAULT_CHUNK,
+    DEFAULT_VIEW,
+    DOMAIN_IDS,
+    MAX_CHUNK,
+    VIEW_POINTS,
+    action_frames,
+)
 from ..model.geometry import latent_frames
 from ..model.tiers import ASPECT_RATIOS, DEFAULT_SHIFT, RESOLUTION_TIERS, check_frame_count
 from .checks import FieldError, shown
@@ -37,11 +49,16 @@ STEP_CACHES = ("none", "seacache")  # "seacache" reuses the generator's residual
 # Without a checkpoint the embedded tiny model runs on any CPU; Cosmos3's 720p x 189-frame default
 # would take it minutes, so it defaults to the smallest tier and a short clip.
 TINY_SHAPE = {"resolution": 256, "frames": 17}
+# The rules of the fields whose default depends on the request: None takes these (an action run: its chunk
+# fixes the frames, its tier is 480, its input's shape picks the aspect ratio).
+DEFAULT_FRAMES, DEFAULT_RESOLUTION, DEFAULT_ASPECT_RATIO = 189, 720, "16,9"
+_ACTION = Absent("the action object: action=CosmosActionCondition(...)")
+_ACTION_OBJECT = Absent("the `action` object of the request")
 
 _OWN_FOLDER = Absent("each sample is written to -o DIR/<name>/vision.mp4")
 _SERVER_FILE = Absent("the server writes the job's file: GET /v1/videos/{id}/content")
 _RETURNED = Absent("the pipeline returns the video (output_type)")
-_NO_CLIP = Absent("the server conditions on an image (input_reference), not a clip")
+_NO_CLIP = Absent("the server conditions on an image (input_reference); an action run's clip is the input_video part")
 _PLACED_ONCE = Absent("the pipeline is placed once: enable(pipe, cache=..., cache_threshold=...)")
 _HEIGHT_WIDTH = Absent("height and width: any frame size diffusers' check_inputs takes")
 
@@ -64,21 +81,24 @@ class RequestSpec:
         "negative_prompt_i2v.json with an image or video, as the Cosmos3 docs pass them; else empty)",
         cli="--negative-prompt", sample="negative_prompt", http="negative_prompt", diffusers="negative_prompt",
     )  # fmt: skip
-    frames: int = declare(
-        189,
-        help="frame count: 1 (an image) or 4k+1, e.g. 93 or 189 (17 with the embedded tiny model)",
+    frames: int | None = declare(
+        None,
+        help="frame count: 1 (an image) or 4k+1, e.g. 93 or 189 (default 189; 17 with the embedded tiny model; "
+        "with --action the chunk fixes it: chunk + 1)",
         unit="frames", low=1, high=MAX_FRAMES,
         cli="--frames", sample="num_frames", http="frames", diffusers="num_frames",
     )  # fmt: skip
-    resolution: int = declare(
-        720,
-        help="resolution tier (256 with the embedded tiny model)",
-        choices=tuple(RESOLUTION_TIERS),
+    resolution: int | None = declare(
+        None,
+        help="resolution tier (default 720; 256 with the embedded tiny model); with --action the action tier "
+        "(256, 480, 704 or 720; default 480) whose canvas the input is padded into",
+        choices=tuple(sorted(set(RESOLUTION_TIERS) | set(ACTION_TIERS))),
         cli="--resolution", sample="resolution", http="size", diffusers=_HEIGHT_WIDTH,
     )  # fmt: skip
-    aspect_ratio: str = declare(
-        "16,9",
-        help="aspect ratio (16,9 gives 320x192, 832x480, 1280x720, 1360x768)",
+    aspect_ratio: str | None = declare(
+        None,
+        help="aspect ratio (default 16,9, which gives 320x192, 832x480, 1280x720, 1360x768; with --action the "
+        "input's shape picks it)",
         choices=ASPECT_RATIOS,
         cli="--aspect-ratio", sample="aspect_ratio", http="size", diffusers=_HEIGHT_WIDTH,
     )  # fmt: skip
@@ -162,17 +182,60 @@ class RequestSpec:
         cli="--cache-threshold", sample="cache_threshold", http="cache_threshold", diffusers=_PLACED_ONCE,
     )  # fmt: skip
 
+    action: str | None = declare(
+        None,
+        help="a Cosmos3 action mode: forward_dynamics rolls a video out of --image and --actions; "
+        "inverse_dynamics infers the actions of a --video clip; policy rolls out video and actions from --image",
+        choices=ACTION_MODES,
+        cli="--action", sample="model_mode", http=_ACTION_OBJECT, diffusers=_ACTION,
+    )  # fmt: skip
+    domain: str | None = declare(
+        None,
+        help="with --action: the embodiment, which picks the action heads' projection and the numbers per "
+        "action row",
+        choices=tuple(DOMAIN_IDS),
+        cli="--domain", sample="domain_name", http=_ACTION_OBJECT, diffusers=_ACTION,
+    )  # fmt: skip
+    chunk_size: int | None = declare(
+        None,
+        help=f"with --action: action steps in the chunk; the video has one frame more (default {DEFAULT_CHUNK})",
+        unit="actions", low=1, high=MAX_CHUNK,
+        cli="--chunk-size", sample="action_chunk_size", http=_ACTION_OBJECT, diffusers=_ACTION,
+    )  # fmt: skip
+    actions: Path | None = declare(
+        None,
+        help="with --action forward_dynamics: the action rows (.npy, .json or .csv; one row per step, as many "
+        "numbers as the domain takes; fewer rows than the chunk repeat the last one, more are cut)",
+        cli="--actions", sample="action_path", http=_ACTION_OBJECT, diffusers=_ACTION,
+    )  # fmt: skip
+    view: str | None = declare(
+        None,
+        help=f"with --action: the camera's view point, said in the action caption (default {DEFAULT_VIEW})",
+        choices=VIEW_POINTS,
+        cli="--view", sample="view_point", http=_ACTION_OBJECT, diffusers=_ACTION,
+    )  # fmt: skip
+
     def __post_init__(self) -> None:
+        if self.action is None:
+            self._set("frames", DEFAULT_FRAMES if self.frames is None else self.frames)
+            self._set("resolution", DEFAULT_RESOLUTION if self.resolution is None else self.resolution)
+            self._set("aspect_ratio", DEFAULT_ASPECT_RATIO if self.aspect_ratio is None else self.aspect_ratio)
+        else:
+            self._resolve_action()
         for spec in REQUEST_FIELDS:
             value = spec.check(getattr(self, spec.name))
             if value is not getattr(self, spec.name):
                 object.__setattr__(self, spec.name, value)
-        check_frame_count(self.frames)
+        if self.action is None:
+            check_without_action(self)
+            check_frame_count(self.frames)
+        else:
+            check_action(self)
         if self.image is not None and self.video is not None:
             raise InputError("pass either --image (image-to-video) or --video (video-to-video), not both")
         if (self.image is not None or self.video is not None) and self.frames == 1:
             raise InputError("--image and --video condition a video: use --frames 5 or more")
-        if self.video is not None:
+        if self.video is not None and self.action is None:
             count = latent_frames(self.frames)
             bad = [i for i in self.condition_frames if not 0 <= i < count]
             if not self.condition_frames or bad:
@@ -187,12 +250,43 @@ class RequestSpec:
         if self.output is None:
             object.__setattr__(self, "output", Path("output.jpg" if self.frames == 1 else "output.mp4"))
 
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _resolve_action(self) -> None:
+        """An action run's rules: the chunk fixes the frames, the tier defaults to 480, the view to ego_view.
+        The aspect ratio stays None until the input's shape picks it (app/config.py)."""
+        if self.chunk_size is None:
+            self._set("chunk_size", DEFAULT_CHUNK)
+        FIELDS_BY_NAME["chunk_size"].check(self.chunk_size)
+        frames = action_frames(self.chunk_size)
+        if self.frames is not None and self.frames != frames:
+            raise InputError(
+                f"--frames does not go with --action: the chunk fixes the video at chunk + 1 = {frames} frames "
+                "(and the VAE decodes whole groups of 4 after the first); set --chunk-size instead"
+            )
+        self._set("frames", frames)
+        if self.resolution is None:
+            self._set("resolution", DEFAULT_ACTION_TIER)
+        if self.view is None:
+            self._set("view", DEFAULT_VIEW)
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """(height, width): an action run's padded canvas (its tier's square one, the largest, until the
+        input's shape has picked the aspect ratio)."""
+        return ACTION_TIERS[self.resolution][self.aspect_ratio or "1,1"]
+
     @property
     def width(self) -> int:
+        if self.action is not None:
+            return self.canvas[1]
         return RESOLUTION_TIERS[self.resolution][self.aspect_ratio][0]
 
     @property
     def height(self) -> int:
+        if self.action is not None:
+            return self.canvas[0]
         return RESOLUTION_TIERS[self.resolution][self.aspect_ratio][1]
 
     @property
@@ -208,12 +302,18 @@ REQUEST_FIELDS: tuple[FieldSpec, ...] = fields_of(RequestSpec)
 FIELDS_BY_NAME = {spec.name: spec for spec in REQUEST_FIELDS}
 
 
-def request_defaults(*, tiny: bool = False, distilled_steps: int | None = None) -> dict[str, Any]:
+def request_defaults(*, tiny: bool = False, distilled_steps: int | None = None, action: bool = False) -> dict[str, Any]:
     """Every field's default for a run of the embedded tiny model (`tiny`: a smaller shape) or a distilled
-    checkpoint (`distilled_steps`: its schedule's length, with guidance baked in); the prompt has none."""
+    checkpoint (`distilled_steps`: its schedule's length, with guidance baked in); the prompt has none.
+    A video's frames, tier and aspect ratio are Cosmos3's (189, 720, 16,9); an `action` run's frames and
+    aspect ratio are left to its rules (the chunk and the input fix them) and its tier is 480 (the tiny
+    model's: 256)."""
     defaults = {s.name: s.default for s in REQUEST_FIELDS if s.default is not dataclasses.MISSING}
-    if tiny:
-        defaults |= TINY_SHAPE
+    if action:
+        defaults |= {"resolution": TINY_SHAPE["resolution"] if tiny else DEFAULT_ACTION_TIER}
+    else:
+        shape = {"frames": DEFAULT_FRAMES, "resolution": DEFAULT_RESOLUTION, "aspect_ratio": DEFAULT_ASPECT_RATIO}
+        defaults |= shape | (TINY_SHAPE if tiny else {})
     if distilled_steps is not None:
         defaults |= {"steps": distilled_steps, "guidance": 1.0}
     return defaults
@@ -236,3 +336,43 @@ def named_at(error: FieldError, door: str) -> FieldError:
 def door_fields(door: str) -> dict[str, str]:
     """{field: its name at `door`} for every field the door takes (see field.DOORS)."""
     return {s.name: s.door(door) for s in REQUEST_FIELDS if s.door(door) is not None}
+
+
+def check_action(spec: RequestSpec) -> None:
+    """An action run's fields together: a domain with an action width, an input for the mode, action rows
+    exactly for forward dynamics, an action tier, no step cache."""
+    if spec.domain is None:
+        raise InputError(f"--action needs --domain, the embodiment: one of {', '.join(ACTION_WIDTHS)}")
+    if spec.domain not in ACTION_WIDTHS:
+        raise InputError(
+            f"--domain {spec.domain} has no fixed action width, so no action mode runs it; use one of "
+            f"{', '.join(ACTION_WIDTHS)}"
+        )
+    if spec.resolution not in ACTION_TIERS:
+        raise InputError(
+            f"--resolution {spec.resolution} is no action tier; with --action use one of "
+            f"{', '.join(map(str, ACTION_TIERS))} (default {DEFAULT_ACTION_TIER})"
+        )
+    if spec.action == "inverse_dynamics" and spec.video is None:
+        raise InputError("--action inverse_dynamics infers the actions of a clip: pass --video")
+    if spec.image is None and spec.video is None:
+        raise InputError(f"--action {spec.action} starts from a frame: pass --image (or --video, its first frame)")
+    if spec.action == "forward_dynamics" and spec.actions is None:
+        raise InputError("--action forward_dynamics rolls the video out of given actions: pass --actions FILE")
+    if spec.action != "forward_dynamics" and spec.actions is not None:
+        raise InputError(f"--actions drives forward_dynamics; --action {spec.action} predicts them: drop --actions")
+    if spec.cache != "none":
+        raise InputError("--cache seacache does not go with --action (its gate reads the video alone); drop it")
+
+
+def check_without_action(spec: RequestSpec) -> None:
+    """The action fields need --action; the action tier 704 too."""
+    names = ("domain", "chunk_size", "actions", "view")
+    given = [FIELDS_BY_NAME[name].flag for name in names if getattr(spec, name) is not None]
+    if given:
+        raise InputError(f"{given[0]} goes with --action (forward_dynamics, inverse_dynamics or policy); add it")
+    if spec.resolution not in RESOLUTION_TIERS:
+        raise InputError(
+            f"--resolution {spec.resolution} is an action tier; a video takes one of "
+            f"{', '.join(map(str, RESOLUTION_TIERS))}"
+        )

@@ -42,9 +42,11 @@ from .translate import (
     typed_fields,
 )
 
-REQUEST_ONLY = ("image", "video", "condition_frames")  # `serve` takes these with each request, not as flags
+# `serve` takes these with each request, not as flags (an action run's in the request's action object).
+REQUEST_ONLY = ("image", "video", "condition_frames", "action", "domain", "chunk_size", "actions", "view")
 # The fields whose `serve` flags are the defaults of requests (its --sound loads the sound decoder; a
 # request asks for sound itself).
+ACTION_FIELDS = REQUEST_ONLY[3:]
 SERVED_DEFAULTS = tuple(name for name in COMMAND_FIELDS["serve"] if name not in (*REQUEST_ONLY, "sound"))
 
 
@@ -67,7 +69,12 @@ def budget_choice(args: argparse.Namespace, shape: RequestSpec):
     transformer_config, vae_config = model_configs(args.checkpoint, args.model)
     quantization = quantization_for(args.checkpoint, transformer_config, fp8_options(args))
     sizes = model_sizes(
-        transformer_config, vae_config, dtype_bytes=dtype.itemsize, sound_config=sound, quantization=quantization
+        transformer_config,
+        vae_config,
+        dtype_bytes=dtype.itemsize,
+        sound_config=sound,
+        quantization=quantization,
+        actions=shape.action is not None,
     )
     ranks = args.gpus if args.gpus is not None else Environment.read().world_size
     layout = ParallelLayout.for_ranks(ranks, guidance=shape.uses_guidance, cfg_parallel=args.cfg_parallel)
@@ -81,13 +88,23 @@ def budget_choice(args: argparse.Namespace, shape: RequestSpec):
     return choice, budget, setup.profile
 
 
+def describe_shape(shape: RequestSpec) -> str:
+    """'1280x720, 189 frames, 35 steps', or an action run's mode, domain, chunk and canvas."""
+    if shape.action is None:
+        return f"{shape.width}x{shape.height}, {shape.frames} frames, {shape.steps} steps"
+    return (
+        f"{shape.action} ({shape.domain}), chunk {shape.chunk_size}: {shape.frames} frames in a canvas of at most "
+        f"{shape.width}x{shape.height} (tier {shape.resolution}), {shape.chunk_size} action tokens, {shape.steps} steps"
+    )
+
+
 def plan_command(args: argparse.Namespace) -> None:
     if args.vram_budget is None:
         raise InputError("plan needs --vram-budget, e.g. --vram-budget 8GiB")
     shape = shape_from_args(args)
     check_flags(args)
     choice, budget, profile = budget_choice(args, shape)
-    say(f"request: {shape.width}x{shape.height}, {shape.frames} frames, {shape.steps} steps")
+    say(f"request: {describe_shape(shape)}")
     say(f"device profile: {profile.source}")
     transformer_config, _ = model_configs(args.checkpoint, args.model)
     say(
@@ -185,7 +202,8 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
     for name in REQUEST_ONLY:
         if getattr(args, name) is not None:
             flag = "--" + name.replace("_", "-")
-            raise InputError(f"{flag} belongs to a request; send it with the request (input_reference), not to serve")
+            where = "its action object" if name in ACTION_FIELDS else "input_reference"
+            raise InputError(f"{flag} belongs to a request; send it with the request ({where}), not to serve")
     if args.gpus is not None or Environment.read().distributed or args.cfg_parallel != "auto":
         raise InputError("serve runs on one GPU; drop --gpus, --cfg-parallel (and torchrun)")
     shape = shape_from_args(args)

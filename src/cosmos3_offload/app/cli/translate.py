@@ -35,7 +35,8 @@ def defaults_for(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint's step count and guidance."""
     tiny = args.checkpoint is None and args.model.startswith("tiny")
     sigmas = _distilled_sigmas(args.checkpoint)
-    return request_defaults(tiny=tiny, distilled_steps=None if sigmas is None else len(sigmas))
+    action = getattr(args, "action", None) is not None
+    return request_defaults(tiny=tiny, distilled_steps=None if sigmas is None else len(sigmas), action=action)
 
 
 def request_from_args(args: argparse.Namespace) -> GenerationConfig:
