@@ -13,7 +13,7 @@ from tiny_models import relative_error
 from transformers import AutoTokenizer
 
 from cosmos3_offload.app.config import GenerationConfig
-from cosmos3_offload.app.inputs import read_conditioning
+from cosmos3_offload.app.inputs import read_frames
 from cosmos3_offload.app.runner import LoadedModel, generate_video
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.errors import InputError
@@ -71,7 +71,7 @@ def test_distilled_sampling_equals_the_modular_pipeline(student, tmp_path, pictu
     config = request(tmp_path, **({"image": picture} if mode == "image" else {}))
     loaded = LoadedModel.open(checkpoint=student, device="cpu")
     config = loaded.check(config)
-    conditioning = read_conditioning(config.image, None, config.condition_frames)
+    conditioning = read_frames(config.image, None, config.condition_frames)
     components = loaded.load(PhaseTimer(CPU))
     ours = generate_video(config, components, PhaseTimer(CPU), progress=False, conditioning=conditioning).latents
     theirs = modular_latents(student, config, None if conditioning is None else conditioning.image)

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from ranks import run_ranks, start_method
 
 from cosmos3_offload.app.config import GenerationConfig
 from cosmos3_offload.app.distributed import parallel_layout, start_mesh
+from cosmos3_offload.app.inputs import read_conditioning
 from cosmos3_offload.app.runner import LoadedModel, generate_video
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.app.workers import free_port, worker_environment
@@ -95,6 +97,41 @@ def test_two_processes_equal_one(tmp_path, cfg_parallel, guidance, layout):
             assert np.array_equal(result["frames"], expected["frames"])
         else:
             assert result["frames"] is None
+
+
+def _actions(config: GenerationConfig, cfg_parallel: str) -> dict:
+    """An action run's latents and predicted actions on this process (one of a group, or alone)."""
+    loaded = LoadedModel.open(device="cpu", dtype="float32", actions=True)
+    config = loaded.check(config)
+    mesh = start_mesh(parallel_layout(config, model_configs(None)[0], cfg_parallel), loaded.device)
+    try:
+        loaded.mesh = mesh
+        components = loaded.load(PhaseTimer(loaded.device))
+        conditioning = read_conditioning(config)
+        video = generate_video(config, components, PhaseTimer(loaded.device), progress=False, mesh=mesh,
+                               conditioning=conditioning)  # fmt: skip
+        return {"latents": video.latents, "actions": video.actions}
+    finally:
+        if mesh is not None:
+            mesh.close()
+
+
+@pytest.mark.parametrize("cfg_parallel", ["auto", "off"], ids=["cfg-parallel", "ulysses"])
+def test_two_processes_run_a_policy_as_one(tmp_path, cfg_parallel):
+    """The action tokens split over ranks (Ulysses) or travel with their branch (CFG-parallel): every rank's
+    latents and the leader's predicted actions equal one process's."""
+    image = tmp_path / "frame.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(image)
+    config = GenerationConfig(prompt="pick up the cup", action="policy", domain="bridge_orig_lerobot", chunk_size=4,
+                              steps=2, resolution=256, image=image, output=tmp_path / "out.mp4")  # fmt: skip
+    expected = _actions(config, cfg_parallel)
+    outcomes = run_ranks(_actions, 2, tmp_path, config, cfg_parallel)
+    scale = expected["latents"].abs().max().item()
+    for outcome in outcomes:
+        assert outcome["exitcode"] == 0, outcome.get("trace")
+        result = outcome["result"]
+        assert (result["latents"] - expected["latents"]).abs().max().item() <= TOLERANCE * scale
+        assert np.abs(result["actions"] - expected["actions"]).max() <= TOLERANCE * np.abs(expected["actions"]).max()
 
 
 def test_a_rank_failing_mid_run_ends_the_group(tmp_path):

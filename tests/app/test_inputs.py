@@ -17,7 +17,7 @@ from PIL import Image, ImageFile
 
 from cosmos3_offload.app import inputs, runner
 from cosmos3_offload.app.cli import main
-from cosmos3_offload.app.inputs import read_conditioning, read_image, read_video
+from cosmos3_offload.app.inputs import read_frames, read_image, read_video
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.model.geometry import frames_to_encode
 from cosmos3_offload.vae.encode import condition_pixels
@@ -128,7 +128,7 @@ def test_image_at_the_bound_is_accepted_and_one_past_it_refused(tmp_path, monkey
 @pytest.mark.parametrize("indexes", [(0,), (0, 1), (0, 2), (2, 0, 2)])
 def test_clip_is_read_only_as_far_as_the_conditioning_frames(long_clip, frames_pulled, indexes):
     """Fails when reading a clip pulls frames past those that condition (a long clip would cost its whole length)."""
-    conditioning = read_conditioning(None, long_clip, indexes)
+    conditioning = read_frames(None, long_clip, indexes)
     needed = frames_to_encode(image=False, video=True, condition_frames=indexes)
     assert needed < LONG_CLIP
     assert frames_pulled == [needed]  # one reader, stopped at the last frame used
@@ -139,7 +139,7 @@ def test_clip_is_read_only_as_far_as_the_conditioning_frames(long_clip, frames_p
 def test_short_clip_is_read_whole_and_its_last_frame_repeated(tmp_path, pipeline, capsys):
     """Fails when a clip shorter than the conditioning frames is refused, or the encode does not repeat its end."""
     clip = write_clip(tmp_path / "short.mp4", 3)
-    conditioning = read_conditioning(None, clip, (0, 1))
+    conditioning = read_frames(None, clip, (0, 1))
     assert [index_of(frame) for frame in conditioning.video] == [0, 1, 2]
     pixels = condition_pixels(
         pipeline, image=None, video=conditioning.video, condition_frames=(0, 1), height=48, width=64, device="cpu"
@@ -244,8 +244,8 @@ def test_reading_refuses_what_is_not_a_regular_file(bad_files):
         read_image(bad_files / "none.png")
 
 
-def test_read_conditioning_is_none_for_text_only():
+def test_read_frames_is_none_for_text_only():
     """Fails when a text-only request reads a file, or a missing clip is not an InputError."""
-    assert read_conditioning(None, None, (0, 1)) is None
+    assert read_frames(None, None, (0, 1)) is None
     with pytest.raises(InputError, match="does not exist"):
-        read_conditioning(None, Path("/nonexistent.mp4"), (0,))
+        read_frames(None, Path("/nonexistent.mp4"), (0,))

@@ -14,7 +14,7 @@ from tiny_models import diffusers_latents, relative_error, tiny_pipeline
 from cosmos3_offload.app.cli import main
 from cosmos3_offload.app.config import GenerationConfig
 from cosmos3_offload.app.generate import Latents, denoise_latents, initial_noise, prefill_branches, prepare_branches
-from cosmos3_offload.app.inputs import read_conditioning
+from cosmos3_offload.app.inputs import read_frames
 from cosmos3_offload.app.runner import generate_video
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.loading.components import load_components
@@ -42,7 +42,7 @@ def clip(tmp_path):
 
 
 def ours(pipe, config):
-    conditioning = read_conditioning(config.image, config.video, config.condition_frames)
+    conditioning = read_frames(config.image, config.video, config.condition_frames)
     latents = initial_noise(pipe, config, CPU)
     pixels = condition_pixels(
         pipe,
@@ -72,7 +72,7 @@ def test_conditioned_generation_equals_diffusers_pipeline(tmp_path, picture, cli
         output=tmp_path / "o.mp4",
         **{mode: picture if mode == "image" else clip},
     )
-    conditioning = read_conditioning(config.image, config.video, config.condition_frames)
+    conditioning = read_frames(config.image, config.video, config.condition_frames)
     expected = diffusers_latents(
         tiny_pipeline(shift=config.flow_shift), config, image=conditioning.image, video=conditioning.video
     )
@@ -85,7 +85,7 @@ def test_image_frame_stays_clean_and_staged_encode_equals_resident(tmp_path, pic
     config = GenerationConfig(
         prompt="a fox", frames=9, resolution=256, steps=2, image=picture, output=tmp_path / "o.mp4"
     )
-    conditioning = read_conditioning(config.image, None, config.condition_frames)
+    conditioning = read_frames(config.image, None, config.condition_frames)
     runs = []
     for plan in (Plan(), Plan.from_offload(("vae", "reasoner"))):
         components = load_components(None, CPU, torch.float32, plan)
@@ -105,7 +105,7 @@ def test_image_frame_stays_clean_and_staged_encode_equals_resident(tmp_path, pic
 def test_encoding_only_the_conditioning_frames_is_exact(picture):
     """The causal encoder gives latent frame 0 of a 1-frame clip equal to that of the full repeated clip."""
     pipe = tiny_pipeline()
-    image = read_conditioning(picture, None, (0,)).image
+    image = read_frames(picture, None, (0,)).image
     one = condition_pixels(pipe, image=image, video=None, condition_frames=(0,), height=192, width=320, device=CPU)
     full = one.expand(-1, -1, 9, -1, -1).contiguous()
     assert relative_error(pipe._encode_video(one)[:, :, :1], pipe._encode_video(full)[:, :, :1]) <= 1e-6

@@ -87,8 +87,8 @@ class GenerationHooks:
 
     - `generator`: what the noise is drawn from, in the pipeline's order (video, then sound): the CLI's
       request seed on the CPU, or a diffusers call's own (None: torch's global generator, as diffusers);
-    - `latents`, `sound_latents`: a diffusers call's starting latents, which start as they are (no
-      conditioning frame is encoded into them, as in diffusers); None: drawn from `generator`;
+    - `latents`, `sound_latents`, `action_latents`: a diffusers call's starting latents, which start as
+      they are (no conditioning frame is encoded into them, as in diffusers); None: drawn from `generator`;
     - `templates`: the prompt templates' switches;
     - `progress`: a progress bar over the steps; `on_step(i)`: called after step i (a server reports
       progress there, or raises to stop the request);
@@ -101,6 +101,7 @@ class GenerationHooks:
     generator: torch.Generator | list[torch.Generator] | None
     latents: torch.Tensor | None = None
     sound_latents: torch.Tensor | None = None
+    action_latents: torch.Tensor | None = None
     templates: PromptTemplates = PromptTemplates()
     progress: bool = True
     on_step: Callable[[int], None] | None = None
@@ -115,6 +116,9 @@ class Generated(NamedTuple):
     frames: np.ndarray | None  # uint8 [T, H, W, 3]; None without `decode_video`, or off the leader
     waveform: torch.Tensor | None  # the sound decoder's [channels, samples]; None without sound, or off the leader
     step_cache: SeaCache | None  # which steps the cache computed and reused (its residuals let go)
+    actions: torch.Tensor | None = (
+        None  # float32 [chunk, width]: an action run's predicted actions (not forward dynamics)
+    )
 
 
 class GeneratedVideo(NamedTuple):
@@ -124,3 +128,4 @@ class GeneratedVideo(NamedTuple):
     frames: np.ndarray | None  # uint8 [T, H, W, 3]; None on a rank that is not the leader
     sound: Sound | None = None  # the audio track of a request with sound
     step_cache: SeaCache | None = None  # with --cache seacache: which steps it computed and reused
+    actions: np.ndarray | None = None  # float32 [chunk, width]: an action run's predicted actions

@@ -20,7 +20,7 @@ SOUND_BROKEN = "the checkpoint's sound tokenizer weights hold NaN or infinity: c
 def check_finite(latents: Latents, dtype: torch.dtype = torch.float32) -> None:
     """Refuse to decode NaN or infinite latents (they decode to a black or garbage video), denoised by a
     transformer computing in `dtype`. Waits for the device."""
-    values = latents.vision if latents.sound is None else torch.cat([latents.vision.flatten(), latents.sound.flatten()])
+    values = torch.cat([part.flatten() for part in latents if part is not None])
     if not bool(torch.isfinite(values).all()):
         broken = "the checkpoint's weights or the inputs hold NaN or infinity: check or re-download the checkpoint"
         raise not_finite(

@@ -46,6 +46,7 @@ from ..split.prefill import ReasonerMemory, prefill_prompts
 from ..stepcache.seacache import SeaCache
 from ..vae.decode import decode_to_host
 from ..vae.encode import condition_pixels, conditioned_noise
+from .action_input import ActionInput
 from .config import GenerationConfig
 from .inputs import Conditioning
 
@@ -55,6 +56,14 @@ class Sound(NamedTuple):
 
     waveform: np.ndarray
     sample_rate: int
+
+
+class ActionTokens(NamedTuple):
+    """An action run's tokens in the joint layout: the action latents [chunk, action_dim] and the
+    indexes of those given clean (all of them in forward dynamics)."""
+
+    latents: torch.Tensor
+    clean: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -137,8 +146,10 @@ def pack_branch(
     device: torch.device,
     condition_frames: tuple[int, ...] = (),
     sound: torch.Tensor | None = None,
+    action: ActionTokens | None = None,
 ) -> Branch:
-    """Pack one prompt, the video latents (and the sound latents) into the joint layout the pipeline builds."""
+    """Pack one prompt, the video latents (and the sound latents, the action tokens) into the joint layout
+    the pipeline builds."""
     text = pipe._prepare_text_segment(input_ids, device=device)
     vision = pipe._prepare_vision_segment(
         input_vision_tokens=latents,
@@ -158,13 +169,28 @@ def pack_branch(
             curr=text["und_len"] + vision["num_vision_tokens"],
             device=device,
         )
-    mrope = [text["text_mrope_ids"], vision["vision_mrope_ids"]] + ([audio["sound_mrope_ids"]] if audio else [])
+    acting: dict = {}
+    if action is not None:
+        acting = pipe._prepare_action_segment(
+            input_action_tokens=action.latents,
+            condition_frame_indexes=list(action.clean),
+            mrope_offset=text["vision_start_temporal_offset"],
+            action_fps=fps,
+            curr=text["und_len"] + vision["num_vision_tokens"] + audio.get("sound_len", 0),
+            device=device,
+        )
+    mrope = [text["text_mrope_ids"], vision["vision_mrope_ids"]]
+    mrope += [segment[f"{name}_mrope_ids"] for name, segment in (("sound", audio), ("action", acting)) if segment]
     packed = {
         **text,
         **vision,
         **audio,
+        **acting,
         "position_ids": torch.cat(mrope, dim=1),
-        "sequence_length": text["und_len"] + vision["num_vision_tokens"] + audio.get("sound_len", 0),
+        "sequence_length": text["und_len"]
+        + vision["num_vision_tokens"]
+        + audio.get("sound_len", 0)
+        + acting.get("action_len", 0),
     }
     return Branch(text["input_ids"], text["text_mrope_ids"], GeneratorLayout.from_packed(packed))
 
@@ -186,21 +212,30 @@ def prepare_branches(
     condition_frames: tuple[int, ...] = (),
     sound: torch.Tensor | None = None,
     templates: PromptTemplates = PromptTemplates(),
+    action: tuple[ActionInput, ActionTokens, tuple[int, int]] | None = None,
 ) -> list[Branch]:
-    """[cond] or [cond, uncond], tokenized with the pipeline's templates; `condition_frames` stay clean."""
+    """[cond] or [cond, uncond], tokenized with the pipeline's templates; `condition_frames` stay clean.
+    An `action` run (its input, tokens and canvas): the prompt is the pipeline's action caption at the
+    canvas size, the negative prompt goes in as it is, and the action tokens follow the video's."""
+    height, width = (config.height, config.width) if action is None else action[2]
     cond_ids, uncond_ids = pipe.tokenize_prompt(
         config.prompt,
         config.negative_prompt,
         num_frames=config.frames,
-        height=config.height,
-        width=config.width,
+        height=height,
+        width=width,
         fps=config.fps,
         use_system_prompt=templates.use_system_prompt,
         add_resolution_template=templates.add_resolution_template,
         add_duration_template=templates.add_duration_template,
+        action_mode=None if action is None else action[0].mode,
+        action_view_point=None if action is None else action[0].view,
     )
     prompts = [cond_ids, uncond_ids] if config.uses_guidance else [cond_ids]
-    return [pack_branch(pipe, ids, latents, config.fps, latents.device, condition_frames, sound) for ids in prompts]
+    tokens = None if action is None else action[1]
+    return [
+        pack_branch(pipe, ids, latents, config.fps, latents.device, condition_frames, sound, tokens) for ids in prompts
+    ]
 
 
 def prefill_branches(
@@ -227,10 +262,12 @@ class Sampling:
 
 
 class Latents(NamedTuple):
-    """What the loop denoises: video [1, C, T, H, W] and, with sound, audio [sound_dim, T'] (float32)."""
+    """What the loop denoises: video [1, C, T, H, W], with sound audio [sound_dim, T'], in an action run
+    the actions [chunk, action_dim] (float32)."""
 
     vision: torch.Tensor
     sound: torch.Tensor | None = None
+    action: torch.Tensor | None = None
 
 
 def denoise_latents(
@@ -249,6 +286,7 @@ def denoise_latents(
     kernels: Kernels = EAGER,
     step_cache: SeaCache | None = None,
     mesh: ProcessMesh | None = None,
+    action: ActionInput | None = None,
 ) -> Latents:
     """The sampling loop: both CFG branches through each layer, `v_u + g (v_c - v_u)`, a scheduler step
     per modality (the sound's on its own copy of the schedule, as the pipeline keeps one per modality).
@@ -260,14 +298,18 @@ def denoise_latents(
     layer at all: `layers()` is not called, so a streamed generator copies nothing that step and its
     ring stays as the last computed step left it (the next step's first layers already in their slots).
     With a `mesh`, `branches` are this rank's (see `mesh_branches`) and every rank of the mesh calls this.
+    An `action` run's actions get their own copy of the schedule too and step only when some are noisy;
+    their velocity and values past the embodiment's width stay zero, as in the pipeline.
     """
     model = pipe.transformer
     model_dtype = memories[0].keys[0].dtype
     pairs = [(b.layout, m) for b, m in zip(branches, memories)]
     sampling = sampling or Sampling()
     set_timesteps(pipe, config.steps, latents.vision.device, sampling.distilled_sigmas)
-    vision, sound = latents
+    vision, sound, acts = latents
     sound_scheduler = copy.deepcopy(pipe.scheduler) if sound is not None else None
+    action_scheduler = copy.deepcopy(pipe.scheduler) if acts is not None else None
+    domain_id = None if action is None else torch.tensor([action.domain_id], device=vision.device)
     timesteps = pipe.scheduler.timesteps
     sequence = None if mesh is None else mesh.sequence
     for index, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
@@ -277,6 +319,8 @@ def denoise_latents(
             vision=vision.to(model_dtype),
             timestep=t.item(),
             sound=None if sound is None else sound.to(model_dtype),
+            action=None if acts is None else acts.to(model_dtype),
+            action_domain_id=domain_id,
         )
         sigma = float(pipe.scheduler.sigmas[index])
         predictions = _predict(
@@ -289,9 +333,15 @@ def denoise_latents(
             vision = mask * clean + (1.0 - mask) * vision
         if sound is not None:
             sound = _step(sound_scheduler, _guided([p.sound for p in predictions], config), t, sound, sampling)
+        if acts is not None and action.predicts_actions:
+            velocities = [p.action.clone() for p in predictions]
+            for velocity in velocities:
+                velocity[:, action.width :] = 0
+            acts = _step(action_scheduler, _guided(velocities, config), t, acts, sampling)
+            acts[:, action.width :] = 0
         if on_step is not None:
             on_step(index)
-    return Latents(vision, sound)
+    return Latents(vision, sound, acts)
 
 
 def _predict(
@@ -349,17 +399,18 @@ def mesh_branches(branches: list[Branch], mesh: ProcessMesh | None) -> list[Bran
 
 def all_branches(predictions: list[GeneratorPrediction], mesh: ProcessMesh | None) -> list[GeneratorPrediction]:
     """Every branch's predictions on every rank: with CFG-parallel, one exchange of this rank's
-    branch (vision and sound velocities in one buffer) with the other branch's rank."""
+    branch (the velocities of every modality in one buffer) with the other branch's rank."""
     if mesh is None or mesh.layout.cfg == 1:
         return predictions
     (mine,) = predictions
-    parts = [mine.vision] + ([] if mine.sound is None else [mine.sound])
+    names = [name for name in ("vision", "sound", "action") if getattr(mine, name) is not None]
+    parts = [getattr(mine, name) for name in names]
     flat = torch.cat([p.float().flatten() for p in parts])  # one exchange a step
     gathered = []
     for buffer in mesh.gather_branches(flat):
         pieces = buffer.split([p.numel() for p in parts])
         shaped = [piece.view(p.shape).to(p.dtype) for piece, p in zip(pieces, parts)]
-        gathered.append(GeneratorPrediction(vision=shaped[0], sound=shaped[1] if len(shaped) > 1 else None))
+        gathered.append(GeneratorPrediction(**dict(zip(names, shaped))))
     return gathered
 
 

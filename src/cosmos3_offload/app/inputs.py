@@ -23,8 +23,12 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
 from ..loading.file_kinds import open_regular
-from ..model.geometry import frames_to_encode
+from ..model.actions import ACTION_WIDTHS
+from ..model.geometry import SPATIAL_COMPRESSION, frames_to_encode
+from ..request.spec import RequestSpec
 from ..units import format_bytes
+from .action_files import read_actions
+from .action_input import ActionInput
 
 MAX_INPUT_PIXELS = 8192 * 8192  # per image or clip frame; every tier is resized down from this
 # Longest side over shortest, per image or clip frame: a 32:9 screen or a 6:1 panorama, not a strip.
@@ -106,17 +110,42 @@ def read_video(path: Path, frames: int) -> list[Image.Image]:
     return kept
 
 
+def input_frame_size(kind: str, path: Path, stride: int = SPATIAL_COMPRESSION) -> tuple[int, int]:
+    """(height, width) of an image's or a clip's frames, floored to the VAE's `stride` as diffusers' video
+    processor floors them; read from the header (a clip: its first frame), bounded like the reads."""
+    if kind == "image":
+        _check_file("image", path)
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            raise InputError(f"image {str(path)!r} cannot be read as an image") from None
+        _check_pixels("image", path, width, height)
+    else:
+        width, height = read_video(path, 1)[0].size
+    return max(height // stride * stride, stride), max(width // stride * stride, stride)
+
+
 @dataclass(frozen=True)
 class Conditioning:
-    """What conditions a generation: one image (latent frame 0) or a clip (latent frames `indexes`)."""
+    """What conditions a generation: one image (latent frame 0) or a clip (latent frames `indexes`), or
+    an action run's inputs (its clip and action rows: see action_input.py)."""
 
     image: Image.Image | None
     video: list[Image.Image] | None
     indexes: tuple[int, ...]
+    action: ActionInput | None = None
 
 
-def read_conditioning(image: Path | None, video: Path | None, condition_frames: tuple[int, ...]) -> Conditioning | None:
+def read_conditioning(request: RequestSpec) -> Conditioning | None:
     """Read the request's conditioning files (before anything is loaded); None for text-only."""
+    if request.action is not None:
+        return Conditioning(None, None, (), read_action(request))
+    return read_frames(request.image, request.video, request.condition_frames)
+
+
+def read_frames(image: Path | None, video: Path | None, condition_frames: tuple[int, ...]) -> Conditioning | None:
+    """An image (latent frame 0) or the frames of a clip that condition the latent frames `condition_frames`."""
     if image is not None:
         return Conditioning(read_image(image), None, (0,))
     if video is not None:
@@ -124,6 +153,27 @@ def read_conditioning(image: Path | None, video: Path | None, condition_frames: 
         needed = frames_to_encode(image=False, video=True, condition_frames=indexes)
         return Conditioning(None, read_video(video, needed), indexes)
     return None
+
+
+def read_action(request: RequestSpec) -> ActionInput:
+    """An action run's clip (the frames its mode encodes: the first, or chunk + 1 for inverse dynamics)
+    and action rows, read and checked."""
+    if request.video is not None:
+        clip = read_video(request.video, request.frames if request.action == "inverse_dynamics" else 1)
+    else:
+        clip = [read_image(request.image)]
+    rows = None
+    if request.actions is not None:
+        rows = read_actions(request.actions, ACTION_WIDTHS[request.domain], request.domain)
+    return ActionInput(
+        mode=request.action,
+        domain=request.domain,
+        chunk=request.chunk_size,
+        tier=request.resolution,
+        view=request.view,
+        clip=clip,
+        raw_actions=rows,
+    )
 
 
 def read_text_file(kind: str, path: Path, max_bytes: int) -> str:

@@ -28,10 +28,12 @@ import secrets
 import stat
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import InputError
+from .action_files import actions_json
 from .video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, encode_frames
 
 PARTIAL_MARK = ".partial"
@@ -177,18 +179,54 @@ class OutputLock:
         self.fd = None
 
 
-def write_output(frames: np.ndarray, path: Path, fps: float, sound: tuple[np.ndarray, int] | None = None) -> None:
-    """Write `frames` (and the audio track `sound`: waveform, sample rate) to `path` (through a symlink to
-    its target) whole or not at all: OutputFailed when not."""
+class ActionRows(NamedTuple):
+    """An action run's predicted actions [chunk, width] to write beside its video: NAME.actions.npy and
+    NAME.actions.json for the output NAME.mp4, or the files `paths` names (a sample's folder)."""
+
+    values: np.ndarray
+    mode: str
+    domain: str
+    paths: tuple[Path, Path] | None = None
+
+    def files(self, output: Path) -> tuple[Path, Path]:
+        """(the .npy, the .json) for `output`."""
+        if self.paths is not None:
+            return self.paths
+        return output.parent / f"{output.stem}.actions.npy", output.parent / f"{output.stem}.actions.json"
+
+
+def write_output(
+    frames: np.ndarray,
+    path: Path,
+    fps: float,
+    sound: tuple[np.ndarray, int] | None = None,
+    actions: ActionRows | None = None,
+) -> None:
+    """Write `frames` (and the audio track `sound`: waveform, sample rate; the predicted `actions` beside it)
+    to `path` (through a symlink to its target) whole or not at all: OutputFailed when not. Every file is
+    written in full under a temporary name first, so a failure leaves none of them changed."""
     target = resolve_target(path)
     temporary = _temporary_path(target)
+    # The actions' temporary files take the video's temporary form, so a killed run's are cleared with its.
+    finished = [] if actions is None else [(_temporary_path(target), file) for file in actions.files(path)]
     try:
+        if actions is not None:
+            (npy, _), (text, _) = finished
+            with open(npy, "wb") as file:
+                np.save(file, actions.values.astype(np.float32), allow_pickle=False)
+            text.write_text(actions_json(actions.values, mode=actions.mode, domain=actions.domain))
+            for written, _ in finished:
+                _flush_to_disk(written)
         _write_temporary(frames, temporary, target, fps, sound)
+        for written, file in finished:
+            os.replace(written, file)
         os.replace(temporary, target)
     except OSError as error:
         raise OutputFailed(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
+        for written, _ in finished:
+            written.unlink(missing_ok=True)
     _flush_to_disk(target.parent, required=False)  # the rename itself
 
 

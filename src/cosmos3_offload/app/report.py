@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..kernels.choice import EAGER, Kernels
@@ -18,6 +19,7 @@ from ..loading.components import Components
 from ..planning.parallel import SINGLE, ParallelLayout
 from ..stepcache.seacache import SeaCache
 from .config import GenerationConfig
+from .outputs import ActionRows
 from .timer import PhaseTimer
 
 
@@ -33,13 +35,38 @@ class RunReport:
     step_cache: SeaCache | None = None
     kernels: Kernels = EAGER
     layout: ParallelLayout = SINGLE
+    actions: np.ndarray | None = None  # an action run's predicted actions [chunk, width]
+    shape: tuple[int, int, int] | None = None  # (frames, height, width) written
 
     def summary(self) -> str:
         c = self.config
-        lines = [
+        if c.action is not None:
+            return "\n".join([self._action_line(), *self._details()])
+        return "\n".join([self._video_line(), *self._details()])
+
+    def _action_line(self) -> str:
+        c = self.config
+        frames, height, width = self.shape
+        predicted = ""
+        if self.actions is not None:
+            rows, numbers = self.actions.shape
+            npy, text = (shown_path(p) for p in ActionRows(self.actions, c.action, c.domain).files(c.output))
+            predicted = f"; {rows} predicted actions of {numbers} numbers in {npy} and {text}"
+        return (
+            f"wrote {shown_path(c.output)} ({c.action}, {c.domain}, chunk {c.chunk_size}: {frames} frames, "
+            f"{width}x{height}, {c.steps} steps, guidance {c.guidance:g}, seed {c.seed}{predicted})"
+        )
+
+    def _video_line(self) -> str:
+        c = self.config
+        return (
             f"wrote {shown_path(c.output)} ({c.frames} frame{'s' if c.frames > 1 else ''}, {c.width}x{c.height}, "
             f"{c.steps} steps, guidance {c.guidance:g}, shift {c.flow_shift:g}, seed {c.seed}"
-            f"{', with sound' if c.sound else ''})",
+            f"{', with sound' if c.sound else ''})"
+        )
+
+    def _details(self) -> list[str]:
+        lines = [
             f"model: {shown_path(self.components.source)} on {self.device} in {str(self.dtype).removeprefix('torch.')}",
         ]
         if self.components.random_weights:
@@ -55,7 +82,7 @@ class RunReport:
             lines.append(self.step_cache.summary())
         lines.append(self.components.engine.summary())
         lines.append(self.timer.summary())
-        return "\n".join(lines)
+        return lines
 
 
 def shown_path(path: str | os.PathLike) -> str:

@@ -31,7 +31,7 @@ from ..kernels.choice import EAGER, Kernels
 from ..kernels.probe import DIFFUSERS, choose_attention, kernel_rates
 from ..loading.components import Components, load_components, model_configs
 from ..loading.files import check_checkpoint
-from ..loading.layout import default_negative_prompt, has_sound_tokenizer, pipeline_options, sound_config
+from ..loading.layout import default_negative_prompt
 from ..loading.mapped_reasoner import check_mapped_reasoner
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..model.groups import GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
@@ -42,6 +42,8 @@ from ..planning.parallel import SINGLE, ParallelLayout
 from ..planning.plan import Plan
 from ..stepcache.seacache import SeaCache, seacache_config
 from ..vae.decode import NonFinitePixels
+from ..vae.encode import action_pixels, conditioned_noise
+from .action_input import ActionGeometry, ActionInput, action_geometry, action_latent_shape, initial_action_latents
 from .config import (
     DEFAULT_KERNELS,
     GenerationConfig,
@@ -56,6 +58,7 @@ from .doors import Fp8Steps, Generated, GeneratedVideo, GenerationHooks, PlacedP
 from .feasibility import check_fits
 from .finite import SOUND_BROKEN, VAE_BROKEN, check_finite, not_finite
 from .generate import (
+    ActionTokens,
     Latents,
     PromptTemplates,
     Sampling,
@@ -72,7 +75,8 @@ from .generate import (
     prepare_branches,
 )
 from .inputs import Conditioning, read_conditioning
-from .outputs import OutputLock, write_output
+from .model_checks import check_action_heads, check_distilled, check_sound
+from .outputs import ActionRows, OutputLock, write_output
 from .report import RunReport
 from .schedule import request_scheduler
 from .timer import PhaseTimer
@@ -109,6 +113,7 @@ def run(
         plan=plan,
         model=model,
         sound=config.sound,
+        actions=config.action is not None,
         fp8=fp8,
         kernel_options=kernels,
     )
@@ -116,7 +121,7 @@ def run(
     config = loaded.check(config, budgeted=budgeted, layout=layout)
     check_output_spares_checkpoint(config.output, loaded.checkpoint)
     # Read before the load: a conditioning file that cannot be used costs nothing.
-    conditioning = read_conditioning(config.image, config.video, config.condition_frames)
+    conditioning = read_conditioning(config)
     mesh = start_mesh(layout, loaded.device)
     try:
         leader = mesh is None or mesh.leader
@@ -143,6 +148,7 @@ class LoadedModel:
     plan: Plan
     model: str
     sound: bool = False
+    actions: bool = False
     fp8: Fp8Options = NO_FP8_FLAGS
     kernel_options: KernelOptions = DEFAULT_KERNELS
     components: Components | None = None
@@ -159,10 +165,12 @@ class LoadedModel:
         plan: Plan | None = None,
         model: str = "tiny",
         sound: bool = False,
+        actions: bool = False,
         fp8: Fp8Options = NO_FP8_FLAGS,
         kernel_options: KernelOptions = DEFAULT_KERNELS,
     ) -> LoadedModel:
-        """`sound` loads the sound tokenizer too, for requests with sound; `fp8`: the FP8 flags;
+        """`sound` loads the sound tokenizer too, for requests with sound; `actions` the action heads, for
+        action runs (refused for a model without them); `fp8`: the FP8 flags;
         `kernel_options`: the attention and compile choices (a named attention is checked here)."""
         torch_device = rank_device(resolve_device(device))
         torch_dtype = resolve_dtype(dtype, torch_device)
@@ -174,18 +182,25 @@ class LoadedModel:
             model_spec(model)
         check_mapped_reasoner(plan, has_files=checkpoint is not None, rewrites_weights=fp8.quantize is not None)
         kernel_options.check_available(torch_device, torch_dtype)
-        return cls(checkpoint, torch_device, torch_dtype, plan, model, sound, fp8, kernel_options)
+        if actions:
+            check_action_heads(checkpoint, model)
+        return cls(checkpoint, torch_device, torch_dtype, plan, model, sound, actions, fp8, kernel_options)
 
     def check(
         self, config: GenerationConfig, *, budgeted: bool = False, layout: ParallelLayout = SINGLE
     ) -> GenerationConfig:
         """The request as this model runs it, or an InputError before anything loads: sound without a
         sound branch, a request that does not fit this machine (unless a budget's planner chose the
-        plan). Without a negative prompt it gets the checkpoint's default (see loading/layout.py)."""
+        plan). Without a negative prompt a video gets the checkpoint's default (see loading/layout.py), an action
+        run none (diffusers' empty one)."""
         check_sound(config, self.checkpoint)
         check_distilled(config, self.checkpoint)
         if config.sound and not self.sound:
             raise InputError("this model was opened without sound; open it with sound=True for requests with sound")
+        if config.action is not None:
+            check_action_heads(self.checkpoint, self.model, config.domain)
+            if not self.actions:
+                raise InputError("this model was opened without its action heads; open it with actions=True")
         if not budgeted:
             check_fits(
                 config,
@@ -197,7 +212,7 @@ class LoadedModel:
                 fp8=self.fp8,
                 layout=layout,
             )
-        if config.negative_prompt is None:
+        if config.negative_prompt is None and config.action is None:  # an action run's is empty, as in diffusers
             conditioned = config.image is not None or config.video is not None
             default = default_negative_prompt(self.checkpoint, frames=config.frames, conditioned=conditioned)
             if default is not None:
@@ -217,6 +232,7 @@ class LoadedModel:
                     self.plan,
                     random_model=self.model,
                     sound=self.sound,
+                    actions=self.actions,
                     progress=progress,
                     fp8=self.fp8,
                     host_share=self._host_share(),
@@ -254,11 +270,13 @@ class LoadedModel:
         progress: bool = True,
         on_step: Callable[[int], None] | None = None,
         on_decode_tile: Callable[[], None] | None = None,
+        action_paths: tuple[Path, Path] | None = None,
     ) -> RunReport | None:
         """Generate one request into `config.output` (the caller holds its OutputLock). Over several
         processes every rank calls this and only the leader writes and reports. `on_step(i)` is called
         after denoising step i, `on_decode_tile()` before each piece of the video decode (a server
-        reports progress there, or raises to stop the request: nothing is written)."""
+        reports progress there, or raises to stop the request: nothing is written). `action_paths`: where an action
+        run's predicted actions go, (the .npy, the .json); default NAME.actions.* beside the video."""
         components = self.load(timer)
         video = generate_video(
             config,
@@ -274,9 +292,23 @@ class LoadedModel:
         if video.frames is None:
             return None  # not the leader: it has written the video
         with timer.phase("write"):
-            write_output(video.frames, config.output, config.fps, sound=video.sound)
+            actions = None
+            if video.actions is not None:
+                actions = ActionRows(video.actions, config.action, config.domain, action_paths)
+            write_output(video.frames, config.output, config.fps, sound=video.sound, actions=actions)
         layout = SINGLE if self.mesh is None else self.mesh.layout
-        return RunReport(config, components, self.device, self.dtype, timer, video.step_cache, self.kernels, layout)
+        return RunReport(
+            config,
+            components,
+            self.device,
+            self.dtype,
+            timer,
+            video.step_cache,
+            self.kernels,
+            layout,
+            video.actions,
+            video.frames.shape[:3],
+        )
 
 
 def generate_video(
@@ -323,7 +355,8 @@ def generate_video(
     if generated.waveform is not None:
         rate = int(components.sound_tokenizer.config.sampling_rate)
         sound = Sound(generated.waveform.float().cpu().numpy(), rate)
-    return GeneratedVideo(generated.latents.vision, generated.frames, sound, generated.step_cache)
+    actions = None if generated.actions is None else generated.actions.numpy()
+    return GeneratedVideo(generated.latents.vision, generated.frames, sound, generated.step_cache, actions)
 
 
 def generate(
@@ -338,12 +371,20 @@ def generate(
     denoise with the generator alone (and the request's step cache), refuse non-finite latents, decode
     the video and the sound (refusing non-finite frames or waveform), each while its group's weights are
     on the device (and, given a `timer`, timed as a phase). `conditioning` puts clean frames into the
-    noise and keeps them clean."""
+    noise and keeps them clean; an action run's (`conditioning.action`) conditions on its clip and
+    denoises its action tokens too (see action_input.py), and gives back the predicted actions."""
     pipe, engine, mesh = placed.pipe, placed.engine, placed.mesh
+    action = None if conditioning is None else conditioning.action
     with torch.no_grad():
-        vision, sound = _starting_latents(pipe, request, hooks, engine.device)
+        geometry = None if action is None else action_geometry(pipe, action)
+        vision, sound, acts = _starting_latents(pipe, request, hooks, engine.device, action, geometry)
         indexes = () if conditioning is None else conditioning.indexes
-        if conditioning is not None and hooks.latents is None:  # given latents start as they are, as in diffusers
+        if action is not None:
+            indexes = action.clean_frames(vision.shape[2])
+            if hooks.latents is None:  # given latents start as they are, as in diffusers
+                with _phase(timer, "encode"), engine.use(VAE_ENCODER):
+                    vision = _action_conditioned(pipe, action, indexes, vision, engine.device)
+        elif conditioning is not None and hooks.latents is None:
             with _phase(timer, "encode"), engine.use(VAE_ENCODER):
                 vision = conditioned_latents(pipe, conditioning, vision, request.height, request.width, engine.device)
         sampling = Sampling()
@@ -353,7 +394,8 @@ def generate(
         if placed.fp8 is not None:
             placed.fp8.before_prefill()
         with _phase(timer, "prefill"), engine.use(REASONER):
-            branches = prepare_branches(pipe, request, vision, indexes, sound, hooks.templates)
+            packing = None if action is None else (action, ActionTokens(acts, action.clean_actions), geometry.canvas)
+            branches = prepare_branches(pipe, request, vision, indexes, sound, hooks.templates, packing)
             branches = mesh_branches(branches, mesh)
             if mesh is not None:
                 mesh.layout.check_tokens(branches[0].layout.tokens)  # with sound: its tokens too
@@ -368,7 +410,7 @@ def generate(
                 request,
                 branches,
                 memories,
-                Latents(vision, sound),
+                Latents(vision, sound, acts),
                 progress=hooks.progress,
                 layers=lambda: engine.layers(GENERATOR),
                 mlp_chunk=placed.plan.mlp_chunk,
@@ -378,30 +420,58 @@ def generate(
                 step_cache=step_cache,
                 kernels=placed.kernels,
                 mesh=mesh,
+                action=action,
             )
             del memories
         check_finite(latents, model_dtype)
         if step_cache is not None:
             step_cache = dataclasses.replace(step_cache)  # its decisions, without the residuals it held on the device
         frames, waveform = _decode(placed, latents, hooks, timer)
-    return Generated(latents, frames, waveform, step_cache)
+    actions = None
+    if action is not None and action.predicts_actions:
+        actions = latents.action[:, : action.width].float().cpu()
+    return Generated(latents, frames, waveform, step_cache, actions)
 
 
 def _starting_latents(
-    pipe: Cosmos3OmniPipeline, request: Request, hooks: GenerationHooks, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(video [1, C, T, h, w], sound [sound_dim, T'] or None) float32: the hooks' given latents, or noise drawn
-    from their generator as `prepare_latents` draws it (the video's, then the sound's)."""
+    pipe: Cosmos3OmniPipeline,
+    request: Request,
+    hooks: GenerationHooks,
+    device: torch.device,
+    action: ActionInput | None = None,
+    geometry: ActionGeometry | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(video [1, C, T, h, w], sound [sound_dim, T'] or None, actions [chunk, action_dim] or None) float32:
+    the hooks' given latents, or noise drawn from their generator as `prepare_latents` draws it (the
+    video's, then the sound's, then the actions')."""
     if hooks.latents is None:
-        shape = latent_shape(pipe, request)
+        shape = latent_shape(pipe, request) if action is None else action_latent_shape(pipe, action, geometry)
         vision = randn_tensor(shape, generator=hooks.generator, device=device, dtype=torch.float32)
     else:
         vision = hooks.latents.to(device=device, dtype=torch.float32)
-    if not request.sound:
-        return vision, None
-    if hooks.sound_latents is not None:
-        return vision, hooks.sound_latents.to(device=device, dtype=torch.float32)
-    return vision, initial_sound_noise(pipe, request, device, hooks.generator)
+    sound = None
+    if request.sound:
+        if hooks.sound_latents is not None:
+            sound = hooks.sound_latents.to(device=device, dtype=torch.float32)
+        else:
+            sound = initial_sound_noise(pipe, request, device, hooks.generator)
+    acts = None
+    if action is not None:
+        if hooks.action_latents is not None:
+            acts = hooks.action_latents.to(device=device, dtype=torch.float32)
+        else:
+            acts = initial_action_latents(pipe, action, hooks.generator, device)
+    return vision, sound, acts
+
+
+def _action_conditioned(
+    pipe: Cosmos3OmniPipeline, action: ActionInput, indexes: tuple[int, ...], vision: torch.Tensor, device
+) -> torch.Tensor:
+    """`vision` with an action run's clean latent frames put in: its clip scaled into the canvas, encoded
+    and cropped back to the content."""
+    frames = action.pixel_frames(pipe.vae.config.scale_factor_temporal)
+    pixels, image_size = action_pixels(pipe, action.clip, action.tier, frames, device)
+    return conditioned_noise(pipe, pixels, indexes, vision, image_size)
 
 
 def _decode(
@@ -438,28 +508,3 @@ def _anchor(conditioned: torch.Tensor, indexes: tuple[int, ...]) -> tuple[torch.
     mask = torch.zeros(conditioned.shape[2], 1, 1, device=conditioned.device, dtype=conditioned.dtype)
     mask[list(indexes)] = 1.0
     return mask, conditioned.clone()
-
-
-def check_distilled(config: GenerationConfig, checkpoint: Path | None) -> None:
-    """A distilled checkpoint's step count is its schedule's and its guidance is baked in (scale 1)."""
-    sigmas = pipeline_options(checkpoint).distilled_sigmas
-    if sigmas is not None and (config.steps != len(sigmas) or config.guidance != 1.0):
-        raise InputError(
-            f"checkpoint {str(checkpoint)!r} is distilled: it samples in exactly {len(sigmas)} steps with guidance "
-            f"baked in; use --steps {len(sigmas)} --guidance 1, or leave both out"
-        )
-
-
-def check_sound(config: GenerationConfig, checkpoint: Path | None) -> None:
-    """Sound needs a checkpoint with a sound tokenizer whose transformer was trained with sound."""
-    if not config.sound:
-        return
-    if not has_sound_tokenizer(checkpoint):
-        where = "the embedded model" if checkpoint is None else f"checkpoint {str(checkpoint)!r}"
-        raise InputError(f"--sound needs a checkpoint with a sound_tokenizer/ folder, and {where} has none")
-    sound_config(checkpoint)  # builds, with a usable sampling rate
-    transformer_config, _ = model_configs(checkpoint)
-    if not transformer_config.get("sound_gen", False):
-        raise InputError(
-            f"--sound: the transformer of {str(checkpoint)!r} was not trained with sound (sound_gen is off)"
-        )

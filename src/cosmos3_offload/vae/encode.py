@@ -40,11 +40,30 @@ def condition_pixels(
     return clip.to(device)
 
 
+def action_pixels(
+    pipe: Cosmos3OmniPipeline, clip, tier: int, frames: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([1, 3, frames, H, W] in [-1, 1], [canvas h, w, content h, w]): an action run's first `frames`
+    conditioning frames (the last repeated when the clip is short) scaled down into the content size and
+    padded to the tier's canvas, by the pipeline's own helper."""
+    pixels, image_size, _, _ = pipe._prepare_action_video_conditioning(
+        clip, tier, frames, device=device, dtype=torch.float32
+    )
+    return pixels, image_size
+
+
 def conditioned_noise(
-    pipe: Cosmos3OmniPipeline, pixels: torch.Tensor, indexes: tuple[int, ...], noise: torch.Tensor
+    pipe: Cosmos3OmniPipeline,
+    pixels: torch.Tensor,
+    indexes: tuple[int, ...],
+    noise: torch.Tensor,
+    image_size: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`prepare_latents`' mix: clean latents at `indexes`, noise elsewhere. noise: [1, C, T, h, w]."""
+    """`prepare_latents`' mix: clean latents at `indexes`, noise elsewhere. noise: [1, C, T, h, w].
+    `image_size` (an action run's): the latents are cropped from the canvas to the content first."""
     encoded = pipe._encode_video(pixels.to(torch.float32)).float()  # [1, C, len, h, w]
+    if image_size is not None:
+        encoded = pipe._remove_action_video_padding_from_latent(encoded, image_size)
     clean = torch.zeros_like(noise)
     clean[:, :, : encoded.shape[2]] = encoded
     mask = torch.zeros(noise.shape[2], 1, 1, device=noise.device, dtype=noise.dtype)
