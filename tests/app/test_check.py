@@ -260,8 +260,9 @@ def test_published_folder_passes_and_is_described(ckpt, tmp_path, capsys, monkey
     assert (code, lines) == (0, [])
     assert "every check passed" in out
     assert "model: tiny size (hidden 64, 2 layers" in out
-    assert "sound (sound_dim 8; decoded by sound_tokenizer/" in out and "action (action_dim 6; never loaded" in out
-    assert "transformer 6 file(s): fp32" in out and "sound_tokenizer 1 file(s): fp32" in out
+    assert "sound (sound_dim 8; decoded by sound_tokenizer/" in out
+    assert "action (action_dim 32; loaded with the generator for --action" in out and "14 domains fit" in out
+    assert "transformer 7 file(s): fp32" in out and "sound_tokenizer 1 file(s): fp32" in out
     groups = out.split("groups, as loaded (bf16): ")[1].splitlines()[0]
     for group in ("embedding", "reasoner", "generator", "vae", "vae_encoder", "sound", "never read:"):
         assert re.search(rf"(^| ){group} \d", groups), groups

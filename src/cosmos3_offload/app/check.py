@@ -32,15 +32,16 @@ from ..loading.files import dtype_name, read_json
 from ..loading.layout import SOUND_TOKENIZER, default_negative_prompt, pipeline_options
 from ..loading.quantization import describe_quantization
 from ..loading.sizes import model_sizes
+from ..model.actions import ACTION_WIDTHS
 from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, UNUSED, VAE, VAE_ENCODER
-from ..model.specs import MODEL_SPECS
+from ..model.specs import MODEL_SPECS, model_spec
 from ..offload.materialize import build_on_meta, group_layouts, keep_fp32_dtype
 from ..planning.memory import weight_bytes
 from ..planning.plan import Plan
 from ..planning.request import DeviceProfile, Request
 from ..planning.search import choose_plan, least_budget, predict
 from ..planning.sizes import ModelSizes
-from ..request.spec import RequestSpec, request_defaults
+from ..request.spec import DEFAULT_FRAMES, RequestSpec, request_defaults
 from ..units import format_budget, format_bytes
 from .feasibility import device_free_bytes, host_available_bytes
 from .planned_request import request_of
@@ -95,7 +96,7 @@ def _run_problems(path: Path) -> list[str]:
     scheduler config they sample with), the default negative prompts of a video with and without
     conditioning, and the tokenizer."""
     problems = []
-    frames = request_defaults()["frames"]  # a video: the requests that get a default negative prompt
+    frames = DEFAULT_FRAMES  # a video: the requests that get a default negative prompt
     checks = [
         functools.partial(pipeline_options, path),
         *(
@@ -164,8 +165,20 @@ def _heads(path: Path, config: dict) -> str:
         )
         sound = f"sound (sound_dim {config.get('sound_dim')}; {decoder})"
     if config.get("action_gen"):
-        action = f"action (action_dim {config.get('action_dim')}; never loaded: this tool generates video and sound)"
+        dim = config.get("action_dim", 0)
+        domains = sum(1 for width in ACTION_WIDTHS.values() if width <= dim)
+        action = (
+            f"action (action_dim {dim}; loaded with the generator for --action forward_dynamics, inverse_dynamics "
+            f"or policy, {format_bytes(_head_bytes(config))}; {domains} domains fit, each action adds one token)"
+        )
     return f"{sound}, {action}"
+
+
+def _head_bytes(config: dict) -> int:
+    """Bytes (bf16) the action heads add to the generator when an action run loads them."""
+    vae = model_spec("tiny").vae  # the heads' bytes do not depend on the VAE
+    with_heads, without = (model_sizes(config, vae, dtype_bytes=2, actions=on) for on in (True, False))
+    return with_heads.towers[GENERATOR].whole.packed - without.towers[GENERATOR].whole.packed
 
 
 def _stored(part: str, weights) -> str:

@@ -68,6 +68,7 @@ def check_fits(
         dtype_bytes=4 if dtype == torch.float32 else 2,
         sound_config=sound,
         quantization=quantization_for(checkpoint, transformer_config, fp8),
+        actions=config.action is not None,
     )
     request = request_of(config, sound, layout)
     peak = predict(plan, sizes, request, DeviceProfile()).peak

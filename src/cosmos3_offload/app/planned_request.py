@@ -27,15 +27,18 @@ def planner_request(
     cache: str = "none",
     cache_threshold: float | None = None,
     layout: ParallelLayout = SINGLE,
+    action_tokens: int = 0,
 ) -> Request:
     """A request of `frames` x `height` x `width` (with both CFG branches when `guidance`), on one GPU of
-    `layout`; `sound`: the sound tokenizer's config when the request makes a sound track."""
+    `layout`; `sound`: the sound tokenizer's config when the request makes a sound track; `action_tokens`:
+    an action run's chunk, which joins the generator's tokens."""
     return Request.for_video(
         frames,
         height,
         width,
         guidance=guidance,
         steps=steps,
+        action_tokens=action_tokens,
         encode_frames=encode_frames,
         sound_samples=0 if sound is None else sound_samples(sound, frames, fps),
         cached_hiddens=cached_hiddens(cache, cache_threshold),
@@ -44,10 +47,14 @@ def planner_request(
 
 
 def request_of(request: RequestSpec, sound: dict | None = None, layout: ParallelLayout = SINGLE) -> Request:
-    """The planner's view of a declared request (its image or video is encoded first)."""
+    """The planner's view of a declared request (its image or video is encoded first). An action run is
+    planned at its canvas (the input is scaled into it, and the video is at most that size) with its chunk's
+    action tokens; its clip is encoded whole in inverse dynamics, else its first frame."""
     encode = frames_to_encode(
         image=request.image is not None, video=request.video is not None, condition_frames=request.condition_frames
     )
+    if request.action is not None:
+        encode = request.frames if request.action == "inverse_dynamics" else 1
     return planner_request(
         frames=request.frames,
         height=request.height,
@@ -60,6 +67,7 @@ def request_of(request: RequestSpec, sound: dict | None = None, layout: Parallel
         cache=request.cache,
         cache_threshold=request.cache_threshold,
         layout=layout,
+        action_tokens=0 if request.action is None else request.chunk_size,
     )
 
 

@@ -58,10 +58,19 @@ class Request:
 
     @classmethod
     def for_video(
-        cls, frames: int, height: int, width: int, *, guidance: bool = True, steps: int = 35, **kw
+        cls,
+        frames: int,
+        height: int,
+        width: int,
+        *,
+        guidance: bool = True,
+        steps: int = 35,
+        action_tokens: int = 0,
+        **kw,
     ) -> Request:
+        """A video of `frames` x `height` x `width` (and `action_tokens` more tokens: an action run's chunk)."""
         return cls(
-            tokens=generator_tokens(frames, height, width),
+            tokens=generator_tokens(frames, height, width) + action_tokens,
             branches=2 if guidance else 1,  # with guidance: the conditional and the unconditional branch
             frames=frames,
             height=height,
