@@ -92,7 +92,7 @@ def test_bad_samples_are_refused_before_loading_and_the_others_run(capsys, tmp_p
     assert len(lines) == 4
     assert "(frames): refused: frame count must be 1 or 4k+1, got 8" in lines[0]
     assert "unknown field 'num_frame'; did you mean 'num_frames'?" in lines[1]
-    assert "model_mode 'policy': action modes" in lines[2]
+    assert "model_mode 'policy' needs domain_name, the embodiment" in lines[2]
     assert "has no prompt" in lines[3]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["good"]
     assert "samples: 1 written, 0 failed, 4 refused" in out

@@ -3,15 +3,12 @@
 The field names are cosmos-framework's (docs/inference.md, "Sample Arguments";
 cosmos_framework/inference/args.py): a `.json` file holds one sample (or, here, a list of them),
 a `.jsonl` file one per line; paths are relative to the file; a sample without a `name` is named
-for its file (`t2v`), or its file and index in a list or `.jsonl` file (`batch_0`). A field
-cosmos-framework documents but this tool does not run (action, transfer, reasoner, upsampling,
-audio conditioning...) refuses its sample with the reason; an unknown field (a typo) is refused
-too, never ignored. Nothing here loads a model: a sample is read into the `GenerationConfig`
+for its file (`t2v`), or its file and index in a list or `.jsonl` file (`batch_0`). The action modes
+(`forward_dynamics`, `inverse_dynamics`, `wam` = `policy`) take cosmos-framework's action fields (see
+`_action_fields`). A field cosmos-framework documents but this tool does not run (transfer, reasoner,
+upsampling, audio conditioning...) refuses its sample with the reason; an unknown field (a typo) is
+refused too, never ignored. Nothing here loads a model: a sample is read into the `GenerationConfig`
 keywords it sets, and every problem is an InputError naming the field.
-
-A sample file and a `prompt_path` are read only when they are regular files of bounded size (a FIFO
-or `/dev/zero` is refused unopened); JSON nested past MAX_JSON_DEPTH or holding a number of more
-than MAX_NUMBER_DIGITS digits is refused in one line, never a RecursionError or a ValueError.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..model.actions import ACTION_MODES, ACTION_TIERS, ACTION_WIDTHS, MODE_ALIASES, canonical_mode
 from ..request.checks import FieldError, shown
 from ..request.spec import FIELDS_BY_NAME, door_fields, named_at
 from ..units import MIB
@@ -34,18 +32,30 @@ from .inputs import read_text_file
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4",)
 MODEL_MODES = ("text2image", "text2video", "image2video", "video2video")
+ACTION_MODEL_MODES = (*ACTION_MODES, *MODE_ALIASES)  # `wam` is cosmos-framework's name of `policy`
 # Sample fields read one by one below; every other request field a sample file takes is read as it is,
 # under the name the request declares for sample files (request/spec.py).
-READ_BELOW = ("prompt", "negative_prompt", "resolution", "vision_path", "condition_frame_indexes_vision")
+READ_BELOW = (
+    *("prompt", "negative_prompt", "resolution", "vision_path", "condition_frame_indexes_vision"),
+    *("model_mode", "action_path"),
+)
 RENAMED = {alias: name for name, alias in door_fields("sample").items() if alias not in READ_BELOW}
-SUPPORTED = {*door_fields("sample").values(), "name", "model_mode", "prompt_path", "condition_video_keep"}
-_ACTION = "action modes (forward/inverse dynamics, policy) are not supported"
+# cosmos-framework's action fields that are no request field: `image_size` is its action tier (its
+# inference passes it as the resolution) and `raw_action_dim` the domain's width, a cross-check.
+ACTION_CHECKS = ("image_size", "raw_action_dim")
+SUPPORTED = {*door_fields("sample").values(), "name", "prompt_path", "condition_video_keep", *ACTION_CHECKS}
+ACTION_ONLY = (*(door_fields("sample")[name] for name in ("domain", "chunk_size", "actions", "view")), *ACTION_CHECKS)
+# What an action run's rules fix, and why a sample may not set it (the spec allows only the one they fix).
+NOT_WITH_ACTION = {
+    "num_frames": "action_chunk_size fixes the video at chunk + 1 frames",
+    "aspect_ratio": "the vision_path's shape picks the canvas",
+    "condition_frame_indexes_vision": "the mode picks the clean frames",
+}
 _TRANSFER = "transfer (control hints) is not supported"
 _REASONER = "reasoner mode is not supported"
 _UPSAMPLING = "prompt upsampling is not supported; pass an upsampled prompt as `prompt`"
 # Fields cosmos-framework documents that this tool does not run, by reason: refused unless null (or NEUTRAL).
 _UNSUPPORTED_BY_REASON = {
-    _ACTION: ("action_path", "domain_name", "image_size", "action_chunk_size", "raw_action_dim", "view_point"),
     _TRANSFER: (
         *("control_guidance", "control_guidance_interval", "edge", "blur", "depth", "seg", "wsm"),
         *("negative_prompt_file", "num_video_frames_per_chunk", "num_conditional_frames", "max_frames"),
@@ -80,9 +90,6 @@ NEUTRAL = {"prompt_upsampling": False, "num_outputs": 1, "condition_video_keep":
 UNSUPPORTED_MODES = {
     "image2image": "image editing is not supported",
     "audio_image2video": "audio conditioning is not supported",
-    "forward_dynamics": _ACTION,
-    "inverse_dynamics": _ACTION,
-    "policy": _ACTION,
     "reasoner": _REASONER,
 }
 _NAME = re.compile(r"\w[\w.+-]{0,127}")  # one path component: no separator, no leading dot, not too long
@@ -260,13 +267,24 @@ def sample_fields(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     if "negative_prompt" in values:
         fields["negative_prompt"] = _text("negative_prompt", values["negative_prompt"])
     if "resolution" in values:
-        resolution = values["resolution"]
-        fields["resolution"] = int(resolution) if isinstance(resolution, str) and resolution.isdecimal() else resolution
+        fields["resolution"] = _number_as_given(values["resolution"])
     if values.get("condition_video_keep", "first") != "first":
         raise InputError("condition_video_keep: only 'first' is supported (the clip's first frames condition)")
     fields |= _vision(values, folder)
-    _check_mode(values.get("model_mode"), fields)
+    mode = values.get("model_mode")
+    if mode in ACTION_MODEL_MODES:
+        return fields | _action_fields(mode, values, fields, folder)
+    _check_mode(mode, fields)
+    given = [key for key in ACTION_ONLY if key in values]
+    if given:
+        modes = ", ".join(ACTION_MODEL_MODES)
+        raise InputError(f"{given[0]} goes with an action model_mode ({modes}); set model_mode or drop {given[0]}")
     return fields
+
+
+def _number_as_given(value: Any) -> Any:
+    """A number cosmos-framework also takes as text ("480"); anything else as given, for the check to refuse."""
+    return int(value) if isinstance(value, str) and value.isdecimal() else value
 
 
 def _checked(name: str, value: Any) -> Any:
@@ -295,36 +313,41 @@ def _vision(values: dict[str, Any], folder: Path) -> dict[str, Any]:
         raise InputError(
             f"condition_frame_indexes_vision must be a non-empty list of latent frames, got {shown(indexes)}"
         )
-    path = values.get("vision_path")
-    if path is None:
+    if values.get("vision_path") is None:
         if indexes is not None:
             raise InputError("condition_frame_indexes_vision needs a vision_path video")
         return {}
-    if not isinstance(path, str) or not path:
-        raise InputError(f"vision_path must be a file path, got {shown(path)}")
-    if "://" in path:
-        raise InputError(f"vision_path {path!r} is a URL; download it and give the local file")
-    suffix = Path(path).suffix.lower()
+    path = _local_file("vision_path", values["vision_path"], folder)
+    suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         if indexes is not None and indexes != [0]:
             raise InputError("an image vision_path conditions latent frame 0 only; drop condition_frame_indexes_vision")
-        return {"image": folder / path, "video": None}
+        return {"image": path, "video": None}
     if suffix in VIDEO_SUFFIXES:
-        return {"video": folder / path, "image": None} | (
-            {} if indexes is None else {"condition_frames": tuple(indexes)}
-        )
+        return {"video": path, "image": None} | ({} if indexes is None else {"condition_frames": tuple(indexes)})
     accepted = ", ".join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
-    raise InputError(f"vision_path {path!r} is neither an image nor a video by its suffix ({accepted})")
+    raise InputError(
+        f"vision_path {values['vision_path']!r} is neither an image nor a video by its suffix ({accepted})"
+    )
+
+
+def _local_file(key: str, value: Any, folder: Path) -> Path:
+    """A path field (`vision_path`, `action_path`) relative to the sample file's folder; a URL is refused."""
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{key} must be a file path, got {shown(value)}")
+    if "://" in value:
+        raise InputError(f"{key} {value!r} is a URL; download it and give the local file")
+    return folder / value
 
 
 def _check_mode(mode: Any, fields: dict[str, Any]) -> None:
     """A model_mode must agree with the sample's own fields; text2image defaults num_frames to 1."""
     if mode is None:
         return
-    if mode in UNSUPPORTED_MODES:
+    if isinstance(mode, str) and mode in UNSUPPORTED_MODES:
         raise InputError(f"model_mode {mode!r}: {UNSUPPORTED_MODES[mode]}")
     if mode not in MODEL_MODES:
-        raise InputError(f"unknown model_mode {shown(mode)}; choose one of {', '.join(MODEL_MODES)}")
+        raise InputError(f"model_mode must be one of {', '.join(MODEL_MODES + ACTION_MODEL_MODES)}, got {shown(mode)}")
     wants = {"image2video": "image", "video2video": "video"}.get(mode)
     has = "image" if fields.get("image") else "video" if fields.get("video") else None
     if has != wants:
@@ -335,3 +358,59 @@ def _check_mode(mode: Any, fields: dict[str, Any]) -> None:
             raise InputError("model_mode 'text2image' makes one frame; drop num_frames or use text2video")
     elif fields.get("frames") == 1:
         raise InputError(f"model_mode {mode!r} makes a video; num_frames 1 is text2image")
+
+
+def _action_fields(mode: str, values: dict[str, Any], fields: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """An action sample's request fields: its mode (`wam` is `policy`), its action rows and action tier, each
+    checked against the sample's own fields and refused in the file's words (the request checks them again)."""
+    action = canonical_mode(mode)
+    for key, why in NOT_WITH_ACTION.items():
+        if key in values:
+            raise InputError(f"{key} does not go with model_mode {mode!r}: {why}; drop {key}")
+    domain, known = fields.get("domain"), ", ".join(ACTION_WIDTHS)
+    if domain is None:
+        raise InputError(f"model_mode {mode!r} needs domain_name, the embodiment: one of {known}")
+    if domain not in ACTION_WIDTHS:
+        raise InputError(
+            f"domain_name {domain!r} has no fixed action width, so no action mode runs it; use one of {known}"
+        )
+    width = ACTION_WIDTHS[domain]
+    if "raw_action_dim" in values and (type(values["raw_action_dim"]) is not int or values["raw_action_dim"] != width):
+        raise InputError(
+            f"raw_action_dim {shown(values['raw_action_dim'])} does not match domain_name {domain!r}, whose actions "
+            f"have {width} numbers; drop raw_action_dim (the domain fixes it)"
+        )
+    vision = "image" if fields.get("image") else "video" if fields.get("video") else None
+    if action == "inverse_dynamics" and vision != "video":
+        raise InputError(f"model_mode {mode!r} infers the actions of a clip: vision_path must be a video (.mp4)")
+    if vision is None:
+        raise InputError(
+            f"model_mode {mode!r} starts from a frame: set vision_path (an image, or a video's first frame)"
+        )
+    if action == "forward_dynamics" and "action_path" not in values:
+        raise InputError(
+            f"model_mode {mode!r} rolls the video out of given actions: set action_path (.npy, .json, .csv)"
+        )
+    if action != "forward_dynamics" and "action_path" in values:
+        raise InputError(
+            f"action_path drives forward_dynamics; model_mode {mode!r} predicts the actions: drop action_path"
+        )
+    action_fields: dict[str, Any] = {"action": action} | _action_tier(mode, values)
+    if "action_path" in values:
+        action_fields["actions"] = _local_file("action_path", values["action_path"], folder)
+    return action_fields
+
+
+def _action_tier(mode: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The action tier an action sample sets: `resolution`, or cosmos-framework's `image_size` (its inference
+    passes that as the action resolution), one of ACTION_TIERS; both given must agree."""
+    tiers = {key: _number_as_given(values[key]) for key in ("resolution", "image_size") if key in values}
+    for key, tier in tiers.items():
+        if type(tier) is not int or tier not in ACTION_TIERS:
+            choices = ", ".join(map(str, ACTION_TIERS))
+            raise InputError(f"{key} {shown(tier)} is no action tier; with model_mode {mode!r} use one of {choices}")
+    if len(set(tiers.values())) > 1:
+        raise InputError(
+            f"resolution {tiers['resolution']} and image_size {tiers['image_size']} disagree; give the tier once"
+        )
+    return {"resolution": next(iter(tiers.values()))} if tiers else {}

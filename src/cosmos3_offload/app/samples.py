@@ -5,17 +5,19 @@ Each sample's values come, by priority, from the command line's flags (the ones 
 then the defaults (as cosmos-framework's inference script takes them). For each sample written:
 
 - `vision.mp4` (or `vision.jpg` for one frame);
+- for an inverse_dynamics or policy sample, its predicted actions: `actions.npy` and `actions.json`;
 - `sample_args.json`: the resolved request (cosmos-framework's field names, with the frame size,
   the effective shift and negative prompt) and the model, device and plan that ran it;
 - `sample_outputs.json`: `status` ("success" or "failed"), `message`, the files written and each
   phase's seconds and device/host peaks.
 
 A sample refused before anything loads (a bad field, a file that is missing, a request that does
-not fit, a sound request the model cannot voice) is skipped with one line and gets no folder; one
-failing at run time (e.g. NaN latents, a full disk) keeps its records with status "failed". A sample's
-folder is made when it is about to be written (checks make it only for the moment they look at it),
-so an interrupted or refused run leaves no empty folders. No file a sample writes may be a file the
-run reads: a sample file, a prompt_path, a vision_path (or --image, --video) or the checkpoint's files.
+not fit, a sound request the model cannot voice, an action run on a model without action heads) is
+skipped with one line and gets no folder; one failing at run time (e.g. NaN latents, a full disk)
+keeps its records with status "failed". A sample's folder is made when it is about to be written
+(checks make it only for the moment they look at it), so an interrupted or refused run leaves no
+empty folders. No file a sample writes may be a file the run reads: a sample file, a prompt_path,
+a vision_path (or --image, --video), an action_path (or --actions) or the checkpoint's files.
 Exit status: 0 when every sample was written, 2 when some were refused before anything ran and the
 others written, 1 when some sample failed at run time.
 """
@@ -33,19 +35,25 @@ from typing import Any
 
 from ..errors import InputError
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
+from ..model.actions import ACTION_WIDTHS
 from ..planning.plan import Plan
 from ..request.checks import FieldError, InputFiles
-from ..request.spec import door_fields, named_at
+from ..request.spec import door_fields, named_at, request_defaults
 from ..units import format_bytes
 from .config import DEFAULT_KERNELS, GenerationConfig, KernelOptions
 from .inputs import read_conditioning
+from .model_checks import check_action_heads
 from .outputs import OutputFailed, OutputLock
-from .report import shown_path
+from .report import RunReport, shown_path
 from .runner import LoadedModel
 from .sample_files import READ_BELOW, Sample, read_samples
 from .timer import PhaseTimer
 
 ARGS_FILE, OUTPUTS_FILE = "sample_args.json", "sample_outputs.json"
+ACTIONS_NPY, ACTIONS_JSON = "actions.npy", "actions.json"  # an action sample's predicted actions
+# The defaults an action run's rules replace: its chunk fixes the frames, its input the aspect ratio, and
+# its tier has its own default (request_defaults(action=True)).
+ACTION_SHAPE = ("frames", "resolution", "aspect_ratio")
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +109,9 @@ def run_samples(
     A bad sample is reported through `warn`, one line each, and skipped; progress goes through `say`."""
     outcomes: list[Outcome] = []
     made: list[Path] = []  # folders this call created, removed again when nothing is written there
+    # An action sample's defaults: the video defaults less the shape its rules fix (as the CLI's defaults_for).
+    tiny = checkpoint is None and model.startswith("tiny")
+    action_defaults = defaults | {k: request_defaults(tiny=tiny, action=True)[k] for k in ACTION_SHAPE}
     try:
         samples = read_samples(paths)
         inputs = _files_read(samples, overrides, checkpoint)
@@ -109,16 +120,21 @@ def run_samples(
             try:
                 if sample.error is not None:
                     raise InputError(sample.error)
-                requests.append((sample, _config(sample, output_dir, defaults, overrides, inputs, made)))
+                is_action = (sample.fields | overrides).get("action") is not None
+                below = action_defaults if is_action else defaults
+                requests.append((sample, _config(sample, output_dir, below, overrides, inputs, made)))
             except InputError as error:
                 outcomes.append(_refuse(sample, str(error), warn))
         if requests:
+            actions = any(config.action is not None for _, config in requests)
             loaded = LoadedModel.open(
                 checkpoint=checkpoint, device=device, dtype=dtype, plan=plan, model=model,
                 sound=any(config.sound for _, config in requests), fp8=fp8, kernel_options=kernels,
+                actions=actions and _has_action_heads(checkpoint, model),
             )  # fmt: skip
             requests = _checked(loaded, requests, outcomes, warn)
             loaded.sound = any(config.sound for _, config in requests)  # none, when the sound samples were refused
+            loaded.actions = any(config.action is not None for _, config in requests)  # likewise the action heads
             if requests:
                 _run_all(loaded, requests, outcomes, made, progress, say, warn)
     finally:  # also on Ctrl-C while the samples are checked
@@ -150,13 +166,23 @@ def _run_all(
             raise
 
 
+def _has_action_heads(checkpoint: Path | None, model: str) -> bool:
+    """Whether the model can open with its action heads; without them each action sample is refused by
+    LoadedModel.check, one line each, and the others run (as sound samples are on a model without sound)."""
+    try:
+        check_action_heads(checkpoint, model)
+    except InputError:
+        return False
+    return True
+
+
 def _files_read(samples: list[Sample], overrides: dict[str, Any], checkpoint: Path | None) -> InputFiles:
     """Every file this run reads: no sample may write one (a sample's output may be another's vision_path)."""
     files = InputFiles()
     for sample in samples:
         for kind, path in sample.reads:
             files.add(kind, path)
-        for kind in ("image", "video"):
+        for kind in ("image", "video", "actions"):
             for path in (sample.fields.get(kind), overrides.get(kind)):
                 if path is not None:
                     files.add(kind, path)
@@ -182,7 +208,8 @@ def _config(
     assert sample.name is not None
     folder = output_dir / sample.name
     output = folder / ("vision.jpg" if values["frames"] == 1 else "vision.mp4")
-    for written in (output, folder / ARGS_FILE, folder / OUTPUTS_FILE):
+    actions = _action_files(folder) if values.get("action") is not None else ()
+    for written in (output, folder / ARGS_FILE, folder / OUTPUTS_FILE, *actions):
         inputs.refuse_output(written)
     if not output_dir.is_dir():
         _make_folder(output_dir, made)
@@ -227,7 +254,7 @@ def _checked(
         try:
             with _folder_while_checked(config.output.parent):  # check may rebuild the config, which checks it
                 config = loaded.check(config)
-            read_conditioning(config.image, config.video, config.condition_frames)  # read again when it runs
+            read_conditioning(config)  # read again when it runs
             good.append((sample, config))
         except InputError as error:
             outcomes.append(_refuse(sample, str(error), warn))
@@ -258,29 +285,45 @@ def _run_one(
     except InputError as error:
         warn(f"{step} {sample.name}: failed: {error}")
         return Outcome(sample, "failed", str(error))
+    report = None
     try:
         _write_json(folder / ARGS_FILE, sample_args(sample, config, loaded))
-        conditioning = read_conditioning(config.image, config.video, config.condition_frames)
+        conditioning = read_conditioning(config)
         with OutputLock(config.output):
-            loaded.write(config, timer, conditioning=conditioning, progress=progress)
+            report = loaded.write(
+                config, timer, conditioning=conditioning, progress=progress, action_paths=_action_files(folder)
+            )
         outcome = Outcome(sample, "success")
     except (InputError, OSError) as error:
         message = str(error) if isinstance(error, (InputError, OutputFailed)) else f"{error.strerror or error}"
         outcome = Outcome(sample, "failed", message)
     try:
-        _write_json(folder / OUTPUTS_FILE, sample_outputs(outcome, config, timer))
+        _write_json(folder / OUTPUTS_FILE, sample_outputs(outcome, config, timer, report))
     except OSError as error:
         outcome = Outcome(sample, "failed", f"{OUTPUTS_FILE} cannot be written: {error.strerror or error}")
     if outcome.status == "success":
-        c = config
-        peaks = _peaks(timer)
-        say(
-            f"{step} {sample.name}: wrote {shown_path(c.output)} ({c.frames} frame{'s' if c.frames > 1 else ''}, "
-            f"{c.width}x{c.height}, {c.steps} steps) in {sum(p.seconds for p in timer.phases):.2f}s{peaks}"
-        )
+        assert report is not None and report.shape is not None
+        seconds = sum(p.seconds for p in timer.phases)
+        say(f"{step} {sample.name}: wrote {_written(report)} in {seconds:.2f}s{_peaks(timer)}")
     else:
         warn(f"{step} {sample.name}: failed: {outcome.message}")
     return outcome
+
+
+def _action_files(folder: Path) -> tuple[Path, Path]:
+    """Where an action sample's predicted actions go: (the .npy, the .json)."""
+    return folder / ACTIONS_NPY, folder / ACTIONS_JSON
+
+
+def _written(report: RunReport) -> str:
+    """What a sample wrote, as its progress line says it: the video's shape, an action run's mode and actions."""
+    c = report.config
+    frames, height, width = report.shape
+    what = f"{frames} frame{'s' if frames > 1 else ''}, {width}x{height}, {c.steps} steps"
+    if c.action is not None:
+        what = f"{c.action}, {c.domain}, chunk {c.chunk_size}: {what}"
+    predicted = "" if report.actions is None else f" and {ACTIONS_NPY}, {ACTIONS_JSON}"
+    return f"{shown_path(c.output)} ({what}){predicted}"
 
 
 def _peaks(timer: PhaseTimer) -> str:
@@ -293,7 +336,9 @@ def _peaks(timer: PhaseTimer) -> str:
 
 
 def mode_of(config: GenerationConfig) -> str:
-    """cosmos-framework's model_mode for a request."""
+    """cosmos-framework's model_mode for a request (an action run's under its name here: `policy` for `wam`)."""
+    if config.action is not None:
+        return config.action
     if config.image is not None:
         return "image2video"
     if config.video is not None:
@@ -320,6 +365,9 @@ def sample_args(sample: Sample, config: GenerationConfig, loaded: LoadedModel) -
         "shift": config.flow_shift,
         "vision_path": None if vision is None else str(Path(vision).absolute()),
         "condition_frame_indexes_vision": indexes,
+        "action_path": None if config.actions is None else str(Path(config.actions).absolute()),
+        "raw_action_dim": ACTION_WIDTHS.get(config.domain) if config.action is not None else None,
+        "image_size": config.resolution if config.action is not None else None,  # cosmos-framework's action tier
         "output": config.output.name,
         "checkpoint": None if loaded.checkpoint is None else str(Path(loaded.checkpoint).absolute()),
         "model": None if loaded.checkpoint is not None else loaded.model,
@@ -329,12 +377,17 @@ def sample_args(sample: Sample, config: GenerationConfig, loaded: LoadedModel) -
     }
 
 
-def sample_outputs(outcome: Outcome, config: GenerationConfig, timer: PhaseTimer) -> dict[str, Any]:
+def sample_outputs(
+    outcome: Outcome, config: GenerationConfig, timer: PhaseTimer, report: RunReport | None = None
+) -> dict[str, Any]:
     """Status, files and per-phase seconds and peaks (bytes; null where not measured, e.g. on the CPU)."""
+    files = [config.output.name] if outcome.status == "success" else []
+    if files and report is not None and report.actions is not None:
+        files += [ACTIONS_NPY, ACTIONS_JSON]
     return {
         "status": outcome.status,
         "message": outcome.message,
-        "files": [config.output.name] if outcome.status == "success" else [],
+        "files": files,
         "seconds": round(sum(p.seconds for p in timer.phases), 4),
         "phases": {
             p.name: {
