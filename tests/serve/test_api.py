@@ -24,7 +24,7 @@ from PIL import Image
 from server_process import InProcessServer, ServerProcess
 
 from cosmos3_offload.app import cli, runner
-from cosmos3_offload.serve import api
+from cosmos3_offload.serve import service
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # openai marks its video API deprecated
 
@@ -479,14 +479,14 @@ def test_health_answers_while_an_upload_is_decoded(server, monkeypatch):
     """Checking an input image blocks (saving, decoding it): it runs off the event loop, so /health answers at
     once while an upload's decode is held."""
     entered, release = threading.Event(), threading.Event()
-    decode = api.read_conditioning
+    decode = service.read_conditioning
 
     def held_decode(*args):
         entered.set()
         release.wait(JOB_SECONDS)
         return decode(*args)
 
-    monkeypatch.setattr(api, "read_conditioning", held_decode)
+    monkeypatch.setattr(service, "read_conditioning", held_decode)
     created = {}
     poster = threading.Thread(
         target=lambda: created.update(v=post_json(server, "/v1/videos", {"prompt": PROMPT, **SHORT, **_png_url()}))

@@ -172,6 +172,44 @@ def test_a_chosen_image_is_sent_as_input_reference(browser, server, tmp_path):
     assert status == 200 and video["parameters"]["input_reference"] is True
 
 
+def test_the_action_panel_runs_a_policy_and_plots_its_predicted_actions(browser, server, tmp_path):
+    """Choose the policy mode, an embodiment and a chunk, pick a first frame, submit: the size and frame fields
+    step aside, the job runs as an action run, and under the video a plot draws one line per number of the
+    predicted rows, over the chunk, each point placed by its value (as GET .../actions gives them)."""
+    picture = tmp_path / "frame.png"
+    Image.new("RGB", (320, 192), (40, 120, 200)).save(picture)
+    with opened(browser, server) as page:
+        domains = page.eval_on_selector_all("#action-domain option", "options => options.map((o) => o.value)")
+        assert domains == api(server, "GET", "/health")[1]["actions"]["domains"] and "hand_pose" not in domains
+        page.fill("#prompt", "the gripper picks up the cup")
+        page.select_option("#action-mode", "policy")
+        assert page.locator("#size").is_disabled() and page.locator("#frames").is_disabled()
+        assert page.locator("#action-file").is_disabled()  # rows go with forward dynamics only
+        page.select_option("#action-domain", "pusht")
+        page.fill("#action-chunk", "4")
+        page.set_input_files("#image", str(picture))
+        job_id = submit_and_finish(page)
+        wait_for(page, "!document.querySelector('#actions-figure').hidden", timeout=JOB_MS)
+        assert page.get_attribute("#actions-plot", "data-job") == job_id
+        lines = page.eval_on_selector_all(
+            "#actions-plot g.dimension polyline",
+            "lines => lines.map((l) => l.getAttribute('points').split(' ').map((p) => p.split(',').map(Number)))",
+        )
+        assert "4 predicted actions of pusht" in page.locator("#actions-caption").inner_text()
+        page.screenshot(path=str(tmp_path / "actions.png"), full_page=True)
+
+    status, video = api(server, "GET", f"/v1/videos/{job_id}")
+    assert status == 200 and video["parameters"]["action"]["mode"] == "policy"
+    assert video["parameters"]["action"]["domain"] == "pusht" and video["parameters"]["action"]["chunk_size"] == 4
+    status, predicted = api(server, "GET", f"/v1/videos/{job_id}/actions")
+    rows = predicted["actions"]
+    assert status == 200 and len(lines) == len(rows[0]) == 2 and all(len(line) == 4 for line in lines)
+    assert all([x for x, _ in line] == sorted(x for x, _ in line) for line in lines)  # the steps, left to right
+    placed = sorted((rows[step][column], y) for column, line in enumerate(lines) for step, (_, y) in enumerate(line))
+    heights = [y for _, y in placed]
+    assert heights == sorted(heights, reverse=True) and heights[0] > heights[-1]  # a larger value is drawn higher
+
+
 def test_a_bad_frame_count_shows_the_servers_message(browser, server):
     """Frames 6 typed into the free entry: the error area shows the server's own 400 message, and no job starts."""
     status, body = api(server, "POST", "/v1/videos", {"prompt": "a fox", "frames": 6})

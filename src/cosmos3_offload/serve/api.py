@@ -3,7 +3,8 @@
 - `POST /v1/videos` -> a queued job (OpenAI's video object); `GET /v1/videos/{id}` its state and
   progress; `GET /v1/videos/{id}/content` the mp4 once completed (HEAD: its headers); `GET /v1/videos`
   the list (newest first, `after`/`limit`/`order`); `DELETE /v1/videos/{id}` cancels a waiting or running
-  job, or deletes a finished one with its file.
+  job, or deletes a finished one with its files; `GET /v1/videos/{id}/actions` an action run's predicted
+  actions (JSON, as `generate` writes NAME.actions.json) once completed.
 - `POST /v1/images/generations` waits for its one-frame jobs and returns the images (base64), each with
   its job `id` and `seed`; `DELETE /v1/images/{id}` deletes one (kept by --keep-images otherwise).
 - `GET /health` (no key needed; 503 with the reason when the job worker or the storage cannot work),
@@ -30,13 +31,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..app.config import GenerationConfig
-from ..app.inputs import read_conditioning
-from ..app.runner import LoadedModel
-from ..app.serve_settings import ServeSettings
-from ..errors import InputError
-from ..request.checks import FieldError, shown
-from ..request.spec import named_at
+from ..request.checks import shown
+from .action_request import action_choices, actions_file
 from .api_errors import (
     ApiError,
     bad_request,
@@ -47,20 +43,9 @@ from .api_errors import (
     storage_unavailable,
 )
 from .guard import install_guard
-from .metrics import Metrics
-from .queue import JobQueue, Work
-from .requests import (
-    HTTP_NAMES,
-    IMAGE_FIELDS,
-    READ_APART,
-    VIDEO_FIELDS,
-    ParsedRequest,
-    Upload,
-    parse_image,
-    parse_video,
-    read_fields,
-)
-from .storage_errors import StorageError, StorageFull, storage_error
+from .requests import parse_image, parse_video, read_fields
+from .service import Service
+from .storage_errors import StorageError, StorageFull
 from .store import COMPLETED, FAILED, Job, JobStore
 
 logger = logging.getLogger(__name__)
@@ -79,92 +64,6 @@ IMAGE_FAILURE_STATUS = {
     "storage_error": 503,
 }
 MEDIA_TYPES = {".mp4": "video/mp4", ".png": "image/png", ".jpg": "image/jpeg"}
-
-
-class Service:
-    """What the routes share: the model, the store, the queue, the metrics and the settings."""
-
-    def __init__(
-        self, loaded: LoadedModel, store: JobStore, queue: JobQueue, metrics: Metrics, settings: ServeSettings
-    ) -> None:
-        self.loaded, self.store, self.queue, self.metrics, self.settings = loaded, store, queue, metrics, settings
-
-    def video_object(self, job: Job) -> dict[str, Any]:
-        """OpenAI's video object, with our `parameters` (the resolved request) and `stats` (what it measured)."""
-        return {
-            "id": job.id,
-            "object": "video" if job.kind == "video" else "image",
-            "model": self.settings.model_name,
-            "status": job.status,
-            "progress": job.progress,
-            "created_at": job.created_at,
-            "completed_at": job.completed_at,
-            "expires_at": None,
-            "prompt": job.request.get("prompt"),
-            "seconds": job.request.get("seconds", "0"),
-            "size": job.request.get("size"),
-            "remixed_from_video_id": None,
-            "error": job.error,
-            "parameters": job.request,
-            "stats": job.stats,
-        }
-
-    def problem(self) -> str | None:
-        """Why the server cannot run jobs now (its worker is dead, its storage refuses a write), or None."""
-        if not self.queue.alive:
-            return "the job worker has stopped; restart the server"
-        return self.store.problem()
-
-    def admit(self, kind: str, parsed: ParsedRequest, *, suffix: str, seeds: list[int]) -> list[str]:
-        """Check each request as the model runs it, record the jobs and queue them (all or none). Blocking
-        (it saves and decodes the upload): run it in a worker thread. An image request's jobs are held from
-        the retention until it has read them (`queue.release`)."""
-        self.store.check_room()
-        reserved: list[str] = []
-        works: list[Work] = []
-        try:
-            for seed in seeds:
-                job_id = self.store.reserve(kind)
-                reserved.append(job_id)
-                folder = self.store.folder_of(job_id)
-                image = None if parsed.upload is None else _save(parsed.upload, folder)
-                values = {**parsed.config, "seed": seed}
-                config = GenerationConfig(**values, image=image, output=folder / f"{kind}{suffix}")
-                config = self.loaded.check(config, budgeted=self.settings.limit is not None)
-                if image is not None:
-                    read_conditioning(image, None, config.condition_frames)  # readable, before it waits
-                works.append(Work(job_id, config))
-            model = self.settings.model_name
-            self.store.insert([(work.job_id, kind, _public(kind, parsed, work.config, model)) for work in works])
-            self.queue.submit(works, hold=kind == "image")
-        except InputError as error:
-            self._forget(reserved)
-            param = None
-            if isinstance(error, FieldError):  # a field refused: named as the API names it
-                error = named_at(error, "http")
-                param = error.name
-            message = str(error)
-            if parsed.upload is not None and reserved:  # the server's own paths are not the client's business
-                message = message.replace(f"'{self.store.folder_of(reserved[-1])}/", "'input_reference: ")
-            raise bad_request(message, param) from None
-        except BaseException:
-            self._forget(reserved)
-            raise
-        return reserved
-
-    def delete(self, job: Job) -> None:
-        """Cancel a waiting or running job, or delete a finished one, with its files. Blocking: a thread's."""
-        running = self.queue.cancel(job.id)  # a waiting job leaves the queue, a running one stops
-        self.store.delete(job.id, files=not running)  # a running job's folder goes when its worker stops
-
-    def _forget(self, job_ids: list[str]) -> None:
-        """Undo a request that failed after reserving `job_ids`: no folder and no job left (a job the full
-        database cannot delete is failed instead, in memory if need be)."""
-        for job_id in job_ids:
-            try:
-                self.store.delete(job_id)
-            except StorageError:
-                self.store.fail(job_id, "storage_full", "the server's storage was full when this job was created")
 
 
 def create_app(service: Service) -> FastAPI:
@@ -224,6 +123,7 @@ def create_app(service: Service) -> FastAPI:
             "queue_size": settings.queue_size,
             "auth": settings.api_key is not None,
             "defaults": settings.defaults,
+            "actions": action_choices(service.action_dim, service.action_tier),
         }
         if problem is not None:
             body["reason"] = problem
@@ -236,7 +136,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/videos")
     async def create_video(request: Request) -> JSONResponse:
-        parsed = parse_video(await read_fields(request), settings.defaults, settings.limit)
+        fields = await read_fields(request)
+        parsed = parse_video(fields, settings.defaults, settings.limit, action_tier=service.action_tier)
         admitted = await asyncio.to_thread(service.admit, "video", parsed, suffix=".mp4", seeds=[parsed.config["seed"]])
         return JSONResponse(service.video_object(store.get(admitted[0])))
 
@@ -274,6 +175,21 @@ def create_app(service: Service) -> FastAPI:
         if not await asyncio.to_thread(path.is_file):
             raise file_gone("video", job.id)
         return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"))
+
+    @app.api_route("/v1/videos/{video_id}/actions", methods=["GET", "HEAD"])
+    async def video_actions(video_id: str) -> Response:
+        job = _job(store, "video", video_id)
+        action = job.request.get("action")
+        if action is None or action["mode"] == "forward_dynamics":
+            said = "is no action run" if action is None else "is a forward_dynamics run, which follows given actions"
+            message = f"video {shown(video_id)} {said}; only inverse_dynamics and policy jobs predict actions"
+            raise ApiError(404, message, code="not_found")
+        if job.status != COMPLETED:
+            raise ApiError(409, f"video {shown(video_id)} is {job.status}, not completed", code="not_ready")
+        path = store.folder_of(job.id) / actions_file(job.file)
+        if not await asyncio.to_thread(path.is_file):
+            raise file_gone("video", job.id)
+        return FileResponse(path, media_type="application/json")
 
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(video_id: str) -> dict[str, Any]:
@@ -349,30 +265,6 @@ def _read_images(store: JobStore, jobs: list[Job]) -> list[str]:
         except FileNotFoundError:
             raise file_gone("image", job.id) from None
     return images
-
-
-def _save(upload: Upload, folder: Path) -> Path:
-    path = folder / f"input{upload.suffix if upload.suffix in ('.png', '.jpg', '.jpeg', '.webp') else '.png'}"
-    try:
-        path.write_bytes(upload.data)
-    except OSError as error:
-        raise storage_error(error, "the uploaded image") from None
-    return path
-
-
-def _public(kind: str, parsed: ParsedRequest, config: GenerationConfig, model: str) -> dict[str, Any]:
-    """The request as the job reports it, under the API's names: every field the endpoint takes, resolved
-    (the effective shift, the seed), with the size, the model, and whether an image was sent."""
-    taken = VIDEO_FIELDS if kind == "video" else IMAGE_FIELDS
-    request = {
-        http_name: getattr(config, name)
-        for name, http_name in HTTP_NAMES.items()
-        if http_name in taken and http_name not in READ_APART
-    }
-    request |= {"size": parsed.size, "frames": config.frames, "shift": config.flow_shift, "model": model}
-    if kind == "video":
-        request |= {"seconds": parsed.seconds, "input_reference": config.image is not None}
-    return request
 
 
 def _error(error: ApiError) -> JSONResponse:

@@ -239,7 +239,7 @@ class JobQueue:
                 job_id, progress=FIRST_STEP_PROGRESS + round((LAST_STEP_PROGRESS - FIRST_STEP_PROGRESS) * share)
             )
 
-        conditioning = read_conditioning(config.image, config.video, config.condition_frames)
+        conditioning = read_conditioning(config)
         with OutputLock(config.output):
             self.loaded.write(
                 config,

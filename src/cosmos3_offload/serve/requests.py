@@ -6,7 +6,8 @@ multipart or urlencoded form whose text is UTF-8 as the client sent it.
 `POST /v1/videos` takes the request fields the declaration gives the HTTP door (request/spec.py:
 `prompt`, `negative_prompt`, `frames`, `steps`, `guidance`, `shift`, `fps`, `seed`, `sound`, `cache`,
 `cache_threshold`, ...), under OpenAI's names where OpenAI has one (`size` "WxH" for the tier and
-aspect ratio, `input_reference` for the image), and OpenAI's `model` and `seconds`.
+aspect ratio, `input_reference` for the image), OpenAI's `model` and `seconds`, and a Cosmos3 action run's
+`action` object with its `input_video` clip and `actions` file (action_request.py).
 `POST /v1/images/generations` takes those that make one frame, and `n`, `response_format` (b64_json)
 and `output_format` (png or jpeg). A form sends every value as text, so a value is read from text as
 the CLI reads its flags. An unknown field is refused (a typo would otherwise be ignored); `model` may
@@ -19,8 +20,6 @@ module adds what only the API has: sizes as "WxH", seconds, the server's default
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import secrets
 from dataclasses import dataclass
@@ -34,44 +33,44 @@ from starlette.requests import Request
 
 from ..app.serve_settings import RequestLimit
 from ..errors import InputError
+from ..model.actions import DEFAULT_ACTION_TIER
 from ..model.tiers import RESOLUTION_TIERS
 from ..request.checks import FieldError, shown
 from ..request.spec import FIELDS_BY_NAME, MAX_FRAMES, door_fields, named_at, request_defaults
+from .action_request import ActionRequest, parse_action, refuse_video_fields
 from .api_errors import ApiError, bad_request
+from .uploads import MAX_UPLOAD_BYTES, Upload, read_upload
 
-# Request fields under their HTTP names; "size" and "input_reference" are read apart (composite, upload).
+# Request fields under their HTTP names; "size" and the uploads are read apart (composite, files).
 HTTP_NAMES = door_fields("http")
-READ_APART = ("size", "input_reference")
-DECLARED_DEFAULTS = {name: value for name, value in request_defaults().items() if name != "image"}
-VIDEO_FIELDS = {*HTTP_NAMES.values(), "model", "seconds"}
-# A one-frame request has no clip, sound, frame rate or step cache.
-NOT_FOR_IMAGES = {"frames", "seconds", "input_reference", "sound", "fps", "cache", "cache_threshold"}
+READ_APART = ("size", "input_reference", "input_video")
+DECLARED_DEFAULTS = {name: value for name, value in request_defaults().items() if name not in ("image", "video")}
+ACTION_FIELDS = {"action", "actions", "input_video"}  # the action object, its rows' file part, its clip
+VIDEO_FIELDS = {*HTTP_NAMES.values(), "model", "seconds", *ACTION_FIELDS}
+# A one-frame request has no clip, sound, frame rate, step cache or action.
+NOT_FOR_IMAGES = {"frames", "seconds", "input_reference", "sound", "fps", "cache", "cache_threshold", *ACTION_FIELDS}
 # OpenAI image fields that only tune OpenAI's own models: taken and not used.
 IGNORED_IMAGE_FIELDS = {"quality", "style", "user", "background", "moderation", "output_compression"}
 IMAGE_FIELDS = (VIDEO_FIELDS - NOT_FOR_IMAGES) | {"n", "response_format", "output_format"} | IGNORED_IMAGE_FIELDS
 MAX_IMAGES = 4  # `n` of one images request: each is a job in the queue
 MAX_SECONDS = 60.0
-MAX_UPLOAD_BYTES = 32 * 2**20
 MAX_FORM_FIELDS = 64
+MAX_FORM_FILES = 3  # input_reference or input_video, and actions
 SIZES = {f"{w}x{h}": (tier, aspect) for tier, sizes in RESOLUTION_TIERS.items() for aspect, (w, h) in sizes.items()}
 
 
 @dataclass(frozen=True)
-class Upload:
-    """An input image as it arrived: its bytes and the suffix its file gets (from its name or type)."""
-
-    data: bytes
-    suffix: str
-
-
-@dataclass(frozen=True)
 class ParsedRequest:
-    """GenerationConfig keywords (no output, no image path yet), the input image, and what the API reports."""
+    """GenerationConfig keywords (no output, no input paths yet), the input image, and what the API reports
+    (`size` and `seconds`: None for an action run, whose input's shape fixes them); an action run's `action`
+    and its clip (`video_upload`)."""
 
     config: dict[str, Any]
     upload: Upload | None
-    size: str
-    seconds: str
+    size: str | None
+    seconds: str | None
+    video_upload: Upload | None = None
+    action: ActionRequest | None = None
 
 
 async def read_fields(request: Request) -> dict[str, Any]:
@@ -91,14 +90,14 @@ async def read_fields(request: Request) -> dict[str, Any]:
     if kind != "multipart/form-data":
         raise bad_request("send the body as application/json or multipart/form-data")
     try:
-        form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_UPLOAD_BYTES)
+        form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_UPLOAD_BYTES)
     except (MultiPartException, ValueError) as error:
         raise bad_request(f"the form cannot be read: {error}") from None
     items: list[tuple[str, Any]] = []
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
             data = await value.read(MAX_UPLOAD_BYTES + 1)
-            value = Upload(data, Path(value.filename or "").suffix.lower() or ".png")
+            value = Upload(data, Path(value.filename or "").suffix.lower())
         items.append((name, value))
     await form.close()
     return _named_once(items)
@@ -132,8 +131,23 @@ def _named_once(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return fields
 
 
-def parse_video(fields: dict[str, Any], defaults: dict[str, Any], limit: RequestLimit | None) -> ParsedRequest:
+def parse_video(
+    fields: dict[str, Any],
+    defaults: dict[str, Any],
+    limit: RequestLimit | None,
+    *,
+    action_tier: int = DEFAULT_ACTION_TIER,
+) -> ParsedRequest:
+    """A video request; with an `action` object, an action run (its tier `action_tier` unless it names one)."""
     _known(fields, VIDEO_FIELDS)
+    action = parse_action(fields.get("action"), fields.get("actions"), action_tier)
+    if action is not None:
+        return _action_video(fields, defaults, action)
+    if fields.get("input_video") is not None:
+        raise bad_request(
+            "input_video conditions an action run (send an action object); for image-to-video send input_reference",
+            "input_video",
+        )
     config = _common(fields, defaults)
     if fields.get("frames") is not None and fields.get("seconds") is not None:
         raise bad_request("pass seconds or frames, not both", "seconds")
@@ -144,10 +158,37 @@ def parse_video(fields: dict[str, Any], defaults: dict[str, Any], limit: Request
     if "cache" in fields and "cache_threshold" not in fields:
         config["cache_threshold"] = None  # the server's threshold goes with the server's cache
     size = _check_limit(config, limit)
-    upload = _upload(fields.get("input_reference"))
+    upload = read_upload("input_reference", fields.get("input_reference"))
     given = fields.get("seconds")
     seconds = str(given) if given is not None else f"{config['frames'] / config['fps']:g}"
     return ParsedRequest(config, upload, size, seconds)
+
+
+def _action_video(fields: dict[str, Any], defaults: dict[str, Any], action: ActionRequest) -> ParsedRequest:
+    """An action run: its chunk and input fix the frames and the size, its tier is the action's; no step cache
+    (the server's is left out; one asked for is refused)."""
+    refuse_video_fields(fields)
+    for name in ("cache", "cache_threshold"):
+        if fields.get(name) is not None and fields[name] != "none":
+            message = f"{name} does not go with an action: SeaCache's gate reads the video alone; drop it"
+            raise bad_request(message, name)
+    shape = {"frames": None, "aspect_ratio": None, "cache": "none", "cache_threshold": None}
+    config = _common(fields, defaults | shape) | action.fields()
+    image = read_upload("input_reference", fields.get("input_reference"))
+    video = read_upload("input_video", fields.get("input_video"))
+    if image is not None and video is not None:
+        raise bad_request("send input_reference (an image) or input_video (a clip), not both", "input_video")
+    if action.mode == "inverse_dynamics" and video is None:
+        raise bad_request(
+            "action.mode inverse_dynamics infers the actions of a clip: send input_video (an mp4)", "input_video"
+        )
+    if image is None and video is None:
+        raise bad_request(
+            f"action.mode {action.mode} starts from a frame: send input_reference (an image), or input_video (a "
+            "clip: its first frame)",
+            "input_reference",
+        )
+    return ParsedRequest(config, image, None, None, video_upload=video, action=action)
 
 
 def parse_image(
@@ -197,7 +238,8 @@ def _common(fields: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     if "prompt" not in fields:
         raise bad_request("prompt is required", "prompt")
     _text("model", fields.get("model"))
-    config = {name: DECLARED_DEFAULTS[name] for name in HTTP_NAMES if name in DECLARED_DEFAULTS} | defaults
+    config = {name: DECLARED_DEFAULTS[name] for name in HTTP_NAMES if name in DECLARED_DEFAULTS}
+    config |= {name: value for name, value in defaults.items() if name in HTTP_NAMES}  # no server-wide action
     for name, http_name in HTTP_NAMES.items():
         if http_name not in READ_APART and fields.get(http_name) is not None:
             config[name] = _read(FIELDS_BY_NAME[name], http_name, fields[http_name])
@@ -258,31 +300,3 @@ def _check_limit(config: dict[str, Any], limit: RequestLimit | None) -> str:
     if refusal is not None:
         raise bad_request(refusal, "size")
     return f"{width}x{height}"
-
-
-def _upload(value: Any) -> Upload | None:
-    """A file part (anything with `filename` and bytes read already: see api.py), a data: URL, or
-    `{"image_url": "data:..."}`; a web address is refused (the server fetches nothing)."""
-    if value is None:
-        return None
-    if isinstance(value, Upload):
-        data = value.data
-        suffix = value.suffix
-    else:
-        url = value.get("image_url") if isinstance(value, dict) else value
-        if not isinstance(url, str) or not url.startswith("data:"):
-            raise bad_request(
-                "input_reference must be an uploaded image file or a data: URL (the server fetches nothing)",
-                "input_reference",
-            )
-        header, _, payload = url.partition(",")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise bad_request("input_reference: the data URL is not valid base64", "input_reference") from None
-        suffix = ".jpg" if "jpeg" in header or "jpg" in header else ".webp" if "webp" in header else ".png"
-    if not data:
-        raise bad_request("input_reference is empty", "input_reference")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise bad_request(f"input_reference is larger than {MAX_UPLOAD_BYTES // 2**20} MiB", "input_reference")
-    return Upload(data, suffix)

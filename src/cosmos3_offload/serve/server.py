@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import signal
 import socket
@@ -27,13 +28,15 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..app.model_checks import check_action_heads
 from ..app.runner import LoadedModel
 from ..app.serve_settings import ServeSettings
 from ..app.timer import PhaseTimer
 from ..errors import InputError
-from .api import Service, create_app
+from .api import create_app
 from .metrics import Metrics
 from .queue import JobQueue
+from .service import Service
 from .store import JobStore
 
 GRACEFUL_SECONDS = 3  # open connections (an images request waiting for its job) get this long at a stop
@@ -157,6 +160,7 @@ def in_process(loaded: LoadedModel, settings: ServeSettings) -> Iterator[Running
     """The app `serve` runs, with its storage locked, model loaded and job worker started; `serve` puts it
     behind a socket, the tests drive it through an ASGI transport. Leaving it stops the worker: waiting jobs
     are marked failed, the running one ends at its next step, the storage is released."""
+    loaded = with_action_heads(loaded)
     store = JobStore.open(settings.storage)
     queue = None
     running = None
@@ -175,6 +179,18 @@ def in_process(loaded: LoadedModel, settings: ServeSettings) -> Iterator[Running
         if running is not None:
             running.unfinished = left
         store.close()
+
+
+def with_action_heads(loaded: LoadedModel) -> LoadedModel:
+    """The model a server loads: with its action heads when it has them (a few MiB), since any request may be an
+    action run; one without them (or distilled for video) serves the other requests, and refuses action runs."""
+    if loaded.actions or loaded.components is not None:
+        return loaded
+    try:
+        check_action_heads(loaded.checkpoint, loaded.model)
+    except InputError:
+        return loaded
+    return dataclasses.replace(loaded, actions=True)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -1,4 +1,5 @@
-// The page of `cosmos3-offload serve`: a request form, a job's live progress, its video, and the history.
+// The page of `cosmos3-offload serve`: a request form (with an action panel where the model has action heads),
+// a job's live progress, its video (and its predicted actions, plotted), and the history.
 // Plain JS against the server's own API (/health, /v1/videos); no build step, nothing from elsewhere.
 "use strict";
 
@@ -11,8 +12,20 @@ const TIERS = {
 };
 const POLL_MS = 500;
 const KEY_STORAGE = "cosmos3-api-key";
+// What each mode makes, shown as the option's tooltip.
+const MODE_TITLES = {
+  forward_dynamics: "a video rolled out of the image and given actions (the actions file)",
+  inverse_dynamics: "the actions that connect the frames of a clip",
+  policy: "a video and its actions, rolled out of the image",
+};
+const ACTION_INPUTS = ["action-domain", "action-chunk", "action-view", "action-tier", "action-file", "action-clip"];
+const SVG_NS = "http://www.w3.org/2000/svg";
+const PLOT = { width: 640, height: 260, left: 56, right: 12, top: 12, bottom: 30 }; // the SVG's viewBox and margins
+const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
 const $ = (id) => document.getElementById(id);
 let playerUrl = null;
+let actionsUrl = null;
+let shown = 0; // only the latest job asked for may fill the player and the plot
 let historyRequests = 0; // only the latest history request may fill the table
 
 // The key field is the one source of the key: filled from localStorage at start, saved there as it is typed.
@@ -61,15 +74,55 @@ function fillSizes(defaults) {
   $("guidance").value = defaults.guidance;
 }
 
+// The action panel from the server's choices (/health `actions`); it stays hidden for a model without heads.
+function fillActions(choices) {
+  if (!choices) return;
+  for (const mode of choices.modes) {
+    const option = new Option(mode.replace(/_/g, " "), mode);
+    option.title = MODE_TITLES[mode] || "";
+    $("action-mode").append(option);
+  }
+  for (const domain of choices.domains) $("action-domain").append(new Option(domain, domain));
+  for (const view of choices.views) $("action-view").append(new Option(view.replace(/_/g, " "), view));
+  for (const tier of choices.tiers) $("action-tier").append(new Option(`${tier}p`, tier, false, tier === choices.tier));
+  $("action-chunk").placeholder = choices.chunk_size;
+  $("action-mode").addEventListener("change", actionModeChanged);
+  $("action-panel").hidden = false;
+}
+
+// With an action mode the chunk and the image fix the frames and the size: those fields step aside.
+function actionModeChanged() {
+  const acting = $("action-mode").value !== "";
+  for (const id of ACTION_INPUTS) $(id).disabled = !acting;
+  $("action-file").disabled = $("action-mode").value !== "forward_dynamics";
+  for (const id of ["size", "frames"]) {
+    $(id).disabled = acting;
+    $(id).title = acting ? "an action run's chunk and image fix this" : "";
+  }
+}
+
+function actionObject() {
+  const action = { mode: $("action-mode").value, domain: $("action-domain").value, view: $("action-view").value };
+  action.tier = Number($("action-tier").value);
+  if ($("action-chunk").value !== "") action.chunk_size = Number($("action-chunk").value);
+  return action;
+}
+
 function requestForm() {
   const form = new FormData();
+  const acting = $("action-mode").value !== "";
   form.append("prompt", $("prompt").value);
   if ($("negative").value.trim()) form.append("negative_prompt", $("negative").value);
-  form.append("size", $("size").value);
-  for (const name of ["frames", "steps", "guidance", "seed"]) {
+  if (!acting) form.append("size", $("size").value);
+  for (const name of acting ? ["steps", "guidance", "seed"] : ["frames", "steps", "guidance", "seed"]) {
     if ($(name).value !== "") form.append(name, $(name).value);
   }
   if ($("image").files.length) form.append("input_reference", $("image").files[0]);
+  if (acting) {
+    form.append("action", JSON.stringify(actionObject()));
+    if (!$("action-file").disabled && $("action-file").files.length) form.append("actions", $("action-file").files[0]);
+    if ($("action-clip").files.length) form.append("input_video", $("action-clip").files[0]);
+  }
   return form;
 }
 
@@ -101,23 +154,98 @@ async function follow(job) {
   while (true) {
     $("progress").value = job.progress;
     $("status").textContent = `${job.status} ${job.progress}%`;
-    if (job.status === "completed") return play(job.id);
+    if (job.status === "completed") return show(job);
     if (job.status === "failed") throw new Error(`the job failed: ${job.error ? job.error.message : "unknown"}`);
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
     job = await json(await call(`/v1/videos/${encodeURIComponent(job.id)}`));
   }
 }
 
+// A completed job: its video, and the plot of its predicted actions where it has them.
+async function show(job) {
+  const request = ++shown;
+  const action = job.parameters && job.parameters.action;
+  $("actions-figure").hidden = true;
+  await play(job.id, request);
+  if (action && action.mode !== "forward_dynamics") await plotActions(job.id, request);
+}
+
 // The video as a blob (the key travels in a header, which a <video src> cannot send); an error response throws.
-async function play(id) {
+async function play(id, request) {
   const response = await call(`/v1/videos/${encodeURIComponent(id)}/content`);
   if (!response.ok) return json(response);
+  const blob = await response.blob();
+  if (request !== shown) return; // another job was asked for meanwhile
   if (playerUrl) URL.revokeObjectURL(playerUrl);
-  playerUrl = URL.createObjectURL(await response.blob());
+  playerUrl = URL.createObjectURL(blob);
   const player = $("player");
   player.src = playerUrl;
   player.dataset.job = id;
   player.hidden = false;
+}
+
+// "number k" beside a swatch of its line's colour (an SVG: the page allows no inline style).
+function legendItem(column) {
+  const item = document.createElement("li");
+  const swatch = svg("svg", { width: 12, height: 12, viewBox: "0 0 12 12", "aria-hidden": "true" });
+  swatch.append(svg("rect", { width: 12, height: 12, rx: 2, fill: COLORS[column % COLORS.length] }));
+  item.append(swatch, ` number ${column + 1}`);
+  return item;
+}
+
+function svg(name, attributes, text) {
+  const element = document.createElementNS(SVG_NS, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+// The predicted actions under the video: one line per number of the row, over the chunk's steps.
+async function plotActions(id, request) {
+  const response = await call(`/v1/videos/${encodeURIComponent(id)}/actions`);
+  const text = await response.clone().text();
+  const data = await json(response);
+  if (request !== shown) return;
+  const rows = data.actions;
+  const values = rows.flat();
+  let low = values.reduce((a, b) => Math.min(a, b), Infinity);
+  let high = values.reduce((a, b) => Math.max(a, b), -Infinity);
+  if (!(high > low)) [low, high] = [low - 1, high + 1];
+  const right = PLOT.width - PLOT.right, bottom = PLOT.height - PLOT.bottom;
+  const x = (step) => PLOT.left + (rows.length > 1 ? step / (rows.length - 1) : 0.5) * (right - PLOT.left);
+  const y = (value) => PLOT.top + ((high - value) / (high - low)) * (bottom - PLOT.top);
+  const parts = [
+    svg("line", { x1: PLOT.left, y1: PLOT.top, x2: PLOT.left, y2: bottom, class: "axis" }),
+    svg("line", { x1: PLOT.left, y1: bottom, x2: right, y2: bottom, class: "axis" }),
+    svg("text", { x: PLOT.left - 6, y: PLOT.top + 4, "text-anchor": "end", class: "tick" }, high.toPrecision(3)),
+    svg("text", { x: PLOT.left - 6, y: bottom, "text-anchor": "end", class: "tick" }, low.toPrecision(3)),
+    svg("text", { x: PLOT.left, y: PLOT.height - 8, class: "tick" }, "step 1"),
+    svg("text", { x: right, y: PLOT.height - 8, "text-anchor": "end", class: "tick" }, `step ${rows.length}`),
+  ];
+  if (low < 0 && high > 0) parts.push(svg("line", { x1: PLOT.left, y1: y(0), x2: right, y2: y(0), class: "zero" }));
+  for (let column = 0; column < data.width; column++) {
+    const color = COLORS[column % COLORS.length];
+    const line = svg("g", { class: "dimension", "data-dimension": column, stroke: color, fill: color });
+    line.append(svg("title", {}, `number ${column + 1} of each row`));
+    const points = rows.map((row, step) => `${x(step).toFixed(1)},${y(row[column]).toFixed(1)}`);
+    line.append(svg("polyline", { points: points.join(" "), fill: "none" }));
+    for (const point of points) {
+      const [cx, cy] = point.split(",");
+      line.append(svg("circle", { cx, cy, r: 2.5, stroke: "none" }));
+    }
+    parts.push(line);
+  }
+  $("actions-plot").replaceChildren(...parts);
+  $("actions-legend").replaceChildren(...Array.from({ length: data.width }, (_, column) => legendItem(column)));
+  $("actions-plot").dataset.job = id;
+  $("actions-caption").textContent =
+    `${data.rows} predicted actions of ${data.domain} (${data.mode.replace(/_/g, " ")}), ` +
+    `${data.width} numbers each: a line per number.`;
+  if (actionsUrl) URL.revokeObjectURL(actionsUrl);
+  actionsUrl = URL.createObjectURL(new Blob([text], { type: "application/json" }));
+  $("actions-download").href = actionsUrl;
+  $("actions-download").download = `${id}.actions.json`;
+  $("actions-figure").hidden = false;
 }
 
 // A history cell; `label` names it where a narrow window stacks the row (no header above it there).
@@ -167,8 +295,8 @@ function historyRow(job) {
   const actions = cell("", "actions");
   const label = `${job.prompt} (${job.id})`;
   if (job.status === "completed") {
-    const show = () => play(job.id).then(() => $("player").scrollIntoView({ block: "nearest" }));
-    actions.append(button("play", "play", label, () => show().catch((e) => showError(e.message))));
+    const open = () => show(job).then(() => $("player").scrollIntoView({ block: "nearest" }));
+    actions.append(button("play", "play", label, () => open().catch((e) => showError(e.message))));
   }
   actions.append(button("delete", "delete", label, () => remove(job.id)));
   row.append(actions);
@@ -181,6 +309,7 @@ async function remove(id) {
     if ($("player").dataset.job === id) {
       $("player").pause();
       $("player").hidden = true;
+      $("actions-figure").hidden = true;
     }
   } catch (error) {
     showError(error.message);
@@ -200,6 +329,7 @@ async function start() {
   $("model").textContent = `${health.model} on ${health.device}; queue ${health.queue_length} of ${health.queue_size}`;
   if (health.auth && !apiKey()) $("key-row").hidden = false;
   fillSizes(health.defaults);
+  fillActions(health.actions);
   refreshHistory();
 }
 
