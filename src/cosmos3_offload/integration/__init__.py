@@ -6,7 +6,8 @@
 - `pipeline_weights`: the pipeline's own modules placed as the plan says, their old tensors freed;
 - `state`: what `enable` set up, kept on the pipeline as `pipe.offload`;
 - `offloaded_pipeline`: the placed pipeline's class, whose `__call__` takes diffusers' arguments;
-- `call`: those arguments read into one call's values, and what cannot be honoured refused;
+- `call`: those arguments (an `action=CosmosActionCondition` included) read into one call's values, and
+  what cannot be honoured refused;
 - `generation`: one call through the generation path (app/runner.py's `generate`, the CLI's own),
   returned as diffusers returns it.
 """

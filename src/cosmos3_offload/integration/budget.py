@@ -10,6 +10,7 @@ usually does too.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,9 @@ from ..planning.sizes import ModelSizes
 from ..request.checks import check_integer
 from ..request.spec import FIELDS_BY_NAME, MAX_FRAMES
 from ..units import GIB, MIB
-from .call import DEFAULT_HEIGHT, DEFAULT_WIDTH, CallInputs, PipelineCall
+from .call import DEFAULT_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH, CallInputs, PipelineCall
 
 DEFAULT_FPS = FIELDS_BY_NAME["fps"].default  # the pipeline's too: what a sound track's length is planned for
-DEFAULT_FRAMES = FIELDS_BY_NAME["frames"].default
 MAX_SIDE = 8192  # pixels: far beyond any Cosmos3 tier, low enough that a typo cannot plan for a giant frame
 
 
@@ -62,16 +62,18 @@ class BudgetPlan:
     profile: DeviceProfile
     largest: LargestCall
 
-    def check_call(self, request: Request) -> None:
-        """An InputError, before anything runs, when `request` would not fit the budget under this plan."""
+    def check_call(self, request: Request, *, action: bool = False) -> None:
+        """An InputError, before anything runs, when `request` would not fit the budget under this plan
+        (`action`: an action call, whose chunk and tier set its size)."""
         peak = predict(self.choice.plan, self.sizes, request, self.profile).peak
         usable = self.budget_bytes * self.profile.headroom
         if peak > usable:
+            lower = "the action's chunk_size or resolution_tier" if action else "num_frames, height or width"
             raise InputError(
                 f"this call ({request.frames} frames at {request.width}x{request.height}) needs about "
                 f"{peak / GIB:.2f} GiB under the plan enable() chose for {self.largest.describe()}, more than the "
-                f"{usable / GIB:.2f} GiB the {self.budget_bytes / GIB:.2f} GiB budget leaves: lower num_frames, height "
-                "or width, or enable() a freshly loaded pipeline with max_frames, max_height and max_width covering it"
+                f"{usable / GIB:.2f} GiB the {self.budget_bytes / GIB:.2f} GiB budget leaves: lower {lower}, "
+                "or enable() a freshly loaded pipeline with max_frames, max_height and max_width covering it"
             )
 
     def describe(self) -> str:
@@ -121,7 +123,9 @@ def choose_pipeline_plan(
 
 
 def pipeline_sizes(pipe: Cosmos3OmniPipeline, quantization: Quantization = NONE) -> ModelSizes:
-    """The planner's sizes of `pipe`'s models, in the transformer's dtype (the VAE's is assumed the same)."""
+    """The planner's sizes of `pipe`'s models, in the transformer's dtype (the VAE's is assumed the same), with
+    the action heads in the generator when the transformer has them (enable() places them: see
+    pipeline_weights.py)."""
     dtype_bytes = pipe.transformer.dtype.itemsize
     if dtype_bytes not in DTYPES:
         raise InputError(
@@ -130,20 +134,28 @@ def pipeline_sizes(pipe: Cosmos3OmniPipeline, quantization: Quantization = NONE)
         )
     sound = None if pipe.sound_tokenizer is None else {**pipe.sound_tokenizer.config, "encoder_enabled": False}
     config = dict(pipe.transformer.config)
-    return model_sizes(config, dict(pipe.vae.config), dtype_bytes, sound_config=sound, quantization=quantization)
+    actions = makes_actions(pipe)
+    return model_sizes(
+        config, dict(pipe.vae.config), dtype_bytes, sound_config=sound, quantization=quantization, actions=actions
+    )
 
 
 def call_request(pipe: Cosmos3OmniPipeline, call: PipelineCall, inputs: CallInputs) -> Request:
-    """The planner's view of one call (a call that starts from given latents encodes nothing)."""
+    """The planner's view of one call (a call that starts from given latents encodes nothing). An action
+    call's video is counted at its canvas size, `call`'s (an upper bound: the video keeps the content's size,
+    at most the canvas), its clip as the frames its mode encodes, and an action token per transition joins
+    the generator's tokens."""
     encode = 0
-    conditioning = inputs.conditioning
-    if conditioning is not None and inputs.latents is None:
+    conditioning, action = inputs.conditioning, inputs.action
+    if action is not None and inputs.latents is None:
+        encode = action.pixel_frames(pipe.vae.config.scale_factor_temporal)
+    elif conditioning is not None and inputs.latents is None:
         encode = frames_to_encode(
             image=conditioning.image is not None,
             video=conditioning.video is not None,
             condition_frames=conditioning.indexes,
         )
-    return planner_request(
+    request = planner_request(
         frames=call.frames,
         height=call.height,
         width=call.width,
@@ -155,6 +167,7 @@ def call_request(pipe: Cosmos3OmniPipeline, call: PipelineCall, inputs: CallInpu
         cache=call.cache,
         cache_threshold=call.cache_threshold,
     )
+    return request if action is None else dataclasses.replace(request, tokens=request.tokens + action.chunk)
 
 
 def pipeline_sound(pipe: Cosmos3OmniPipeline) -> dict | None:
@@ -165,6 +178,11 @@ def pipeline_sound(pipe: Cosmos3OmniPipeline) -> dict | None:
 def makes_sound(pipe: Cosmos3OmniPipeline) -> bool:
     """Whether the pipeline can generate a sound track (a sound tokenizer and a transformer trained with sound)."""
     return pipe.sound_tokenizer is not None and bool(pipe.transformer.config.get("sound_gen", False))
+
+
+def makes_actions(pipe: Cosmos3OmniPipeline) -> bool:
+    """Whether the transformer has action heads (`action_gen`): enable() places them for action calls."""
+    return bool(pipe.transformer.config.get("action_gen", False))
 
 
 def measure_device(pipe: Cosmos3OmniPipeline, device: torch.device, *, attention: str, h2d_GBps: float | None):

@@ -8,8 +8,10 @@ differences in form: frames rounded to 8 bits, and "np"/"pt" videos on the host)
 
 The pipeline's own modules become the placed ones (see pipeline_weights.py): no second copy of the
 weights stays in memory, the old tensors are freed as they are copied, and weights generation never
-reads (lm_head, the action heads, the sound tokenizer's encoder) are released. The weights keep the
-dtypes the pipeline was loaded with. `enable` is one-way: to place a pipeline differently, load it again.
+reads (lm_head, the sound tokenizer's encoder) are released; the action heads, when the transformer
+has them, are placed with the generator, so `pipe(..., action=CosmosActionCondition(...))` runs the
+action modes too. The weights keep the dtypes the pipeline was loaded with. `enable` is one-way: to place
+a pipeline differently, load it again.
 """
 
 from __future__ import annotations

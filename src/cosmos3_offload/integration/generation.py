@@ -7,8 +7,10 @@ it is the pipeline's: its prompt templates and the call's switches of them, its 
 configured it (any scheduler its own loop steps, stepped the same way), the call's generator and
 starting latents. What it makes of the result is the pipeline's too: its safety checker and its output
 types. Noise is drawn as the pipeline draws it: from the call's generator, in the same shape, on the
-same device and in the same order (video, then sound), so a seed gives the video the unpatched
-pipeline gives.
+same device and in the same order (video, then sound, then actions), so a seed gives the video (and
+the actions) the unpatched pipeline gives. An action call returns its predicted actions as diffusers
+does: `action=[float32 [chunk, width of the domain]]` (None for forward dynamics), and with
+`return_dict=False` the triple (video, sound, action).
 
 Frames are decoded to 8 bits on the host as they leave the device (vae/decode.py), so "np" and "pt"
 videos hold multiples of 1/255 (within half a level of diffusers' unrounded floats) and live on the
@@ -23,6 +25,7 @@ from diffusers import Cosmos3OmniPipeline
 from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import Cosmos3OmniPipelineOutput, CosmosSafetyChecker
 from PIL import Image
 
+from ..app.action_input import action_geometry, action_latent_shape
 from ..app.doors import GenerationHooks, PlacedPipeline
 from ..app.generate import PromptTemplates, latent_shape
 from ..app.runner import generate
@@ -39,15 +42,14 @@ def generate_call(
     device = state.engine.device
     if call.safety_check:
         _check_prompt_safety(pipe, call.prompt, device)
-    shape = latent_shape(pipe, call)
-    if inputs.latents is not None and tuple(inputs.latents.shape) != shape:
-        raise InputError(f"latents have shape {list(inputs.latents.shape)}; this call's are {list(shape)}")
+    _check_given_latents(pipe, call, inputs)
     fp8 = None if state.fp8 is None else state.fp8.steps
     placed = PlacedPipeline(pipe=pipe, engine=state.engine, plan=state.plan, kernels=state.kernels, fp8=fp8)
     hooks = GenerationHooks(
         generator=inputs.generator,
         latents=inputs.latents,
         sound_latents=inputs.sound_latents,
+        action_latents=inputs.action_latents,
         templates=PromptTemplates(call.system_prompt, call.add_resolution_template, call.add_duration_template),
         progress=progress,
         decode_video=call.output_type != "latent",
@@ -59,9 +61,31 @@ def generate_call(
         video = video_as(call.output_type, generated.frames)
         if call.safety_check and isinstance(pipe.safety_checker, CosmosSafetyChecker):
             video = pipe._apply_video_safety_check(video, output_type=call.output_type, device=device)
+    action = None if generated.actions is None else [generated.actions]
     if not call.return_dict:
-        return video, generated.waveform
-    return Cosmos3OmniPipelineOutput(video=video, sound=generated.waveform)
+        return (video, generated.waveform) if inputs.action is None else (video, generated.waveform, action)
+    return Cosmos3OmniPipelineOutput(video=video, sound=generated.waveform, action=action)
+
+
+def _check_given_latents(pipe: Cosmos3OmniPipeline, call: PipelineCall, inputs: CallInputs) -> None:
+    """Starting latents of another shape than the call's are refused (diffusers would fail deep in the model):
+    the video's [1, C, T, h, w] (an action call's at the content's size), the actions' [chunk, action_dim]."""
+    action = inputs.action
+    if inputs.latents is not None:
+        shape = (
+            latent_shape(pipe, call)
+            if action is None
+            else action_latent_shape(pipe, action, action_geometry(pipe, action))
+        )
+        if tuple(inputs.latents.shape) != shape:
+            raise InputError(f"latents have shape {list(inputs.latents.shape)}; this call's are {list(shape)}")
+    if inputs.action_latents is not None:
+        shape = (action.chunk, pipe.transformer.config.action_dim)
+        if tuple(inputs.action_latents.shape) != shape:
+            raise InputError(
+                f"action_latents have shape {list(inputs.action_latents.shape)}; this call's are {list(shape)} "
+                "(chunk_size x the action heads' action_dim)"
+            )
 
 
 def video_as(output_type: str, frames: np.ndarray) -> np.ndarray | torch.Tensor | list[Image.Image]:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..errors import InputError
 from .budget import call_request
-from .call import read_call
+from .call import check_step_cache, read_call
 from .generation import generate_call
 from .state import OffloadState
 
@@ -71,15 +71,17 @@ class OffloadedCosmos3OmniPipeline(Cosmos3OmniPipeline):
         mixed_precision_reasoner_policy: str | None = None,
     ):
         """`Cosmos3OmniPipeline.__call__`, run through the split with the placed weights; same arguments, same
-        output. Refused with an InputError naming the argument: `action`/`action_latents`,
+        output (with an `action`, the predicted actions too). Refused with an InputError naming the argument:
         `callback_on_step_end`, `mixed_precision_*`, more than one prompt, `condition_video_keep="last"`,
-        and (under a VRAM budget) a call whose predicted peak does not fit the budget. Latents that turn
-        NaN or infinite are an InputError too, as in the CLI, instead of a black video."""
+        an `action` under `enable(cache="seacache")`, and (under a VRAM budget) a call whose predicted peak
+        does not fit the budget. Latents that turn NaN or infinite are an InputError too, as in the CLI,
+        instead of a black video."""
         arguments = dict(locals())
         del arguments["self"]
         call, inputs = read_call(self, arguments)
         state = self.offload
         call = dataclasses.replace(call, cache=state.cache, cache_threshold=state.cache_threshold)
+        check_step_cache(call, inputs)
         placed = (self.transformer, self.vae, self.sound_tokenizer)
         if any(now is not then for now, then in zip(placed, state.modules)):
             raise InputError(
@@ -87,7 +89,8 @@ class OffloadedCosmos3OmniPipeline(Cosmos3OmniPipeline):
                 "set its modules, then enable it"
             )
         if state.budget is not None:
-            state.budget.check_call(call_request(self, call, inputs))  # the step cache's residuals counted
+            request = call_request(self, call, inputs)  # the step cache's residuals and the action tokens counted
+            state.budget.check_call(request, action=inputs.action is not None)
         self._guidance_scale, self._current_timestep, self._interrupt = call.guidance, None, False
         progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)  # set_progress_bar_config
         output = generate_call(self, state, call, inputs, progress=progress)
