@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from cosmos3_offload.model.tiers import RESOLUTION_TIERS
 from cosmos3_offload.request.checks import FieldError
 from cosmos3_offload.request.field import DOORS, Absent
 from cosmos3_offload.request.spec import FIELDS_BY_NAME, REQUEST_FIELDS, request_defaults
+from cosmos3_offload.serve.action_request import ACTION_KEY_OF
 from cosmos3_offload.serve.api_errors import ApiError
 from cosmos3_offload.serve.requests import parse_video
 
@@ -51,6 +53,11 @@ GOOD = {
     "system_prompt": False,
     "cache": "seacache",
     "cache_threshold": 0.5,
+    "action": "policy",
+    "domain": "pusht",
+    "chunk_size": 8,
+    "actions": Path("rows.npy"),
+    "view": "wrist_view",
 }
 # A value of the right type each bounded field refuses: every door must refuse it in the same words.
 BAD = {
@@ -64,9 +71,21 @@ BAD = {
     "seed": -1,
     "cache": "teacache",
     "cache_threshold": 101.0,
+    "action": "dance",
+    "domain": "unicycle",
+    "chunk_size": 1025,
+    "view": "top_view",
 }
 # What a door needs beside the field itself for the value to mean something.
-WITH = {"cache_threshold": {"cache": "seacache"}, "condition_frames": {"video": Path("c.mp4")}}
+WITH = {
+    "cache_threshold": {"cache": "seacache"},
+    "condition_frames": {"video": Path("c.mp4")},
+    "action": {"domain": "pusht", "image": Path("a.png")},
+    "domain": {"action": "policy", "image": Path("a.png")},
+    "chunk_size": {"action": "policy", "domain": "pusht", "image": Path("a.png")},
+    "actions": {"action": "forward_dynamics", "domain": "pusht", "image": Path("a.png")},
+    "view": {"action": "policy", "domain": "pusht", "image": Path("a.png")},
+}
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +142,8 @@ def test_sample_files_take_each_field_under_their_name(tmp_path, name):
         fields = sample_fields({"prompt": "a", "vision_path": str(value)}, tmp_path)
         assert fields[name] == tmp_path / value
         return
-    extra = {"vision_path": "c.mp4"} if "video" in WITH.get(name, {}) else {}
-    sample = {"prompt": "a", spec.sample: list(value) if isinstance(value, tuple) else value} | extra
-    assert sample_fields(sample, tmp_path)[name] == value
+    sample = {"prompt": "a", spec.sample: as_json(value)} | sample_with(name)
+    assert sample_fields(sample, tmp_path)[name] == (tmp_path / value if name == "actions" else value)
 
 
 @pytest.mark.parametrize("name", [s.name for s in REQUEST_FIELDS if isinstance(s.http, str)])
@@ -147,6 +165,28 @@ def test_the_api_takes_each_field_under_its_name(name):
     assert parse_video(fields, defaults, None).config[name] == GOOD[name]
     form = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in fields.items()}
     assert parse_video(form, defaults, None).config[name] == GOOD[name], "a form sends the value as text"
+
+
+def http_action_request(values: dict) -> dict:
+    """The HTTP request of `values`, the action fields in its `action` object (the image: a data: URL)."""
+    action = {ACTION_KEY_OF[k]: v for k, v in values.items() if k in ACTION_KEY_OF and k != "resolution"}
+    return {"prompt": "a", "action": action, "input_reference": "data:image/png;base64,iVBORw0KGgo="}
+
+
+@pytest.mark.parametrize(
+    "name", [s.name for s in REQUEST_FIELDS if not isinstance(s.http, str) and s.name in ACTION_KEY_OF]
+)
+def test_the_api_takes_each_action_field_in_its_action_object(name):
+    """Fails when a key of the HTTP `action` object is refused or read into another field, sent as JSON or as
+    a form's JSON text."""
+    request = http_action_request({name: GOOD[name]} | WITH.get(name, {}))
+    if name == "actions":  # the rows themselves, inline (written to the job's folder when it is admitted)
+        request["action"]["actions"] = [[0.5, -0.5]]
+        assert parse_video(request, request_defaults(), None).action.rows == [[0.5, -0.5]]
+        return
+    assert parse_video(request, request_defaults(), None).config[name] == GOOD[name]
+    form = request | {"action": json.dumps(request["action"])}
+    assert parse_video(form, request_defaults(), None).config[name] == GOOD[name], "a form sends the object as text"
 
 
 @pytest.mark.parametrize("name", [s.name for s in REQUEST_FIELDS if isinstance(s.diffusers, str)])
@@ -204,17 +244,24 @@ def test_a_value_out_of_bounds_is_refused_in_the_same_words_at_every_door(tmp_pa
     assert capsys.readouterr().err == f"cosmos3-offload: error: {spec.flag} {words}\n"
     assert list(tmp_path.iterdir()) == []
 
-    sample = {"prompt": "a", spec.sample: bad} | {FIELDS_BY_NAME[k].sample: v for k, v in WITH.get(name, {}).items()}
+    sample = {"prompt": "a", spec.sample: bad} | sample_with(name)
     report = run_samples([_write(tmp_path / "s.json", sample)], tmp_path / "out", defaults=request_defaults(),
                          overrides={}, say=lambda line: None, warn=lambda line: None)  # fmt: skip
-    assert report.outcomes[0].status == "refused" and report.outcomes[0].message == f"{spec.sample} {words}"
+    modes = "text2image, text2video, image2video, video2video, forward_dynamics, inverse_dynamics, policy, wam"
+    expected = f"{spec.sample} {words}" if name != "action" else f"model_mode must be one of {modes}, got {bad!r}"
+    assert report.outcomes[0].status == "refused" and report.outcomes[0].message == expected
 
-    fields = {"prompt": "a", spec.http: bad} | {FIELDS_BY_NAME[k].http: v for k, v in WITH.get(name, {}).items()}
-    if spec.http == "size":  # a size names a tier and an aspect ratio at once: only real ones are sizes
+    if not isinstance(spec.http, str) and name in ACTION_KEY_OF:  # the HTTP door takes it in the `action` object
+        key = f"action.{ACTION_KEY_OF[name]}"
+        with pytest.raises(ApiError) as refused:
+            parse_video(http_action_request({name: bad} | WITH.get(name, {})), request_defaults(), None)
+        assert (refused.value.message, refused.value.param) == (f"{key} {words}", key)
+    elif spec.http == "size":  # a size names a tier and an aspect ratio at once: only real ones are sizes
         with pytest.raises(ApiError) as refused:
             parse_video({"prompt": "a", "size": "1920x1080"}, request_defaults(), None)
         assert refused.value.param == "size" and "is not a Cosmos3 frame size" in refused.value.message
     else:
+        fields = {"prompt": "a", spec.http: bad} | {FIELDS_BY_NAME[k].http: v for k, v in WITH.get(name, {}).items()}
         with pytest.raises(ApiError) as refused:
             parse_video(fields, request_defaults(), None)
         assert (refused.value.message, refused.value.param) == (f"{spec.http} {words}", spec.http)
@@ -223,6 +270,16 @@ def test_a_value_out_of_bounds_is_refused_in_the_same_words_at_every_door(tmp_pa
         with pytest.raises(InputError) as refused:
             read_call(pipe, call_arguments(pipe, height=64, width=64, **{spec.diffusers: bad}))
         assert str(refused.value) == f"{spec.diffusers} {words}"
+
+
+def as_json(value):
+    """A test value as a sample file writes it."""
+    return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+
+
+def sample_with(name: str) -> dict:
+    """The sample fields `name` needs beside it (WITH), as a sample file writes them."""
+    return {FIELDS_BY_NAME[k].sample: as_json(v) for k, v in WITH.get(name, {}).items()}
 
 
 def _write(path: Path, content) -> Path:
