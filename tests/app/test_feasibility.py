@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cosmos3_offload.app import feasibility, runner
+from cosmos3_offload.app import feasibility, generation_path, runner
 from cosmos3_offload.app.cli import main
 from cosmos3_offload.app.config import GenerationConfig
 from cosmos3_offload.errors import InputError
@@ -72,7 +72,7 @@ def test_the_cli_refuses_what_does_not_fit_before_loading(monkeypatch, capsys, t
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_latents_are_not_decoded(monkeypatch, capsys, tmp_path, bad):
     """Latents with a NaN or an infinity stop the run before the decode: one line, exit 2, no video."""
-    real = runner.denoise_latents
+    real = generation_path.denoise_latents
 
     def poisoned(*args, **kwargs):
         latents = real(*args, **kwargs)
@@ -80,8 +80,8 @@ def test_non_finite_latents_are_not_decoded(monkeypatch, capsys, tmp_path, bad):
         return latents
 
     decoded = []
-    monkeypatch.setattr(runner, "denoise_latents", poisoned)
-    monkeypatch.setattr(runner, "decode_frames", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(generation_path, "denoise_latents", poisoned)
+    monkeypatch.setattr(generation_path, "decode_frames", lambda *a, **k: decoded.append(1))
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--prompt", "x", "--output", str(tmp_path / "o.mp4"), *CHEAP])
     err = capsys.readouterr().err

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cosmos3_offload.app import runner
+from cosmos3_offload.app import generation_path
 from cosmos3_offload.app.cli import main
 from cosmos3_offload.model.geometry import SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
 from cosmos3_offload.request.checks import MAX_PROMPT_CHARS
@@ -227,8 +227,8 @@ def test_fuzzed_flags_exit_0_or_2_and_leave_nothing_on_refusal(tmp_path, monkeyp
         shape = ((t - 1) * TEMPORAL_COMPRESSION + 1, h * SPATIAL_COMPRESSION, w * SPATIAL_COMPRESSION, 3)
         return np.zeros(shape, dtype=np.uint8)
 
-    real_decode = runner.decode_frames
-    monkeypatch.setattr(runner, "decode_frames", decode)
+    real_decode = generation_path.decode_frames
+    monkeypatch.setattr(generation_path, "decode_frames", decode)
     previous = signal.signal(signal.SIGALRM, too_slow)
     start, ran, outcomes = time.monotonic(), 0, {0: 0, 2: 0}
     try:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cosmos3_offload.app import runner
+from cosmos3_offload.app import generation_path, runner
 from cosmos3_offload.app.cli import main
 from cosmos3_offload.app.sample_files import read_samples
 
@@ -108,13 +108,13 @@ def test_all_samples_refused_loads_nothing_and_leaves_no_folder(capsys, tmp_path
 
 def test_a_sample_failing_at_run_time_is_recorded_and_the_rest_continue(capsys, tmp_path, monkeypatch):
     """NaN latents in one sample fail it (record status "failed", no video); later samples run; exit 1."""
-    original = runner.denoise_latents
+    original = generation_path.denoise_latents
 
     def poisoned(pipe, config, *args, **kwargs):
         latents = original(pipe, config, *args, **kwargs)
         return latents._replace(vision=latents.vision * float("nan")) if config.prompt == "poison" else latents
 
-    monkeypatch.setattr(runner, "denoise_latents", poisoned)
+    monkeypatch.setattr(generation_path, "denoise_latents", poisoned)
     samples = [{"prompt": p, "num_frames": 1} for p in ("a fox", "poison", "a cat")]
     code, out, err = generate(capsys, [write_lines(tmp_path / "s.jsonl", samples)], tmp_path / "out")
     assert code == 1
@@ -127,14 +127,14 @@ def test_a_sample_failing_at_run_time_is_recorded_and_the_rest_continue(capsys, 
 
 def test_an_interrupt_stops_every_sample(capsys, tmp_path, monkeypatch):
     """Ctrl-C during a sample ends the whole run with status 130; the samples before it stay written."""
-    original = runner.denoise_latents
+    original = generation_path.denoise_latents
 
     def interrupted(pipe, config, *args, **kwargs):
         if config.prompt == "stop":
             raise KeyboardInterrupt
         return original(pipe, config, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "denoise_latents", interrupted)
+    monkeypatch.setattr(generation_path, "denoise_latents", interrupted)
     samples = [{"prompt": p, "num_frames": 1} for p in ("a fox", "stop", "a cat")]
     code, _, err = generate(capsys, [write_lines(tmp_path / "s.jsonl", samples)], tmp_path / "out")
     assert code == 130 and "stopped at sample s_1 (2 of 3)" in err

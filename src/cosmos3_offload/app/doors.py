@@ -1,4 +1,4 @@
-"""What a door hands the one generation path (`runner.generate`), and what it gets back.
+"""What a door hands the one generation path (`generation_path.generate`), and what it gets back.
 
 The doors are the CLI, sample files and the server (through `LoadedModel.write`) and a diffusers
 pipeline under `enable()` (integration/generation.py). Each translates its input into a

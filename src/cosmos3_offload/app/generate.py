@@ -1,4 +1,4 @@
-"""The generation path's phases: tokenize, prefill each CFG branch once, denoise, decode (runner.py's
+"""The generation path's phases: tokenize, prefill each CFG branch once, denoise, decode (generation_path.py's
 `generate` runs them, in order, for every door).
 
 Prompt templates, text/vision packing, the scheduler and the VAE normalization all come from

@@ -8,6 +8,6 @@
 - `offloaded_pipeline`: the placed pipeline's class, whose `__call__` takes diffusers' arguments;
 - `call`: those arguments (an `action=CosmosActionCondition` included) read into one call's values, and
   what cannot be honoured refused;
-- `generation`: one call through the generation path (app/runner.py's `generate`, the CLI's own),
+- `generation`: one call through the generation path (app/generation_path.py's `generate`, the CLI's own),
   returned as diffusers returns it.
 """

@@ -1,6 +1,6 @@
 """One call of a placed pipeline through the generation path, returned as `Cosmos3OmniPipeline.__call__` returns it.
 
-The phases and their order are app/runner.py's `generate`, the CLI's own: (encode,) prefill each CFG
+The phases and their order are app/generation_path.py's `generate`, the CLI's own: (encode,) prefill each CFG
 branch once, denoise with the generator alone (with the step cache `enable()` was given), refuse
 non-finite latents, decode, each while its group's weights are on the device. What this door hands
 it is the pipeline's: its prompt templates and the call's switches of them, its scheduler as the user
@@ -28,7 +28,7 @@ from PIL import Image
 from ..app.action_input import action_geometry, action_latent_shape
 from ..app.doors import GenerationHooks, PlacedPipeline
 from ..app.generate import PromptTemplates, latent_shape
-from ..app.runner import generate
+from ..app.generation_path import generate
 from ..errors import InputError
 from .call import CallInputs, PipelineCall
 from .state import OffloadState
