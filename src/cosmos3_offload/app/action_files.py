@@ -49,7 +49,7 @@ def read_actions(path: Path, width: int, domain: str) -> np.ndarray:
         rows, lines = _csv_rows(data, where)
         array = _rows_array(rows, where, lines)
     _check_width(where, array.shape[1], width, domain)
-    _check_values(array, where, lines)
+    check_action_values(array, where, lines)
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -76,7 +76,7 @@ def actions_from_json(text: str) -> np.ndarray:
     if array.shape != (found["rows"], found["width"]):
         said = f"{found['rows']!r} rows of {found['width']!r}"
         raise InputError(f"{where} says {said} numbers but holds {array.shape[0]} rows of {array.shape[1]}")
-    _check_values(array, where, None)
+    check_action_values(array, where, None)
     return array.astype(np.float32)
 
 
@@ -220,8 +220,9 @@ def _check_width(where: str, found: int, width: int, domain: str) -> None:
         raise InputError(f"{where}: domain {domain!r} takes {width} numbers per row, the file has {found}")
 
 
-def _check_values(array: np.ndarray, where: str, lines: list[int] | None) -> None:
-    """Refuse NaN, infinity and absurd magnitudes in float64 [rows, width], naming the first."""
+def check_action_values(array: np.ndarray, where: str, lines: list[int] | None = None) -> None:
+    """Refuse NaN, infinity and absurd magnitudes in float64 [rows, width], naming the first (every door's
+    action rows: a file's, an HTTP request's, a diffusers call's `raw_actions`)."""
     not_finite = ~np.isfinite(array)
     if not_finite.any():
         row, column = _first(not_finite)

@@ -190,9 +190,12 @@ class ActionRows(NamedTuple):
 
     def files(self, output: Path) -> tuple[Path, Path]:
         """(the .npy, the .json) for `output`."""
-        if self.paths is not None:
-            return self.paths
-        return output.parent / f"{output.stem}.actions.npy", output.parent / f"{output.stem}.actions.json"
+        return self.paths if self.paths is not None else actions_beside(output)
+
+
+def actions_beside(output: Path) -> tuple[Path, Path]:
+    """(NAME.actions.npy, NAME.actions.json) beside the video NAME.mp4: where an action run's actions go."""
+    return output.parent / f"{output.stem}.actions.npy", output.parent / f"{output.stem}.actions.json"
 
 
 def write_output(

@@ -36,6 +36,7 @@ from typing import Any
 from ..errors import InputError
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..model.actions import ACTION_WIDTHS
+from ..model.specs import embedded_tiny
 from ..planning.plan import Plan
 from ..request.checks import FieldError, InputFiles
 from ..request.spec import door_fields, named_at, request_defaults
@@ -110,7 +111,7 @@ def run_samples(
     outcomes: list[Outcome] = []
     made: list[Path] = []  # folders this call created, removed again when nothing is written there
     # An action sample's defaults: the video defaults less the shape its rules fix (as the CLI's defaults_for).
-    tiny = checkpoint is None and model.startswith("tiny")
+    tiny = embedded_tiny(checkpoint, model)
     action_defaults = defaults | {k: request_defaults(tiny=tiny, action=True)[k] for k in ACTION_SHAPE}
     try:
         samples = read_samples(paths)

@@ -27,10 +27,11 @@ import torch
 from diffusers import Cosmos3OmniPipeline
 from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
 
+from ..app.action_files import check_action_values
 from ..app.action_input import ActionInput, action_geometry
 from ..app.inputs import Conditioning
 from ..errors import InputError
-from ..model.actions import ACTION_WIDTHS, MAX_ACTION_MAGNITUDE
+from ..model.actions import ACTION_WIDTHS
 from ..model.tiers import frame_size
 from ..request.checks import FieldError
 from ..request.spec import (
@@ -277,11 +278,4 @@ def _check_rows(rows: torch.Tensor | np.ndarray) -> None:
     values = torch.as_tensor(rows)
     if values.dtype == torch.bool or values.is_complex():
         raise InputError(f"action.raw_actions holds {values.dtype} values, not real numbers")
-    values = values.detach().to("cpu", torch.float64)
-    bad = ~torch.isfinite(values) | (values.abs() > MAX_ACTION_MAGNITUDE)
-    if bool(bad.any()):
-        row, column = (int(i) for i in torch.nonzero(bad)[0])
-        raise InputError(
-            f"action.raw_actions: row {row + 1}, column {column + 1} is {values[row, column].item():g}, not a finite "
-            f"number within ±{MAX_ACTION_MAGNITUDE:g} (actions are normalized poses and gripper states)"
-        )
+    check_action_values(values.detach().to("cpu", torch.float64).numpy(), "action.raw_actions")

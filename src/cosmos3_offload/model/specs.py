@@ -113,6 +113,11 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 }
 
 
+def embedded_tiny(checkpoint: object | None, model: str) -> bool:
+    """Whether a run uses an embedded tiny model (no checkpoint): it gets the tiny request defaults."""
+    return checkpoint is None and model.startswith("tiny")
+
+
 def model_spec(name: str) -> ModelSpec:
     """Look up a spec by name; an unknown name lists the choices."""
     try:

@@ -272,8 +272,3 @@ def action_choices(action_dim: int | None, tier: int) -> dict[str, Any] | None:
         "tier": tier,
         "chunk_size": DEFAULT_CHUNK,
     }
-
-
-def actions_file(video_file: str) -> str:
-    """The predicted actions' JSON beside a job's video (NAME.mp4 -> NAME.actions.json, as app/outputs.py writes)."""
-    return f"{Path(video_file).stem}.actions.json"

@@ -31,8 +31,9 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from ..app.outputs import actions_beside
 from ..request.checks import shown
-from .action_request import action_choices, actions_file
+from .action_request import action_choices
 from .api_errors import (
     ApiError,
     bad_request,
@@ -186,7 +187,7 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(404, message, code="not_found")
         if job.status != COMPLETED:
             raise ApiError(409, f"video {shown(video_id)} is {job.status}, not completed", code="not_ready")
-        path = store.folder_of(job.id) / actions_file(job.file)
+        _, path = actions_beside(store.folder_of(job.id) / job.file)
         if not await asyncio.to_thread(path.is_file):
             raise file_gone("video", job.id)
         return FileResponse(path, media_type="application/json")

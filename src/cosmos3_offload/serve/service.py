@@ -13,6 +13,7 @@ from ..app.inputs import read_conditioning
 from ..app.runner import LoadedModel
 from ..app.serve_settings import ServeSettings
 from ..errors import InputError
+from ..model.specs import embedded_tiny
 from ..request.checks import FieldError
 from ..request.spec import named_at, request_defaults
 from .action_request import (
@@ -44,7 +45,7 @@ class Service:
     ) -> None:
         self.loaded, self.store, self.queue, self.metrics, self.settings = loaded, store, queue, metrics, settings
         self.action_dim = served_action_dim(loaded)
-        tiny = loaded.checkpoint is None and loaded.model.startswith("tiny")  # as the CLI's defaults say it
+        tiny = embedded_tiny(loaded.checkpoint, loaded.model)  # as the CLI's defaults say it
         self.action_tier = request_defaults(tiny=tiny, action=True)["resolution"]
 
     def video_object(self, job: Job) -> dict[str, Any]:

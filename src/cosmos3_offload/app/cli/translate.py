@@ -13,7 +13,7 @@ from ...errors import InputError
 from ...loading.files import check_checkpoint
 from ...loading.layout import has_sound_tokenizer, pipeline_options, sound_config
 from ...loading.quantization import Fp8Options
-from ...model.specs import model_spec
+from ...model.specs import embedded_tiny, model_spec
 from ...parallel.mesh import Environment
 from ...planning.parallel import MAX_GPUS
 from ...planning.request import parse_budget
@@ -33,7 +33,7 @@ def typed_fields(args: argparse.Namespace) -> dict[str, Any]:
 def defaults_for(args: argparse.Namespace) -> dict[str, Any]:
     """The request's defaults for this model: Cosmos3's, the tiny model's smaller shape, or a distilled
     checkpoint's step count and guidance."""
-    tiny = args.checkpoint is None and args.model.startswith("tiny")
+    tiny = embedded_tiny(args.checkpoint, args.model)
     sigmas = _distilled_sigmas(args.checkpoint)
     action = getattr(args, "action", None) is not None
     return request_defaults(tiny=tiny, distilled_steps=None if sigmas is None else len(sigmas), action=action)
