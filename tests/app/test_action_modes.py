@@ -74,7 +74,9 @@ def request(folder, tmp_path, mode, domain, chunk, seed, **extra) -> GenerationC
 
 def ours(folder, config, plan=None, fp8=None):
     fp8 = fp8 or Fp8Options()
-    loaded = LoadedModel.open(checkpoint=folder, device="cpu", plan=plan or Plan(), actions=True, fp8=fp8)
+    loaded = LoadedModel.open(
+        checkpoint=folder, device="cpu", plan=plan or Plan(), actions=True, sound=config.sound, fp8=fp8
+    )
     config = loaded.check(config)
     components = loaded.load(PhaseTimer(CPU))
     return generate_video(config, components, PhaseTimer(CPU), progress=False, conditioning=read_conditioning(config))
@@ -116,6 +118,7 @@ def theirs(folder, config):
         output_type="np",
         enable_safety_check=False,
         action=action,
+        enable_sound=config.sound,
         callback_on_step_end=last_latents,
     )
     return output, latents[0]
@@ -129,10 +132,16 @@ CASES = [
     ("forward_dynamics", "pusht", 8, 5, {"view": "third_person_view"}),
     ("inverse_dynamics", "galbot", 8, 6, {}),
     ("inverse_dynamics", "bridge_orig_lerobot", 4, 7, {"negative_prompt": "jitter"}),
+    ("policy", "pusht", 4, 8, {"sound": True}),  # sound noise is drawn between the video's and the actions'
 ]
 
 
-@pytest.mark.parametrize("mode, domain, chunk, seed, extra", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+CASE_IDS = [
+    f"{mode}-{domain}-{chunk}" + ("-sound" if extra.get("sound") else "") for mode, domain, chunk, _, extra in CASES
+]
+
+
+@pytest.mark.parametrize("mode, domain, chunk, seed, extra", CASES, ids=CASE_IDS)
 def test_each_mode_equals_the_diffusers_pipeline(published, inputs, tmp_path, mode, domain, chunk, seed, extra):
     """Latents, frames (content size, 4*(chunk//4)+1 of them) and predicted actions (the domain's width)
     within 1e-4 of diffusers' on the same folder, for several domains, chunks, seeds and view points."""
@@ -149,6 +158,9 @@ def test_each_mode_equals_the_diffusers_pipeline(published, inputs, tmp_path, mo
         expected = output.action[0].float()
         assert video.actions.shape == (chunk, ACTION_WIDTHS[domain]) == tuple(expected.shape)
         assert relative_error(torch.from_numpy(video.actions), expected) <= TOLERANCE
+    if config.sound:
+        waveform = torch.from_numpy(video.sound.waveform)
+        assert relative_error(waveform, output.sound.float()) <= TOLERANCE
 
 
 # A mapped reasoner (only the reasoner maps) with the generator, heads and all, streamed.

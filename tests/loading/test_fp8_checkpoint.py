@@ -11,11 +11,14 @@ import json
 import shutil
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
 from diffusers.pipelines.cosmos import mixed_precision
+from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
 from fp8_layout import diffusers_fp8_pipeline
+from PIL import Image
 from published_layout import PLANS as PUBLISHED_PLANS
 from published_layout import never_read_files, pickle_marker
 from safetensors.torch import load_file, save_file
@@ -23,6 +26,7 @@ from tiny_models import diffusers_latents, relative_error
 
 from cosmos3_offload.app import generate
 from cosmos3_offload.app.config import GenerationConfig
+from cosmos3_offload.app.inputs import read_conditioning
 from cosmos3_offload.app.runner import LoadedModel, generate_video
 from cosmos3_offload.app.timer import PhaseTimer
 from cosmos3_offload.errors import InputError
@@ -106,6 +110,31 @@ def test_w8a16_throughout_equals_diffusers(folder, tmp_path):
     assert set(components.switches.trace) == {Precision.W8A16}
     expected, _ = theirs(folder, config, mixed_precision_first_steps=STEPS)
     assert relative_error(latents, expected) <= TOLERANCE
+
+
+def test_an_action_run_on_the_fp8_release_equals_diffusers(folder, tmp_path):
+    """The release keeps the action heads in bf16 beside its FP8 linears: a policy run (W8A16 throughout)
+    gives diffusers' FP8 pipeline's latents and predicted actions within 1e-3."""
+    image = tmp_path / "frame.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(image)
+    config = GenerationConfig(prompt="the gripper lifts the cup", action="policy", domain="pusht", chunk_size=4,
+                              resolution=256, steps=STEPS, guidance=5.0, seed=11, image=image,
+                              output=tmp_path / "o.mp4")  # fmt: skip
+    loaded = LoadedModel.open(checkpoint=folder, device="cpu", fp8=Fp8Options(mode="w8a16"), actions=True)
+    config = loaded.check(config)
+    components = loaded.load(PhaseTimer(CPU))
+    video = generate_video(config, components, PhaseTimer(CPU), progress=False, conditioning=read_conditioning(config))
+    pipe = diffusers_fp8_pipeline(folder)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(
+        pipe.scheduler.config, flow_shift=config.flow_shift, use_karras_sigmas=False
+    )
+    action = CosmosActionCondition(mode="policy", chunk_size=4, domain_name="pusht", resolution_tier=256,
+                                   image=Image.open(image).convert("RGB"))  # fmt: skip
+    output = pipe(prompt=config.prompt, num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
+                  generator=torch.Generator("cpu").manual_seed(11), enable_safety_check=False, action=action,
+                  mixed_precision_first_steps=STEPS)  # fmt: skip
+    assert relative_error(video.latents, output.video.float()) <= TOLERANCE
+    assert relative_error(torch.from_numpy(video.actions), output.action[0].float()) <= TOLERANCE
 
 
 def test_w8a8_throughout_equals_diffusers_for_one_step(folder, tmp_path):
