@@ -207,6 +207,8 @@ CLIP = "clip"  # replaced by the clip's data: URL
         ({"action": POLICY | {"chunk_size": 0}}, "action.chunk_size", "action.chunk_size " + problem("chunk_size", 0)),
         ({"action": POLICY | {"view": "top_view"}}, "action.view", "action.view " + problem("view", "top_view")),
         ({"action": POLICY | {"tier": 768}}, "action.tier", "action.tier must be one of 256, 480, 704, 720"),
+        ({"action": POLICY | {"tier": [480]}}, "action.tier", "action.tier must be one of 256, 480, 704, 720"),
+        ({"action": POLICY | {"tier": 480.0}}, "action.tier", "action.tier must be one of 256, 480, 704, 720"),
         ({"action": "policy"}, "action", "action must be a JSON object"),
         ({"action": FORWARD}, "action.actions", "forward_dynamics rolls the video out of given actions"),
         ({"action": POLICY | {"actions": [[0.0, 0.0]]}}, "action.actions", "action.mode policy predicts them"),

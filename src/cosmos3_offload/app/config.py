@@ -106,11 +106,11 @@ class GenerationConfig(RequestSpec):
             if path is not None:
                 check_input_file(kind, path)
         if self.action is not None:
-            self._pick_action_canvas()
+            object.__setattr__(self, "aspect_ratio", action_aspect(self))
         InputFiles(inputs).refuse_output(self.output)
         check_schedule(self.steps, self.flow_shift)
         try:
-            check_output(self.output, self.frames)
+            check_output(self.output, self.frames, actions=self.action in ("inverse_dynamics", "policy"))
         except (InputError, OutputFailed):  # bad input, or a disk with no room even for the probe (exit 1)
             raise
         except ValueError:  # a NUL byte, which only the Python API can pass
@@ -120,18 +120,19 @@ class GenerationConfig(RequestSpec):
                 f"output {str(self.output)!r} cannot be used: {error.strerror}; choose another --output"
             ) from None
 
-    def _pick_action_canvas(self) -> None:
-        """An action run's aspect ratio: the canvas of its tier nearest its input's shape (read from the
-        file's header), as diffusers picks it; one typed must be that one."""
-        kind, path = ("image", self.image) if self.image is not None else ("video", self.video)
-        height, width = input_frame_size(kind, path)
-        aspect = canvas_aspect(height, width, self.resolution)
-        if self.aspect_ratio is not None and self.aspect_ratio != aspect:
-            raise InputError(
-                f"--aspect-ratio does not go with --action: the {kind}'s shape ({width}x{height}) picks the "
-                f"canvas, {aspect}; drop --aspect-ratio"
-            )
-        object.__setattr__(self, "aspect_ratio", aspect)
+
+def action_aspect(request: RequestSpec) -> str:
+    """An action run's aspect ratio: the canvas of its tier nearest its input's shape (read from the file's
+    header), as diffusers picks it; one typed must be that one."""
+    kind, path = ("image", request.image) if request.image is not None else ("video", request.video)
+    height, width = input_frame_size(kind, path)
+    aspect = canvas_aspect(height, width, request.resolution)
+    if request.aspect_ratio is not None and request.aspect_ratio != aspect:
+        raise InputError(
+            f"--aspect-ratio does not go with --action: the {kind}'s shape ({width}x{height}) picks the "
+            f"canvas, {aspect}; drop --aspect-ratio"
+        )
+    return aspect
 
 
 def check_output_spares_checkpoint(output: Path, checkpoint: Path | None) -> None:

@@ -52,3 +52,12 @@ def check_action_heads(checkpoint: Path | None, model: str, domain: str | None =
             f"--domain {domain} takes {width} numbers per action, more than the {config.get('action_dim')} the "
             f"action heads of {where} take; choose another domain"
         )
+
+
+def has_action_heads(checkpoint: Path | None, model: str) -> bool:
+    """Whether action runs can run on this model (heads, not distilled): a server loads them and plans for them."""
+    try:
+        check_action_heads(checkpoint, model)
+    except InputError:
+        return False
+    return True

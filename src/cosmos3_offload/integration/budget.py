@@ -148,7 +148,7 @@ def call_request(pipe: Cosmos3OmniPipeline, call: PipelineCall, inputs: CallInpu
     encode = 0
     conditioning, action = inputs.conditioning, inputs.action
     if action is not None and inputs.latents is None:
-        encode = action.pixel_frames(pipe.vae.config.scale_factor_temporal)
+        encode = action.pixel_frames()
     elif conditioning is not None and inputs.latents is None:
         encode = frames_to_encode(
             image=conditioning.image is not None,

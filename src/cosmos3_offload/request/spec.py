@@ -31,7 +31,7 @@ from ..model.actions import (
     VIEW_POINTS,
     action_frames,
 )
-from ..model.geometry import latent_frames
+from ..model.geometry import generator_tokens, latent_frames
 from ..model.tiers import ASPECT_RATIOS, DEFAULT_SHIFT, RESOLUTION_TIERS, check_frame_count
 from .checks import FieldError, shown
 from .field import Absent, FieldSpec, declare, fields_of
@@ -273,9 +273,11 @@ class RequestSpec:
 
     @property
     def canvas(self) -> tuple[int, int]:
-        """(height, width): an action run's padded canvas (its tier's square one, the largest, until the
-        input's shape has picked the aspect ratio)."""
-        return ACTION_TIERS[self.resolution][self.aspect_ratio or "1,1"]
+        """(height, width): an action run's padded canvas (until the input's shape has picked the aspect
+        ratio, the tier's canvas of the most tokens, which bounds the others)."""
+        if self.aspect_ratio is not None:
+            return ACTION_TIERS[self.resolution][self.aspect_ratio]
+        return max(ACTION_TIERS[self.resolution].values(), key=lambda c: generator_tokens(1, *c))
 
     @property
     def width(self) -> int:

@@ -187,7 +187,7 @@ def _tier(value: Any, default: int) -> int:
         return default
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or value not in ACTION_TIERS:
+    if type(value) is not int or value not in ACTION_TIERS:
         tiers = ", ".join(map(str, ACTION_TIERS))
         message = f"action.tier must be one of {tiers} (the action canvases), got {shown(value)}"
         raise bad_request(message, "action.tier")

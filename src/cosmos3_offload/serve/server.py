@@ -28,7 +28,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..app.model_checks import check_action_heads
+from ..app.model_checks import has_action_heads
 from ..app.runner import LoadedModel
 from ..app.serve_settings import ServeSettings
 from ..app.timer import PhaseTimer
@@ -184,11 +184,7 @@ def in_process(loaded: LoadedModel, settings: ServeSettings) -> Iterator[Running
 def with_action_heads(loaded: LoadedModel) -> LoadedModel:
     """The model a server loads: with its action heads when it has them (a few MiB), since any request may be an
     action run; one without them (or distilled for video) serves the other requests, and refuses action runs."""
-    if loaded.actions or loaded.components is not None:
-        return loaded
-    try:
-        check_action_heads(loaded.checkpoint, loaded.model)
-    except InputError:
+    if loaded.actions or loaded.components is not None or not has_action_heads(loaded.checkpoint, loaded.model):
         return loaded
     return dataclasses.replace(loaded, actions=True)
 

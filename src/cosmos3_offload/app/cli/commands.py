@@ -27,6 +27,7 @@ from ..console import printable
 from ..device_profile import device_setup, probe_shape
 from ..distributed import layout_for, rank_device
 from ..feasibility import request_of
+from ..model_checks import check_action_heads, has_action_heads
 from ..runner import LoadedModel, run
 from ..samples import run_samples
 from ..serve_settings import RequestLimit, Retention, Serve, ServeSettings
@@ -42,11 +43,11 @@ from .translate import (
     typed_fields,
 )
 
+ACTION_FIELDS = ("action", "domain", "chunk_size", "actions", "view")
 # `serve` takes these with each request, not as flags (an action run's in the request's action object).
-REQUEST_ONLY = ("image", "video", "condition_frames", "action", "domain", "chunk_size", "actions", "view")
+REQUEST_ONLY = ("image", "video", "condition_frames", *ACTION_FIELDS)
 # The fields whose `serve` flags are the defaults of requests (its --sound loads the sound decoder; a
 # request asks for sound itself).
-ACTION_FIELDS = REQUEST_ONLY[3:]
 SERVED_DEFAULTS = tuple(name for name in COMMAND_FIELDS["serve"] if name not in (*REQUEST_ONLY, "sound"))
 
 
@@ -59,8 +60,9 @@ def warn(line: str) -> None:
     print(printable(line, sys.stderr, one_line=True), file=sys.stderr)
 
 
-def budget_choice(args: argparse.Namespace, shape: RequestSpec):
-    """The planner's pick for `shape` under --vram-budget (flags checked already)."""
+def budget_choice(args: argparse.Namespace, shape: RequestSpec, *, actions: bool = False):
+    """The planner's pick for `shape` under --vram-budget (flags checked already); `actions`: the action heads
+    are loaded (an action request loads them anyway)."""
     device = rank_device(resolve_device(args.device))
     # Plans are for a GPU: without --dtype they assume the GPU default (bfloat16), even when run on a CPU.
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.command == "plan" else None), device)
@@ -74,7 +76,7 @@ def budget_choice(args: argparse.Namespace, shape: RequestSpec):
         dtype_bytes=dtype.itemsize,
         sound_config=sound,
         quantization=quantization,
-        actions=shape.action is not None,
+        actions=actions or shape.action is not None,
     )
     ranks = args.gpus if args.gpus is not None else Environment.read().world_size
     layout = ParallelLayout.for_ranks(ranks, guidance=shape.uses_guidance, cfg_parallel=args.cfg_parallel)
@@ -93,7 +95,7 @@ def describe_shape(shape: RequestSpec) -> str:
     if shape.action is None:
         return f"{shape.width}x{shape.height}, {shape.frames} frames, {shape.steps} steps"
     return (
-        f"{shape.action} ({shape.domain}), chunk {shape.chunk_size}: {shape.frames} frames in a canvas of at most "
+        f"{shape.action} ({shape.domain}), chunk {shape.chunk_size}: {shape.frames} frames padded into a canvas of "
         f"{shape.width}x{shape.height} (tier {shape.resolution}), {shape.chunk_size} action tokens, {shape.steps} steps"
     )
 
@@ -103,6 +105,8 @@ def plan_command(args: argparse.Namespace) -> None:
         raise InputError("plan needs --vram-budget, e.g. --vram-budget 8GiB")
     shape = shape_from_args(args)
     check_flags(args)
+    if shape.action is not None:
+        check_action_heads(args.checkpoint, args.model, shape.domain)
     choice, budget, profile = budget_choice(args, shape)
     say(f"request: {describe_shape(shape)}")
     say(f"device profile: {profile.source}")
@@ -239,10 +243,13 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
 def serve_plan(args: argparse.Namespace, say=say) -> tuple[Plan, RequestLimit | None]:
     """The plan `serve` runs with (checked flags): --offload-stages, or with --vram-budget the planner's pick
     for the largest request served (--frames, --resolution, --aspect-ratio) with an image to encode, since
-    image-to-video may come; that request is then the limit of what the server takes."""
+    image-to-video may come; that request is then the limit of what the server takes. A model with action
+    heads is planned with them and with a clip's encode (inverse dynamics encodes its whole clip)."""
     if args.vram_budget is None:
         return Plan.from_offload(args.offload_stages), None
-    shape = shape_from_args(args, image=Path("input_reference"))
-    choice, budget, _ = budget_choice(args, shape)
+    actions = has_action_heads(args.checkpoint, args.model)
+    conditioning = {"video": Path("input_video")} if actions else {"image": Path("input_reference")}
+    shape = shape_from_args(args, **conditioning)
+    choice, budget, _ = budget_choice(args, shape, actions=actions)
     say(describe_choice(choice, budget, host_budget(args)))
     return choice.plan, RequestLimit(shape.frames, shape.width, shape.height)

@@ -6,6 +6,7 @@ loaded: a flag that is read is checked, and one that would be ignored is refused
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,15 @@ from ...planning.parallel import MAX_GPUS
 from ...planning.request import parse_budget
 from ...request.checks import check_input_file, check_input_folder, check_number
 from ...request.spec import RequestSpec, request_defaults
-from ..config import MAX_H2D_GBPS, MIN_H2D_GBPS, GenerationConfig, KernelOptions, resolve_device, resolve_dtype
+from ..config import (
+    MAX_H2D_GBPS,
+    MIN_H2D_GBPS,
+    GenerationConfig,
+    KernelOptions,
+    action_aspect,
+    resolve_device,
+    resolve_dtype,
+)
 from .flags import COMMAND_FIELDS
 
 PLANNED_PROMPT = "(the request planned)"  # `plan` and `serve` shape a request without a prompt
@@ -51,6 +60,8 @@ def shape_from_args(args: argparse.Namespace, **planned: Any) -> RequestSpec:
     for kind in ("image", "video"):
         if kind not in planned and getattr(shape, kind) is not None:
             check_input_file(kind, getattr(shape, kind))
+    if shape.action is not None:  # planned at the input's canvas
+        shape = dataclasses.replace(shape, aspect_ratio=action_aspect(shape))
     return shape
 
 
@@ -95,6 +106,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise InputError("--sound needs a --checkpoint with a sound_tokenizer/ folder (Nano, Super)")
     if args.sound:
         sound_config(args.checkpoint)  # builds, with a usable sampling rate
+    if args.condition_frames is not None and getattr(args, "action", None) is not None:
+        raise InputError("--condition-frames does not go with --action: the mode says which frames are clean; drop it")
     if args.condition_frames is not None and args.video is None:
         raise InputError("--condition-frames picks latent frames of a --video clip; pass --video too, or drop it")
 
