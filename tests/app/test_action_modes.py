@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,3 +306,61 @@ def test_serve_takes_the_action_fields_with_each_request_not_as_flags():
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--action belongs to a request" in done.stderr and "action object" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_without_an_input_the_planned_canvas_is_the_tiers_largest():
+    """Before an input has picked it, an action request is sized by its tier's canvas of the most tokens."""
+    from cosmos3_offload.request.spec import RequestSpec
+
+    for tier, largest in {256: (256, 320), 480: (640, 640), 704: (960, 960), 720: (720, 1280)}.items():
+        spec = RequestSpec(prompt="a", action="policy", domain="pusht", image=Path("a.png"), resolution=tier)
+        assert spec.canvas == largest and (spec.height, spec.width) == largest
+
+
+def test_plan_refuses_an_action_run_the_model_cannot_take(inputs, capsys):
+    base = [
+        "plan",
+        "--vram-budget",
+        "8GiB",
+        "--model",
+        "nano",
+        "--h2d-gbps",
+        "55",
+        "--image",
+        str(inputs / "frame.png"),
+    ]
+    statuses = []
+    for domain in ("hand_pose", "pusht"):
+        try:
+            statuses.append(main([*base, "--action", "policy", "--domain", domain]))
+        except SystemExit as exit_:
+            statuses.append(exit_.code)
+    out, err = capsys.readouterr()
+    assert statuses == [2, 0] and "more than the 32" in err and len(err.strip().splitlines()) == 1
+    assert "policy (pusht), chunk 16: 17 frames padded into a canvas of 736x544 (tier 480)" in out
+
+
+def test_condition_frames_do_not_go_with_an_action(inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = cli(capsys, "--action", "inverse_dynamics", "--domain", "pusht", "--video",
+                         str(inputs / "clip.mp4"), "--condition-frames", "0")  # fmt: skip
+    assert status == 2 and "--condition-frames does not go with --action" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_actions_file_is_refused_and_forward_dynamics_clears_stale_ones(inputs, tmp_path, capsys):
+    """A policy run may not replace a read-only NAME.actions.json; a forward-dynamics run onto NAME.mp4 removes
+    the NAME.actions.* an earlier run left (its actions were given, not predicted)."""
+    output = tmp_path / "run.mp4"
+    stale = tmp_path / "run.actions.json"
+    stale.write_text("{}")
+    stale.chmod(0o444)
+    policy = ["--action", "policy", "--domain", "pusht", "--chunk-size", "4", "--image", str(inputs / "frame.png")]
+    status, _, err = cli(capsys, *policy, "--output", str(output))
+    assert status == 2 and "run.actions.json' exists and is read-only" in err and not output.exists()
+    stale.chmod(0o644)
+    forward = ["--action", "forward_dynamics", "--domain", "pusht", "--chunk-size", "4", "--actions",
+               str(inputs / "rows2.npy"), "--image", str(inputs / "frame.png")]  # fmt: skip
+    status, _, err = cli(capsys, *forward, "--output", str(output))
+    assert status == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.mp4"]

@@ -64,7 +64,7 @@ class ActionInput:
         """Latent video frames given clean: every one in inverse dynamics, the first otherwise."""
         return tuple(range(latent_count)) if self.mode == "inverse_dynamics" else (0,)
 
-    def pixel_frames(self, temporal: int) -> int:
+    def pixel_frames(self) -> int:
         """Conditioning frames the VAE must encode: the whole clip in inverse dynamics; else the first
         (the encoder is causal in time, so latent frame 0 depends on pixel frame 0 alone)."""
         return self.frames if self.mode == "inverse_dynamics" else 1

@@ -66,6 +66,15 @@ class ActionTokens(NamedTuple):
     clean: tuple[int, ...]
 
 
+class ActionPacking(NamedTuple):
+    """What the branches of an action run need: its input (mode, view), its tokens and the canvas
+    (height, width) the caption states."""
+
+    action: ActionInput
+    tokens: ActionTokens
+    canvas: tuple[int, int]
+
+
 @dataclass(frozen=True)
 class Branch:
     """One CFG branch: its prompt tokens, their mRoPE ids [3, tokens] and its generator layout."""
@@ -212,12 +221,12 @@ def prepare_branches(
     condition_frames: tuple[int, ...] = (),
     sound: torch.Tensor | None = None,
     templates: PromptTemplates = PromptTemplates(),
-    action: tuple[ActionInput, ActionTokens, tuple[int, int]] | None = None,
+    action: ActionPacking | None = None,
 ) -> list[Branch]:
     """[cond] or [cond, uncond], tokenized with the pipeline's templates; `condition_frames` stay clean.
     An `action` run (its input, tokens and canvas): the prompt is the pipeline's action caption at the
     canvas size, the negative prompt goes in as it is, and the action tokens follow the video's."""
-    height, width = (config.height, config.width) if action is None else action[2]
+    height, width = (config.height, config.width) if action is None else action.canvas
     cond_ids, uncond_ids = pipe.tokenize_prompt(
         config.prompt,
         config.negative_prompt,
@@ -228,11 +237,11 @@ def prepare_branches(
         use_system_prompt=templates.use_system_prompt,
         add_resolution_template=templates.add_resolution_template,
         add_duration_template=templates.add_duration_template,
-        action_mode=None if action is None else action[0].mode,
-        action_view_point=None if action is None else action[0].view,
+        action_mode=None if action is None else action.action.mode,
+        action_view_point=None if action is None else action.action.view,
     )
     prompts = [cond_ids, uncond_ids] if config.uses_guidance else [cond_ids]
-    tokens = None if action is None else action[1]
+    tokens = None if action is None else action.tokens
     return [
         pack_branch(pipe, ids, latents, config.fps, latents.device, condition_frames, sound, tokens) for ids in prompts
     ]

@@ -22,6 +22,7 @@ from .action_input import ActionGeometry, ActionInput, action_geometry, action_l
 from .doors import Generated, GenerationHooks, PlacedPipeline, Request
 from .finite import SOUND_BROKEN, VAE_BROKEN, check_finite, not_finite
 from .generate import (
+    ActionPacking,
     ActionTokens,
     Latents,
     Sampling,
@@ -73,7 +74,9 @@ def generate(
         if placed.fp8 is not None:
             placed.fp8.before_prefill()
         with _phase(timer, "prefill"), engine.use(REASONER):
-            packing = None if action is None else (action, ActionTokens(acts, action.clean_actions), geometry.canvas)
+            packing = None
+            if action is not None:
+                packing = ActionPacking(action, ActionTokens(acts, action.clean_actions), geometry.canvas)
             branches = prepare_branches(pipe, request, vision, indexes, sound, hooks.templates, packing)
             branches = mesh_branches(branches, mesh)
             if mesh is not None:
@@ -148,8 +151,7 @@ def _action_conditioned(
 ) -> torch.Tensor:
     """`vision` with an action run's clean latent frames put in: its clip scaled into the canvas, encoded
     and cropped back to the content."""
-    frames = action.pixel_frames(pipe.vae.config.scale_factor_temporal)
-    pixels, image_size = action_pixels(pipe, action.clip, action.tier, frames, device)
+    pixels, image_size = action_pixels(pipe, action.clip, action.tier, action.pixel_frames(), device)
     return conditioned_noise(pipe, pixels, indexes, vision, image_size)
 
 

@@ -116,9 +116,13 @@ def input_frame_size(kind: str, path: Path, stride: int = SPATIAL_COMPRESSION) -
     if kind == "image":
         _check_file("image", path)
         try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    width, height = image.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise _too_large("image", path, None) from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise InputError(f"image {str(path)!r} cannot be read as an image") from None
         _check_pixels("image", path, width, height)
     else:

@@ -55,8 +55,9 @@ def resolve_target(path: Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
-def check_output(path: Path, frames: int) -> None:
-    """Refuse an output that cannot be written as asked, before anything is loaded."""
+def check_output(path: Path, frames: int, actions: bool = False) -> None:
+    """Refuse an output that cannot be written as asked, before anything is loaded (with `actions`, the
+    NAME.actions.* files an action run writes beside it too)."""
     suffixes = IMAGE_SUFFIXES if frames == 1 else VIDEO_SUFFIXES
     kind = "an image (1 frame)" if frames == 1 else "a video"
     if path.suffix.lower() not in suffixes:
@@ -75,6 +76,9 @@ def check_output(path: Path, frames: int) -> None:
     if not folder.is_dir():
         raise InputError(f"output folder {str(folder)!r} does not exist; create it first")
     _check_existing(path, target)
+    if actions:
+        for file in actions_beside(target):
+            _check_existing(file, file)
     # Try it, with a name as long as the temporary file's: permission bits say nothing to root, and
     # read-only mounts say nothing to os.access. Left by a kill, it is removed like a temporary file.
     probe = _temporary_path(target)
@@ -181,7 +185,8 @@ class OutputLock:
 
 class ActionRows(NamedTuple):
     """An action run's predicted actions [chunk, width] to write beside its video: NAME.actions.npy and
-    NAME.actions.json for the output NAME.mp4, or the files `paths` names (a sample's folder)."""
+    NAME.actions.json for the output NAME.mp4 (beside the file a symlink names, as the video), or the files
+    `paths` names (a sample's folder)."""
 
     values: np.ndarray
     mode: str
@@ -211,7 +216,7 @@ def write_output(
     target = resolve_target(path)
     temporary = _temporary_path(target)
     # The actions' temporary files take the video's temporary form, so a killed run's are cleared with its.
-    finished = [] if actions is None else [(_temporary_path(target), file) for file in actions.files(path)]
+    finished = [] if actions is None else [(_temporary_path(target), file) for file in actions.files(target)]
     try:
         if actions is not None:
             (npy, _), (text, _) = finished

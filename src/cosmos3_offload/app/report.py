@@ -19,7 +19,7 @@ from ..loading.components import Components
 from ..planning.parallel import SINGLE, ParallelLayout
 from ..stepcache.seacache import SeaCache
 from .config import GenerationConfig
-from .outputs import ActionRows
+from .outputs import actions_beside, resolve_target
 from .timer import PhaseTimer
 
 
@@ -50,7 +50,7 @@ class RunReport:
         predicted = ""
         if self.actions is not None:
             rows, numbers = self.actions.shape
-            npy, text = (shown_path(p) for p in ActionRows(self.actions, c.action, c.domain).files(c.output))
+            npy, text = (shown_path(p) for p in actions_beside(resolve_target(c.output)))
             predicted = f"; {rows} predicted actions of {numbers} numbers in {npy} and {text}"
         return (
             f"wrote {shown_path(c.output)} ({c.action}, {c.domain}, chunk {c.chunk_size}: {frames} frames, "

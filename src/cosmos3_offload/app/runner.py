@@ -57,7 +57,7 @@ from .generate import (
 from .generation_path import generate
 from .inputs import Conditioning, read_conditioning
 from .model_checks import check_action_heads, check_distilled, check_sound
-from .outputs import ActionRows, OutputLock, write_output
+from .outputs import ActionRows, OutputLock, actions_beside, resolve_target, write_output
 from .report import RunReport
 from .schedule import request_scheduler
 from .timer import PhaseTimer
@@ -277,6 +277,9 @@ class LoadedModel:
             if video.actions is not None:
                 actions = ActionRows(video.actions, config.action, config.domain, action_paths)
             write_output(video.frames, config.output, config.fps, sound=video.sound, actions=actions)
+            if config.action == "forward_dynamics":  # its actions were given: an earlier run's must not pass for them
+                for stale in action_paths or actions_beside(resolve_target(config.output)):
+                    stale.unlink(missing_ok=True)
         layout = SINGLE if self.mesh is None else self.mesh.layout
         return RunReport(
             config,
