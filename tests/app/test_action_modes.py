@@ -364,3 +364,14 @@ def test_a_read_only_actions_file_is_refused_and_forward_dynamics_clears_stale_o
     status, _, err = cli(capsys, *forward, "--output", str(output))
     assert status == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.mp4"]
+
+
+def test_forward_dynamics_driven_by_an_earlier_runs_actions_keeps_them(inputs, tmp_path, capsys):
+    """`--actions run.actions.json --output run.mp4`: the file the run reads is an input, not a stale output."""
+    rows = tmp_path / "run.actions.json"
+    rows.write_text(json.dumps({"actions": [[0.1, 0.2], [0.3, 0.4]]}))
+    forward = ["--action", "forward_dynamics", "--domain", "pusht", "--chunk-size", "4", "--actions", str(rows),
+               "--image", str(inputs / "frame.png"), "--output", str(tmp_path / "run.mp4")]  # fmt: skip
+    status, _, err = cli(capsys, *forward)
+    assert status == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.actions.json", "run.mp4"]

@@ -101,7 +101,7 @@ class GenerationConfig(RequestSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        inputs = (("image", self.image), ("video", self.video), ("actions", self.actions))
+        inputs = (("image", self.image), ("video", self.video), ("actions file", self.actions))
         for kind, path in inputs:
             if path is not None:
                 check_input_file(kind, path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -278,8 +279,7 @@ class LoadedModel:
                 actions = ActionRows(video.actions, config.action, config.domain, action_paths)
             write_output(video.frames, config.output, config.fps, sound=video.sound, actions=actions)
             if config.action == "forward_dynamics":  # its actions were given: an earlier run's must not pass for them
-                for stale in action_paths or actions_beside(resolve_target(config.output)):
-                    stale.unlink(missing_ok=True)
+                remove_stale_actions(action_paths or actions_beside(resolve_target(config.output)), config.actions)
         layout = SINGLE if self.mesh is None else self.mesh.layout
         return RunReport(
             config,
@@ -341,3 +341,11 @@ def generate_video(
         sound = Sound(generated.waveform.float().cpu().numpy(), rate)
     actions = None if generated.actions is None else generated.actions.numpy()
     return GeneratedVideo(generated.latents.vision, generated.frames, sound, generated.step_cache, actions)
+
+
+def remove_stale_actions(files: tuple[Path, Path], given: Path | None) -> None:
+    """Remove an earlier run's predicted actions beside a forward-dynamics video, never the run's own input
+    (`--actions out.actions.json` drives a run from an earlier run's output)."""
+    for stale in files:
+        if stale.exists() and not (given is not None and os.path.samefile(stale, given)):
+            stale.unlink(missing_ok=True)
