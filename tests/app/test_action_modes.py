@@ -5,8 +5,6 @@ every door's refusal is one line before anything loads."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -300,12 +298,15 @@ def test_a_checkpoint_without_action_heads_is_refused(tmp_path, inputs, capsys, 
     assert status == 2 and "has none" in err and len(err.strip().splitlines()) == 1
 
 
-def test_serve_takes_the_action_fields_with_each_request_not_as_flags():
+def test_serve_takes_the_action_fields_with_each_request_not_as_flags(tmp_path, capsys):
     """`serve --action ...` is refused by name before anything loads (a request brings its action object)."""
-    command = [sys.executable, "-m", "cosmos3_offload", "serve", "--action", "policy", "--domain", "pusht"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--action belongs to a request" in done.stderr and "action object" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    from cosmos3_offload.main import main as program
+
+    with pytest.raises(SystemExit) as raised:
+        program(["serve", "--storage", str(tmp_path / "storage"), "--action", "policy", "--domain", "pusht"])
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and "--action belongs to a request" in err and "action object" in err
+    assert err.count("\n") == 1 and not (tmp_path / "storage").exists()
 
 
 def test_without_an_input_the_planned_canvas_is_the_tiers_largest():
