@@ -323,7 +323,6 @@ def test_staged_weights_live_only_in_their_host_slabs(folder):
 @pytest.mark.parametrize(
     ("arguments", "named"),
     [
-        ({"callback_on_step_end": lambda *a: {}}, "callback_on_step_end"),
         ({"action": object()}, "action must be a diffusers CosmosActionCondition"),
         ({"action_latents": torch.zeros(3, 6)}, "action_latents start an action call's actions"),
         ({"mixed_precision_format": "fp8"}, "mixed_precision_format"),

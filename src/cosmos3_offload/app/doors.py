@@ -95,7 +95,10 @@ class GenerationHooks:
     - `on_decode_tile()`: called before each piece of the video decode (each latent frame of each tile;
       untiled, the frame is one tile), so what it raises stops a long decode within a piece; it propagates
       and nothing is written;
-    - `decode_video`: False leaves the video as latents (diffusers' output_type="latent").
+    - `decode_video`: False leaves the video as latents (diffusers' output_type="latent");
+    - `after_step(i, t, latents)`: a diffusers call's `callback_on_step_end`, after step i's scheduler steps;
+      what it returns are the video latents the loop goes on with; `interrupted()`: True skips the
+      remaining steps (diffusers' `pipe._interrupt`), and the latents so far are decoded.
     """
 
     generator: torch.Generator | list[torch.Generator] | None
@@ -107,6 +110,8 @@ class GenerationHooks:
     on_step: Callable[[int], None] | None = None
     on_decode_tile: Callable[[], None] | None = None
     decode_video: bool = True
+    after_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    interrupted: Callable[[], bool] | None = None
 
 
 class Generated(NamedTuple):

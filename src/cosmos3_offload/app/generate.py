@@ -296,6 +296,8 @@ def denoise_latents(
     step_cache: SeaCache | None = None,
     mesh: ProcessMesh | None = None,
     action: ActionInput | None = None,
+    after_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    interrupted: Callable[[], bool] | None = None,
 ) -> Latents:
     """The sampling loop: both CFG branches through each layer, `v_u + g (v_c - v_u)`, a scheduler step
     per modality (the sound's on its own copy of the schedule, as the pipeline keeps one per modality).
@@ -309,6 +311,8 @@ def denoise_latents(
     With a `mesh`, `branches` are this rank's (see `mesh_branches`) and every rank of the mesh calls this.
     An `action` run's actions get their own copy of the schedule too and step only when some are noisy;
     their velocity and values past the embodiment's width stay zero, as in the pipeline.
+    `after_step(i, t, video latents)` (a diffusers callback) returns the latents the loop goes on with;
+    while `interrupted()` is true the remaining steps are skipped, as diffusers' `interrupt` skips them.
     """
     model = pipe.transformer
     model_dtype = memories[0].keys[0].dtype
@@ -322,6 +326,8 @@ def denoise_latents(
     timesteps = pipe.scheduler.timesteps
     sequence = None if mesh is None else mesh.sequence
     for index, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
+        if interrupted is not None and interrupted():
+            continue
         if before_step is not None:
             before_step(index, len(timesteps))
         inputs = GeneratorInputs(
@@ -348,6 +354,8 @@ def denoise_latents(
                 velocity[:, action.width :] = 0
             acts = _step(action_scheduler, _guided(velocities, config), t, acts, sampling)
             acts[:, action.width :] = 0
+        if after_step is not None:
+            vision = after_step(index, t, vision).float()
         if on_step is not None:
             on_step(index)
     return Latents(vision, sound, acts)

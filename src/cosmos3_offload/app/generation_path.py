@@ -103,6 +103,8 @@ def generate(
                 kernels=placed.kernels,
                 mesh=mesh,
                 action=action,
+                after_step=hooks.after_step,
+                interrupted=hooks.interrupted,
             )
             del memories
         check_finite(latents, model_dtype)

@@ -18,13 +18,14 @@ caption's framing with a warning), action rows that are not finite or absurdly l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from diffusers import Cosmos3OmniPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
 
 from ..app.action_files import check_action_values
@@ -48,7 +49,6 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")  # what `output_type` takes, as in 
 DEFAULT_WIDTH, DEFAULT_HEIGHT = frame_size(DEFAULT_RESOLUTION, DEFAULT_ASPECT_RATIO)
 # Arguments the split cannot honour, each with why; any value but None is refused.
 UNSUPPORTED = {
-    "callback_on_step_end": "the split's denoising loop calls no per-step callback",
     "mixed_precision_format": "diffusers' FP8 step switches are for its quantized transformers, which enable() "
     "does not take",
     "mixed_precision_first_steps": "diffusers' FP8 step switches are for its quantized transformers",
@@ -96,6 +96,8 @@ class CallInputs(NamedTuple):
     sound_latents: torch.Tensor | None
     conditioning: Conditioning | None
     action_latents: torch.Tensor | None = None
+    callback: Callable | None = None  # callback_on_step_end, called with `callback_inputs` after each step
+    callback_inputs: tuple[str, ...] = ()
 
     @property
     def action(self) -> ActionInput | None:
@@ -120,6 +122,9 @@ def read_call(pipe: Cosmos3OmniPipeline, arguments: Mapping[str, Any]) -> tuple[
         height = _given_or(height, DEFAULT_HEIGHT)
         width = _given_or(width, DEFAULT_WIDTH)
     image, video, indexes = arguments["image"], arguments["video"], arguments["condition_frame_indexes_vision"]
+    callback, callback_inputs = arguments["callback_on_step_end"], arguments["callback_on_step_end_tensor_inputs"]
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):  # as diffusers: its own tensor inputs
+        callback_inputs = callback.tensor_inputs
     pipe.check_inputs(
         arguments["prompt"],
         arguments["negative_prompt"],
@@ -129,7 +134,7 @@ def read_call(pipe: Cosmos3OmniPipeline, arguments: Mapping[str, Any]) -> tuple[
         frames,
         arguments["guidance_scale"],
         arguments["enable_sound"],
-        arguments["callback_on_step_end_tensor_inputs"],
+        callback_inputs,
         condition,
         video=video,
         condition_frame_indexes_vision=indexes,
@@ -149,6 +154,8 @@ def read_call(pipe: Cosmos3OmniPipeline, arguments: Mapping[str, Any]) -> tuple[
         sound_latents=arguments["sound_latents"] if call.sound else None,  # diffusers reads them only with sound
         conditioning=conditioning,
         action_latents=arguments["action_latents"],
+        callback=callback,
+        callback_inputs=tuple(callback_inputs),
     )
     return call, inputs
 

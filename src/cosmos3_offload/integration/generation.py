@@ -53,8 +53,14 @@ def generate_call(
         templates=PromptTemplates(call.system_prompt, call.add_resolution_template, call.add_duration_template),
         progress=progress,
         decode_video=call.output_type != "latent",
+        after_step=_callback(pipe, call, inputs),
+        interrupted=lambda: pipe._interrupt,
     )
-    generated = generate(placed, call, hooks, conditioning=inputs.conditioning)
+    pipe._interrupt, pipe._guidance_scale, pipe._num_timesteps = False, call.guidance, call.steps
+    try:
+        generated = generate(placed, call, hooks, conditioning=inputs.conditioning)
+    finally:
+        pipe._current_timestep = None
     state.last_call.step_cache = generated.step_cache
     video = generated.latents.vision
     if generated.frames is not None:
@@ -65,6 +71,21 @@ def generate_call(
     if not call.return_dict:
         return (video, generated.waveform) if inputs.action is None else (video, generated.waveform, action)
     return Cosmos3OmniPipelineOutput(video=video, sound=generated.waveform, action=action)
+
+
+def _callback(pipe: Cosmos3OmniPipeline, call: PipelineCall, inputs: CallInputs):
+    """The call's `callback_on_step_end` as the loop's `after_step`, called as diffusers calls it: with the
+    pipeline, the step, its timestep and {name: tensor} of `callback_on_step_end_tensor_inputs` (the
+    latents); the latents it returns go on (its `pipe._interrupt = True` skips the remaining steps)."""
+    if inputs.callback is None:
+        return None
+
+    def after_step(index: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        pipe._current_timestep = t
+        outputs = inputs.callback(pipe, index, t, {name: latents for name in inputs.callback_inputs})
+        return outputs.pop("latents", latents)
+
+    return after_step
 
 
 def _check_given_latents(pipe: Cosmos3OmniPipeline, call: PipelineCall, inputs: CallInputs) -> None:

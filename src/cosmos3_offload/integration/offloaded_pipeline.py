@@ -71,8 +71,9 @@ class OffloadedCosmos3OmniPipeline(Cosmos3OmniPipeline):
         mixed_precision_reasoner_policy: str | None = None,
     ):
         """`Cosmos3OmniPipeline.__call__`, run through the split with the placed weights; same arguments, same
-        output (with an `action`, the predicted actions too). Refused with an InputError naming the argument:
-        `callback_on_step_end`, `mixed_precision_*`, more than one prompt, `condition_video_keep="last"`,
+        output (with an `action`, the predicted actions too; `callback_on_step_end` is called after each step
+        as diffusers calls it). Refused with an InputError naming the argument: `mixed_precision_*`, more than
+        one prompt, `condition_video_keep="last"`,
         an `action` under `enable(cache="seacache")`, and (under a VRAM budget) a call whose predicted peak
         does not fit the budget. Latents that turn NaN or infinite are an InputError too, as in the CLI,
         instead of a black video."""
