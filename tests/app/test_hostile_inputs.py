@@ -12,10 +12,10 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from in_process_cli import cli
 from PIL import Image, ImageFile
 
 from cosmos3_offload.app import runner, sample_files, samples
-from cosmos3_offload.app.cli import main
 from cosmos3_offload.app.config import check_output_spares_checkpoint
 from cosmos3_offload.app.inputs import read_image, read_text_file, read_video
 from cosmos3_offload.app.sample_files import read_samples
@@ -40,16 +40,6 @@ def bounded_memory():
     resource.setrlimit(resource.RLIMIT_AS, (mapped + 2 * 1024**3, hard))
     yield
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """`cosmos3-offload ARGV` in this process: exit status, stdout and stderr."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line(err: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..loading.files import CheckpointWeights, folder_problems
+from ..loading.hub import is_repo_id
 from .console import PROG, printable
 from .serve_settings import Serve
 
@@ -41,14 +42,18 @@ def main(argv: list[str] | None = None, *, serve: Serve | None = None) -> int:
 
 
 def checkpoint_argument(args: list[str]) -> Path | None:
-    """DIR of `generate ... --checkpoint DIR` (or `--checkpoint=DIR`); None for anything else."""
+    """DIR of `generate ... --checkpoint DIR` (or `--checkpoint=DIR`); None for anything else, a Hub repo id
+    included (the full command resolves it through the Hugging Face cache, see loading/hub.py)."""
     if not args or args[0] != "generate" or "-h" in args or "--help" in args:
         return None
     for index, arg in enumerate(args):
         if arg == "--checkpoint" and index + 1 < len(args):
-            return Path(args[index + 1])
-        if arg.startswith("--checkpoint="):
-            return Path(arg.removeprefix("--checkpoint="))
+            text = args[index + 1]
+        elif arg.startswith("--checkpoint="):
+            text = arg.removeprefix("--checkpoint=")
+        else:
+            continue
+        return None if is_repo_id(text) else Path(text)
     return None
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ...errors import InputError
 from ...loading.components import model_configs
+from ...loading.hub import HubRepo
 from ...loading.layout import sound_config
 from ...loading.mapped_reasoner import can_map
 from ...loading.quantization import describe_quantization, quantization_for
@@ -29,6 +30,7 @@ from ..distributed import layout_for, rank_device
 from ..feasibility import request_of
 from ..model_checks import check_action_heads, has_action_heads
 from ..runner import LoadedModel, run
+from ..sample_files import read_samples
 from ..samples import run_samples
 from ..serve_settings import RequestLimit, Retention, Serve, ServeSettings
 from .flags import COMMAND_FIELDS
@@ -39,6 +41,7 @@ from .translate import (
     host_budget,
     kernel_options,
     request_from_args,
+    resolve_hub_checkpoint,
     shape_from_args,
     typed_fields,
 )
@@ -103,6 +106,7 @@ def describe_shape(shape: RequestSpec) -> str:
 def plan_command(args: argparse.Namespace) -> None:
     if args.vram_budget is None:
         raise InputError("plan needs --vram-budget, e.g. --vram-budget 8GiB")
+    resolve_hub_checkpoint(args, sound=bool(args.sound))
     shape = shape_from_args(args)
     check_flags(args)
     if shape.action is not None:
@@ -124,12 +128,13 @@ def generate_command(args: argparse.Namespace, argv: list[str] | None = None) ->
         return samples_command(args)
     if args.prompt is None:
         raise InputError("generate needs --prompt 'what the video shows', or -i FILE... -o DIR for sample files")
+    repo = resolve_hub_checkpoint(args, sound=bool(args.sound))
     config = request_from_args(args)
     check_flags(args)
     plan = Plan.from_offload(args.offload_stages)
     environment = Environment.read()  # torchrun's variables, before a budget's bandwidth is measured
     if args.gpus is not None:
-        return launch_command(args, argv, environment, config)
+        return launch_command(args, argv, environment, config, repo)
     if args.vram_budget is not None:
         choice, budget, _ = budget_choice(args, config)
         if environment.rank == 0:
@@ -152,19 +157,38 @@ def generate_command(args: argparse.Namespace, argv: list[str] | None = None) ->
         say(report.summary())
 
 
-def launch_command(args: argparse.Namespace, argv: list[str] | None, environment: Environment, config) -> int:
-    """`generate --gpus N`: start N workers running the rest of the command line (see app/workers.py)."""
+def launch_command(
+    args: argparse.Namespace, argv: list[str] | None, environment: Environment, config, repo: HubRepo | None = None
+) -> int:
+    """`generate --gpus N`: start N workers running the rest of the command line (see app/workers.py); a
+    --checkpoint `repo` resolved here reaches them as its snapshot folder."""
     if environment.distributed:
         raise InputError("--gpus starts its own processes; under torchrun leave it out")
     from ..workers import check_gpu_count, launch_workers, strip_gpus_flag  # starts processes: only here
     from .shell import main
 
     rest, count = strip_gpus_flag(sys.argv[1:] if argv is None else list(argv))
+    if repo is not None:
+        rest = with_checkpoint(rest, args.checkpoint)
     check_gpu_count(count, args.device)
     layout_for(config, model_configs(args.checkpoint, args.model)[0], count, args.cfg_parallel)  # refused once, here
     if count == 1:
         return main(rest)  # one GPU: no group to form
     return launch_workers(rest, count)
+
+
+def with_checkpoint(argv: list[str], folder: Path) -> list[str]:
+    """`argv` with --checkpoint naming `folder` (the last --checkpoint is the one read): each worker opens the
+    snapshot this process resolved, never asking the Hub again (whose branch may have moved meanwhile)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    return [*argv[:end], f"--checkpoint={folder}", *argv[end:]]
+
+
+def samples_sound(args: argparse.Namespace) -> bool:
+    """Whether a `-i` run may load the sound decoder: --sound / --no-sound, else any sample's enable_sound."""
+    if args.sound is not None:
+        return args.sound
+    return any(sample.fields.get("sound") for sample in read_samples(args.input))
 
 
 def samples_command(args: argparse.Namespace) -> int:
@@ -177,6 +201,7 @@ def samples_command(args: argparse.Namespace) -> int:
         raise InputError("with -i each sample is written to -o DIR/<name>/vision.mp4; drop --output")
     if args.vram_budget is not None:
         raise InputError("--vram-budget plans one request; with -i pass --offload-stages (see `plan`)")
+    resolve_hub_checkpoint(args, sound=samples_sound(args))
     check_flags(args)
     if args.gpus is not None or Environment.read().distributed:
         raise InputError("sample files (-i) run on one GPU; drop --gpus (or torchrun), or pass one --prompt")
@@ -210,6 +235,7 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
             raise InputError(f"{flag} belongs to a request; send it with the request ({where}), not to serve")
     if args.gpus is not None or Environment.read().distributed or args.cfg_parallel != "auto":
         raise InputError("serve runs on one GPU; drop --gpus, --cfg-parallel (and torchrun)")
+    repo = resolve_hub_checkpoint(args, sound=bool(args.sound))  # its sound decoder loads with --sound only
     shape = shape_from_args(args)
     check_flags(args)
     plan, limit = serve_plan(args)
@@ -220,7 +246,7 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
         queue_size=args.queue_size,
         storage=args.storage,
         limit=limit,
-        model_name=args.checkpoint.name if args.checkpoint is not None else f"cosmos3-{args.model}-random",
+        model_name=served_name(args, repo),
         defaults={name: getattr(shape, name) for name in SERVED_DEFAULTS},
         progress=not args.no_progress,
         allow_origins=tuple(args.allow_origin),
@@ -238,6 +264,14 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
         kernel_options=kernel_options(args),
     )
     return serve(loaded, settings)
+
+
+def served_name(args: argparse.Namespace, repo: HubRepo | None) -> str:
+    """The model's name in the API: a folder's name, or the repo as typed (nvidia/Cosmos3-Nano@fp8), never the
+    snapshot's commit."""
+    if repo is not None:
+        return str(repo)
+    return args.checkpoint.name if args.checkpoint is not None else f"cosmos3-{args.model}-random"
 
 
 def serve_plan(args: argparse.Namespace, say=say) -> tuple[Plan, RequestLimit | None]:

@@ -12,7 +12,9 @@ import os
 import sys
 from pathlib import Path
 
+from ...errors import InputError
 from ...kernels.probe import ATTENTION_CHOICES
+from ...loading.hub import HubRepo, checkpoint_or_repo, resolve_checkpoint
 from ...loading.quantization import FP8_MODES, QUANTIZE_CHOICES, SCALE_CHOICES
 from ...model.specs import MODEL_SPECS
 from ...planning.parallel import CFG_PARALLEL_CHOICES
@@ -82,15 +84,36 @@ def add_request_flags(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(spec.flag, **options)
 
 
+def _checkpoint(text: str) -> Path | HubRepo:
+    """argparse's `type` for --checkpoint: a folder, or a Hub repo id (the command resolves it, once, first)."""
+    try:
+        return checkpoint_or_repo(text)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _checked_folder(text: str) -> Path:
+    """argparse's `type` for `check DIR`: the folder, or a Hub repo's snapshot in the Hugging Face cache
+    (fetched as `generate` without --sound fetches it, when missing and allowed); `check` parses nothing else."""
+    try:
+        found = checkpoint_or_repo(text)
+        return found if isinstance(found, Path) else resolve_checkpoint(found, sound=False)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     """Which weights, where they live, which kernels run them: the flags `generate`, `plan` and `serve` share."""
     add = parser.add_argument
     add(
         "--checkpoint",
-        type=Path,
+        type=_checkpoint,
         default=None,
-        help="a diffusers-layout Cosmos3 folder (model_index.json, "
-        "transformer/, vae/, text_tokenizer/); without it, random weights of --model",
+        metavar="DIR|REPO",
+        help="a diffusers-layout Cosmos3 folder (model_index.json, transformer/, vae/, text_tokenizer/), or a "
+        "Hugging Face repo OWNER/NAME[@REVISION] (nvidia/Cosmos3-Nano, nvidia/Cosmos3-Nano@fp8) taken from the "
+        "Hugging Face cache and downloaded there when missing (only the files a run reads; HF_HUB_OFFLINE=1: "
+        "never); a folder of that name wins; without it, random weights of --model",
     )
     add(
         "--model",
@@ -223,7 +246,13 @@ def build_parser() -> ArgumentParser:
         description="Run the loader's checks on a checkpoint folder (every problem, one line each, exit status 2) "
         "and print the model's size, heads, dtypes, group sizes and which plans fit this machine.",
     )
-    check.add_argument("folder", type=Path, metavar="DIR", help="a diffusers-layout Cosmos3 folder")
+    check.add_argument(
+        "folder",
+        type=_checked_folder,
+        metavar="DIR|REPO",
+        help="a diffusers-layout Cosmos3 folder, or a Hugging Face repo OWNER/NAME[@REVISION] (its snapshot in the "
+        "Hugging Face cache, downloaded when missing as generate downloads it)",
+    )
     check.set_defaults(verbose=False)
     return parser
 

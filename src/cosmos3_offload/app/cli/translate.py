@@ -12,6 +12,7 @@ from typing import Any
 
 from ...errors import InputError
 from ...loading.files import check_checkpoint
+from ...loading.hub import HubRepo, resolve_checkpoint
 from ...loading.layout import has_sound_tokenizer, pipeline_options, sound_config
 from ...loading.quantization import Fp8Options
 from ...model.specs import embedded_tiny, model_spec
@@ -32,6 +33,17 @@ from ..config import (
 from .flags import COMMAND_FIELDS
 
 PLANNED_PROMPT = "(the request planned)"  # `plan` and `serve` shape a request without a prompt
+
+
+def resolve_hub_checkpoint(args: argparse.Namespace, *, sound: bool) -> HubRepo | None:
+    """Put the snapshot folder of a --checkpoint repo id in its place, so that everything after reads a
+    folder: the Hugging Face cache's, with the files a run reads (`sound`: the sound tokenizer's too)
+    downloaded first where missing and allowed. Returns the repo as typed (None: a folder, or no --checkpoint)."""
+    repo = args.checkpoint
+    if not isinstance(repo, HubRepo):
+        return None
+    args.checkpoint = resolve_checkpoint(repo, sound=sound, progress=not getattr(args, "no_progress", False))
+    return repo
 
 
 def typed_fields(args: argparse.Namespace) -> dict[str, Any]:
