@@ -506,8 +506,6 @@ def test_health_answers_while_an_upload_is_decoded(server, monkeypatch):
     assert status == 200 and http(server, "DELETE", f"/v1/videos/{video['id']}")[0] == 200
 
 
-# Waits for runner.LoadedModel.write(..., on_decode_tile=...) (another change of issue 23): until it lands,
-# LoadedModel.write refuses the keyword and this test fails with the job failing at once.
 def test_deleting_a_job_during_the_decode_stops_it_at_the_next_tile(server, monkeypatch):
     """A job deleted while its VAE decodes stops before the next tile: no file is written, its folder goes,
     and the worker takes the next job."""

@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 import urllib.error
 import urllib.request
 
 import pytest
+from fake_previews import ColourPreviews, colour_of
 from PIL import Image
 from server_process import InProcessServer
 
@@ -41,6 +43,20 @@ PLAY_VIDEO = """async () => {
     await new Promise((resolve) => setTimeout(resolve, 300));
     return {width: v.videoWidth, height: v.videoHeight, duration: v.duration, paused: v.paused,
             played: v.played.length ? v.played.end(0) : 0, error: v.error && v.error.code};
+}"""
+# Every text the run line shows (phase, time left) and the colour of each live preview the page loads.
+WATCH_RUN = """() => {
+    window.run = {phases: [], etas: [], colours: []};
+    const phase = document.querySelector('#phase'), eta = document.querySelector('#eta');
+    const preview = document.querySelector('#preview');
+    new MutationObserver(() => { window.run.phases.push(phase.textContent); window.run.etas.push(eta.textContent); })
+        .observe(document.querySelector('#run'), {childList: true, characterData: true, subtree: true});
+    preview.addEventListener('load', () => {
+        const canvas = document.createElement('canvas');
+        canvas.width = canvas.height = 4;
+        canvas.getContext('2d').drawImage(preview, 0, 0, 4, 4);
+        window.run.colours.push(Array.from(canvas.getContext('2d').getImageData(1, 1, 1, 1).data.slice(0, 3)));
+    });
 }"""
 # The job followed by the page has ended: completed, failed, or refused (the error area shows why).
 JOB_ENDED = """() => /^(completed|failed)/.test(document.querySelector('#status').textContent)
@@ -74,6 +90,17 @@ def browser():
 def server(tmp_path_factory):
     with InProcessServer(tmp_path_factory.mktemp("storage"), "--steps", "2", "--frames", "5", listen=True) as running:
         yield running
+
+
+@pytest.fixture
+def previews(server):
+    """The module server's previewer for one test: a stand-in writing a solid colour per step, slow enough
+    (0.3 s a preview) for the page to show each; the server's own is put back after."""
+    queue = server.http.app.state.service.queue
+    default, queue.previews = queue.previews, ColourPreviews(seconds=0.3)
+    yield queue.previews
+    queue.previews.start.set()
+    queue.previews = default
 
 
 @contextlib.contextmanager
@@ -236,9 +263,58 @@ def test_the_delete_button_removes_the_job_and_its_row(browser, server):
     assert api(server, "GET", f"/v1/videos/{job_id}")[0] == 404
 
 
+def test_the_page_shows_the_phase_the_time_left_and_a_preview_that_changes_as_it_renders(browser, server, previews):
+    """An 8-step job followed through its event stream: the run line says the denoising steps (step k of 8) and
+    the decode, a time left ("about N s left"), and the preview image shows several steps' colours in turn
+    while it runs; at the end the video replaces it."""
+    with opened(browser, server) as page:
+        page.fill("#prompt", "a fox to watch")
+        page.fill("#steps", "8")
+        page.evaluate(WATCH_RUN)
+        submit_and_finish(page)
+        run = page.evaluate("window.run")
+        assert page.locator("#preview").is_hidden() and page.locator("#player").is_visible()
+    steps = {phase for phase in run["phases"] if phase.startswith("denoising: step ")}
+    assert len(steps) >= 4 and all(re.fullmatch(r"denoising: step [1-8] of 8", step) for step in steps), steps
+    assert any(phase.startswith("decoding") for phase in run["phases"]), run["phases"]
+    assert any(re.fullmatch(r"· about \d+ s left", eta) for eta in run["etas"]), run["etas"]
+    shown = {tuple(colour) for colour in run["colours"]}
+    drawn = {colour_of(step) for step in range(1, 9)}
+    assert len(shown) >= 3 and shown <= drawn, (shown, drawn)
+
+
+def test_the_cancel_button_stops_the_running_job(browser, server, previews):
+    """Cancel while a long job denoises: the page says cancelled, the server has no such job any more (the
+    running job was stopped and removed) and the history has no row for it."""
+    with opened(browser, server) as page:
+        page.fill("#prompt", "a fox to cancel")
+        page.fill("#steps", "200")
+        page.click("#submit")
+        wait_for(page, "/^denoising: step [2-9]/.test(document.querySelector('#phase').textContent)", timeout=JOB_MS)
+        job_id = page.get_attribute("#cancel", "data-job")
+        page.click("#cancel")
+        wait_for(page, "document.querySelector('#status').textContent === 'cancelled'", timeout=JOB_MS)
+        assert page.locator("#phase").inner_text() == "cancelled" and page.locator("#cancel").is_hidden()
+        assert page.locator("#error").is_hidden()
+        page.locator(f"#history tr[data-job='{job_id}']").wait_for(state="detached")
+    assert api(server, "GET", f"/v1/videos/{job_id}")[0] == 404
+
+
+def test_without_the_event_stream_the_page_polls(browser, server):
+    """The events route unreachable (a proxy that drops it): the page follows the job by polling and shows its
+    video all the same."""
+    with opened(browser, server) as page:
+        page.route("**/events", lambda route: route.abort())
+        page.fill("#prompt", "a fox behind a proxy")
+        page.evaluate(WATCH_PROGRESS)
+        submit_and_finish(page)
+        assert page.evaluate("window.seen")[-1] == [100, "completed 100%"]
+
+
 def test_with_an_api_key_the_page_asks_for_it_then_works_and_remembers_it(browser, tmp_path):
     """Against --api-key the page shows the key field and the 401's message; typed in, the key makes a job
-    run and play; after a reload the key comes back from localStorage and the history loads."""
+    run and play, followed through its event stream (the run line said its step) with its live preview (both
+    read with the key); after a reload the key comes back from localStorage and the history loads."""
     with InProcessServer(tmp_path / "storage", "--steps", "1", "--frames", "5", "--api-key", KEY, listen=True) as keyed:
         with opened(browser, keyed) as page:
             page.wait_for_selector("#key-row:not([hidden])")
@@ -246,9 +322,13 @@ def test_with_an_api_key_the_page_asks_for_it_then_works_and_remembers_it(browse
             assert "API key" in page.locator("#error").inner_text()
             page.fill("#api-key", KEY)
             page.fill("#prompt", "a keyed fox")
+            page.evaluate(WATCH_RUN)
             job_id = submit_and_finish(page)
             wait_for(page, "document.querySelector('#player').readyState >= 2", timeout=JOB_MS)
             assert page.locator("#error").is_hidden()
+            wait_for(page, "window.run.colours.length > 0", timeout=JOB_MS)  # the server's own fast preview
+            phases = page.evaluate("window.run.phases")  # a phase: only the event stream tells one
+            assert any(phase.startswith(("denoising", "decoding", "writing")) for phase in phases), phases
 
             page.reload()
             page.locator(f"#history tr[data-job='{job_id}']").wait_for()

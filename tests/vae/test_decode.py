@@ -114,14 +114,16 @@ def test_non_finite_pixels_are_refused_not_turned_into_bytes(pipeline, bad, grid
 
 def test_the_piece_hook_runs_before_every_tile_and_can_stop_the_decode(pipeline):
     """Fails when `on_piece` is not called before each latent frame of the low-resolution pass and of every
-    tile a rank decodes (a server could not stop a decode between them), or when what it raises does not
-    stop the decode before its first piece."""
+    tile a rank decodes (a server could not stop a decode between them), when the pieces are not numbered
+    0..total-1 of the right total (progress would stall or pass 100%), or when what it raises does not stop the
+    decode before its first piece."""
     z = raw_latents(pipeline, frames=2, height=4, width=6)
 
     def calls(grid: TileGrid, only=None) -> int:
-        count = []
-        decode_tiles(pipeline.vae, z, grid, lambda *piece: None, only, lambda: count.append(1))
-        return len(count)
+        seen = []
+        decode_tiles(pipeline.vae, z, grid, lambda *piece: None, only, lambda index, total: seen.append((index, total)))
+        assert seen == [(index, len(seen)) for index in range(len(seen))]
+        return len(seen)
 
     frames = z.shape[2]  # latent frames: one piece each in the low-resolution pass, and in each tile
     assert calls(TileGrid()) == 2 * frames
@@ -130,7 +132,7 @@ def test_the_piece_hook_runs_before_every_tile_and_can_stop_the_decode(pipeline)
 
     emitted = []
 
-    def stop() -> None:
+    def stop(index: int, total: int) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -98,7 +98,8 @@ class GenerationHooks:
     - `decode_video`: False leaves the video as latents (diffusers' output_type="latent");
     - `after_step(i, t, latents)`: a diffusers call's `callback_on_step_end`, after step i's scheduler steps;
       what it returns are the video latents the loop goes on with; `interrupted()`: True skips the
-      remaining steps (diffusers' `pipe._interrupt`), and the latents so far are decoded.
+      remaining steps (diffusers' `pipe._interrupt`), and the latents so far are decoded;
+    - `preview`: shows the run as it renders (see `Preview`); None: no preview.
     """
 
     generator: torch.Generator | list[torch.Generator] | None
@@ -112,6 +113,20 @@ class GenerationHooks:
     decode_video: bool = True
     after_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     interrupted: Callable[[], bool] | None = None
+    preview: Preview | None = None
+
+
+class Preview(Protocol):
+    """What shows a run as it renders (app/previews.py): after step i of n, when `due(i, n)`, `show` gets the
+    step's estimate of the clean video latents (float32, normalized, [1, C, T, h, w] on the device) and the
+    pipeline, and writes its image whole before it returns. It must not change anything the run goes on with.
+    `kind`: what it shows ("fast": a linear map of the latents; "exact": the VAE's decode of some frames)."""
+
+    kind: str
+
+    def due(self, index: int, steps: int) -> bool: ...
+
+    def show(self, index: int, steps: int, denoised: torch.Tensor, placed: PlacedPipeline) -> None: ...
 
 
 class Generated(NamedTuple):

@@ -57,9 +57,10 @@ def check_fits(
     dtype: torch.dtype,
     fp8: Fp8Options = NO_FP8_FLAGS,
     layout: ParallelLayout = SINGLE,
+    preview_frames: int = 0,
 ) -> None:
     """An InputError, before anything loads, when the request cannot fit this machine's memory (one GPU's
-    share of it under `layout`)."""
+    share of it under `layout`, with the latent frames an exact preview decodes: `preview_frames`)."""
     sound = sound_config(checkpoint) if config.sound else None  # (check_sound has run: the folder has one)
     transformer_config, vae_config = model_configs(checkpoint, model)
     sizes = model_sizes(
@@ -70,7 +71,7 @@ def check_fits(
         quantization=quantization_for(checkpoint, transformer_config, fp8),
         actions=config.action is not None,
     )
-    request = request_of(config, sound, layout)
+    request = request_of(config, sound, layout, preview_frames=preview_frames)
     peak = predict(plan, sizes, request, DeviceProfile()).peak
     weights = weight_bytes(plan, sizes)
     host_need = weights.pinned + weights.host + (peak if device.type == "cpu" else 0)

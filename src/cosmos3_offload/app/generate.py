@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -298,6 +299,7 @@ def denoise_latents(
     action: ActionInput | None = None,
     after_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     interrupted: Callable[[], bool] | None = None,
+    on_denoised: Callable[[int, Callable[[], torch.Tensor]], None] | None = None,
 ) -> Latents:
     """The sampling loop: both CFG branches through each layer, `v_u + g (v_c - v_u)`, a scheduler step
     per modality (the sound's on its own copy of the schedule, as the pipeline keeps one per modality).
@@ -313,6 +315,9 @@ def denoise_latents(
     their velocity and values past the embodiment's width stay zero, as in the pipeline.
     `after_step(i, t, video latents)` (a diffusers callback) returns the latents the loop goes on with;
     while `interrupted()` is true the remaining steps are skipped, as diffusers' `interrupt` skips them.
+    `on_denoised(i, denoised)` (a preview) is called after step i with a function that gives step i's estimate of
+    the clean video latents, `x_t - sigma * v` float32 (conditioned frames as they are kept), computed only when
+    called; nothing it does changes the loop's latents.
     """
     model = pipe.transformer
     model_dtype = memories[0].keys[0].dtype
@@ -342,10 +347,14 @@ def denoise_latents(
             model, pairs, inputs, (index, len(timesteps), sigma), step_cache, layers, mlp_chunk, kernels, sequence
         )
         predictions = all_branches(predictions, mesh)
-        vision = _step(pipe.scheduler, _guided([p.vision for p in predictions], config), t, vision, sampling)
+        velocity = _guided([p.vision for p in predictions], config)
+        noisy = vision
+        vision = _step(pipe.scheduler, velocity, t, vision, sampling)
         if sampling.anchor is not None:
             mask, clean = sampling.anchor
             vision = mask * clean + (1.0 - mask) * vision
+        if on_denoised is not None:
+            on_denoised(index, functools.partial(_denoised, noisy, velocity, sigma, sampling.anchor))
         if sound is not None:
             sound = _step(sound_scheduler, _guided([p.sound for p in predictions], config), t, sound, sampling)
         if acts is not None and action.predicts_actions:
@@ -359,6 +368,21 @@ def denoise_latents(
         if on_step is not None:
             on_step(index)
     return Latents(vision, sound, acts)
+
+
+def _denoised(
+    noisy: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma: float,
+    anchor: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """The flow's estimate of the clean latents from `noisy` at `sigma` and its guided `velocity`
+    (x_t = (1 - sigma) x_0 + sigma noise, v = noise - x_0), with an anchor's conditioned frames kept clean."""
+    denoised = noisy.float() - sigma * velocity.float().reshape(noisy.shape)
+    if anchor is not None:
+        mask, clean = anchor
+        denoised = mask * clean + (1.0 - mask) * denoised
+    return denoised
 
 
 def _predict(
@@ -469,14 +493,14 @@ def decode_frames(
     *,
     grid: TileGrid = UNTILED,
     mesh: ProcessMesh | None = None,
-    on_piece: Callable[[], None] | None = None,
+    on_piece: Callable[[int, int], None] | None = None,
 ) -> np.ndarray | None:
     """Normalized latents [1, C, T, H, W] -> uint8 frames [T, H, W, 3] on the host.
 
     Decoded in the tiles of `grid` (one tile: diffusers' untiled decode); frames leave the device
     as they are decoded (see vae/decode.py). With a `mesh` every rank decodes every n-th tile of a
-    grid with at least n tiles, and the leader gets the frames (the others None). `on_piece()` is
-    called before each latent frame of each tile this rank decodes (what it raises stops the decode);
+    grid with at least n tiles, and the leader gets the frames (the others None). `on_piece(index, total)`
+    is called before each piece this rank decodes (see vae/decode.py) (what it raises stops the decode);
     NaN or infinite pixels raise `NonFinitePixels` on the rank that decoded them.
     """
     vae = pipe.vae

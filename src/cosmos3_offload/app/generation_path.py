@@ -7,6 +7,7 @@ the server) and integration/generation.py (an `enable()`d diffusers pipeline) ca
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
@@ -96,7 +97,7 @@ def generate(
                 progress=hooks.progress,
                 layers=lambda: engine.layers(GENERATOR),
                 mlp_chunk=placed.plan.mlp_chunk,
-                on_step=hooks.on_step,
+                on_step=_stepped(hooks, timer, request.steps),
                 sampling=sampling,
                 before_step=None if placed.fp8 is None else placed.fp8.before_step,
                 step_cache=step_cache,
@@ -105,6 +106,7 @@ def generate(
                 action=action,
                 after_step=hooks.after_step,
                 interrupted=hooks.interrupted,
+                on_denoised=_previewing(placed, hooks, timer, request.steps),
             )
             del memories
         check_finite(latents, model_dtype)
@@ -170,15 +172,61 @@ def _decode(
             grid = placed.plan.decode_grid
             with engine.use(VAE):
                 try:
-                    frames = decode_frames(pipe, latents.vision, grid=grid, mesh=mesh, on_piece=hooks.on_decode_tile)
+                    on_piece = _decode_piece(hooks, timer)
+                    frames = decode_frames(pipe, latents.vision, grid=grid, mesh=mesh, on_piece=on_piece)
                 except NonFinitePixels:
                     raise not_finite("the VAE decoder's frames are", VAE_BROKEN, pipe.vae.dtype) from None
-        if latents.sound is not None and (mesh is None or mesh.leader):
-            with engine.use(SOUND):
-                waveform = pipe.decode_sound(latents.sound)
-            if not bool(torch.isfinite(waveform).all()):
-                raise not_finite("the sound decoder's waveform is", SOUND_BROKEN, waveform.dtype)
+    if latents.sound is not None and (mesh is None or mesh.leader):
+        with _phase(timer, "sound"), engine.use(SOUND):
+            waveform = pipe.decode_sound(latents.sound)
+        if not bool(torch.isfinite(waveform).all()):
+            raise not_finite("the sound decoder's waveform is", SOUND_BROKEN, waveform.dtype)
     return frames, waveform
+
+
+def _stepped(hooks: GenerationHooks, timer: PhaseTimer | None, steps: int) -> Callable[[int], None] | None:
+    """After step i: the run's events (through the timer), then the door's `on_step` (which may stop the run)."""
+    if timer is None or timer.events is None:
+        return hooks.on_step
+
+    def stepped(index: int) -> None:
+        timer.step(index, steps)
+        if hooks.on_step is not None:
+            hooks.on_step(index)
+
+    return stepped
+
+
+def _decode_piece(hooks: GenerationHooks, timer: PhaseTimer | None) -> Callable[[int, int], None] | None:
+    """Before each piece of the video decode: the run's events, then the door's `on_decode_tile` (which may stop it)."""
+    if hooks.on_decode_tile is None and (timer is None or timer.events is None):
+        return None
+
+    def piece(index: int, total: int) -> None:
+        if timer is not None:
+            timer.piece(index, total)
+        if hooks.on_decode_tile is not None:
+            hooks.on_decode_tile()
+
+    return piece
+
+
+def _previewing(
+    placed: PlacedPipeline, hooks: GenerationHooks, timer: PhaseTimer | None, steps: int
+) -> Callable[[int, Callable[[], torch.Tensor]], None] | None:
+    """After each step the door's previewer wants: its preview of the step's clean estimate, written whole, then
+    the run's preview event. Off the leader of several GPUs there is none (the leader shows the run)."""
+    preview = hooks.preview
+    if preview is None or (placed.mesh is not None and not placed.mesh.leader):
+        return None
+
+    def show(index: int, denoised: Callable[[], torch.Tensor]) -> None:
+        if preview.due(index, steps):
+            preview.show(index, steps, denoised(), placed)
+            if timer is not None and timer.events is not None:
+                timer.events.preview(index, steps, preview.kind)
+
+    return show
 
 
 def _phase(timer: PhaseTimer | None, name: str) -> AbstractContextManager:

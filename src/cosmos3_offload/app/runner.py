@@ -47,7 +47,8 @@ from .config import (
 )
 from .device_profile import probe_shape
 from .distributed import parallel_layout, rank_device, start_mesh
-from .doors import Fp8Steps, GeneratedVideo, GenerationHooks, PlacedPipeline
+from .doors import Fp8Steps, GeneratedVideo, GenerationHooks, PlacedPipeline, Preview
+from .events import RunEvents
 from .feasibility import check_fits
 from .generate import (
     PromptTemplates,
@@ -59,6 +60,7 @@ from .generation_path import generate
 from .inputs import Conditioning, read_conditioning
 from .model_checks import check_action_heads, check_distilled, check_sound
 from .outputs import ActionRows, OutputLock, actions_beside, resolve_target, write_output
+from .previews import PreviewOptions, check_preview_output, check_preview_plan, make_preview, preview_frames
 from .report import RunReport
 from .schedule import request_scheduler
 from .timer import PhaseTimer
@@ -79,6 +81,8 @@ def run(
     fp8: Fp8Options = NO_FP8_FLAGS,
     kernels: KernelOptions = DEFAULT_KERNELS,
     cfg_parallel: str = "auto",
+    events: RunEvents | None = None,
+    preview: PreviewOptions | None = None,
 ) -> RunReport | None:
     """Generate `config.output` following `plan` (default: everything resident).
 
@@ -87,6 +91,9 @@ def run(
     from the planner for a budget, so the fit against this machine's memory is not asked again.
     Over several processes every rank calls this; rank 0's plan is everyone's, rank 0 writes the
     output and gets the report (the others None). `cfg_parallel`: auto, on or off (planning/parallel.py).
+    `events` hears the run's phases, steps and decode pieces (app/events.py; on the leader only). `preview`: the
+    leader keeps an image of the video as it renders there (app/previews.py); exact previews need a plan that
+    keeps the VAE on the device.
     """
     loaded = LoadedModel.open(
         checkpoint=checkpoint,
@@ -100,7 +107,10 @@ def run(
         kernel_options=kernels,
     )
     layout = parallel_layout(config, model_configs(loaded.checkpoint, loaded.model)[0], cfg_parallel)
-    config = loaded.check(config, budgeted=budgeted, layout=layout)
+    if preview is not None:
+        check_preview_plan(preview, loaded.plan)
+        check_preview_output(preview, config.output)
+    config = loaded.check(config, budgeted=budgeted, layout=layout, preview_frames=preview_frames(preview))
     check_output_spares_checkpoint(config.output, loaded.checkpoint)
     # Read before the load: a conditioning file that cannot be used costs nothing.
     conditioning = read_conditioning(config)
@@ -111,9 +121,13 @@ def run(
             loaded.plan = mesh.broadcast_from_leader(loaded.plan)  # each rank measured its own budget
             loaded.mesh = mesh
         with OutputLock(config.output) if leader else nullcontext():
-            timer = PhaseTimer(loaded.device)
-            loaded.load(timer, progress=progress and leader)
-            return loaded.write(config, timer, conditioning=conditioning, progress=progress and leader)
+            timer = PhaseTimer(loaded.device, events=events if leader else None)
+            components = loaded.load(timer, progress=progress and leader)
+            previewer = None
+            if preview is not None and leader:
+                previewer = make_preview(preview, components, checkpoint=loaded.checkpoint, model=loaded.model)
+            steps_bar = progress and leader and events is None  # the events' listener shows the steps
+            return loaded.write(config, timer, conditioning=conditioning, progress=steps_bar, preview=previewer)
     finally:
         if mesh is not None:
             mesh.close()
@@ -169,11 +183,17 @@ class LoadedModel:
         return cls(checkpoint, torch_device, torch_dtype, plan, model, sound, actions, fp8, kernel_options)
 
     def check(
-        self, config: GenerationConfig, *, budgeted: bool = False, layout: ParallelLayout = SINGLE
+        self,
+        config: GenerationConfig,
+        *,
+        budgeted: bool = False,
+        layout: ParallelLayout = SINGLE,
+        preview_frames: int = 0,
     ) -> GenerationConfig:
         """The request as this model runs it, or an InputError before anything loads: sound without a
         sound branch, a request that does not fit this machine (unless a budget's planner chose the
-        plan). Without a negative prompt a video gets the checkpoint's default (see loading/layout.py), an action
+        plan; `preview_frames`: latent frames an exact preview decodes during the denoise, see previews.py).
+        Without a negative prompt a video gets the checkpoint's default (see loading/layout.py), an action
         run none (diffusers' empty one)."""
         check_sound(config, self.checkpoint)
         check_distilled(config, self.checkpoint)
@@ -193,6 +213,7 @@ class LoadedModel:
                 dtype=self.dtype,
                 fp8=self.fp8,
                 layout=layout,
+                preview_frames=preview_frames,
             )
         if config.negative_prompt is None and config.action is None:  # an action run's is empty, as in diffusers
             conditioned = config.image is not None or config.video is not None
@@ -253,12 +274,14 @@ class LoadedModel:
         on_step: Callable[[int], None] | None = None,
         on_decode_tile: Callable[[], None] | None = None,
         action_paths: tuple[Path, Path] | None = None,
+        preview: Preview | None = None,
     ) -> RunReport | None:
         """Generate one request into `config.output` (the caller holds its OutputLock). Over several
         processes every rank calls this and only the leader writes and reports. `on_step(i)` is called
         after denoising step i, `on_decode_tile()` before each piece of the video decode (a server
         reports progress there, or raises to stop the request: nothing is written). `action_paths`: where an action
-        run's predicted actions go, (the .npy, the .json); default NAME.actions.* beside the video."""
+        run's predicted actions go, (the .npy, the .json); default NAME.actions.* beside the video. `preview`: shows
+        the video as it renders (app/previews.py `make_preview`; it never changes the output)."""
         components = self.load(timer)
         video = generate_video(
             config,
@@ -270,6 +293,7 @@ class LoadedModel:
             conditioning=conditioning,
             kernels=self.kernels,
             mesh=self.mesh,
+            preview=preview,
         )
         if video.frames is None:
             return None  # not the leader: it has written the video
@@ -306,10 +330,12 @@ def generate_video(
     conditioning: Conditioning | None = None,
     kernels: Kernels = EAGER,
     mesh: ProcessMesh | None = None,
+    preview: Preview | None = None,
 ) -> GeneratedVideo:
     """`config` through the generation path (`generate`) on loaded `components`: the noise from the request's
     seed, the scheduler of its shift (a distilled checkpoint's own), the layers on `kernels`. With a `mesh`,
-    this rank's branches and tokens (see generate.py); the leader gets the frames and the sound."""
+    this rank's branches and tokens (see generate.py); the leader gets the frames and the sound. `preview`
+    draws the video after the steps it is due (doors.`Preview`; the leader's)."""
     if config.sound and components.sound_tokenizer is None:
         raise InputError("this model was loaded without its sound tokenizer; load it with sound to generate sound")
     options = components.options
@@ -333,6 +359,7 @@ def generate_video(
         progress=progress,
         on_step=on_step,
         on_decode_tile=on_decode_tile,
+        preview=preview,
     )
     generated = generate(placed, config, hooks, conditioning=conditioning, timer=timer)
     sound = None

@@ -42,6 +42,7 @@ from ..request.checks import FieldError, InputFiles
 from ..request.spec import door_fields, named_at, request_defaults
 from ..units import format_bytes
 from .config import DEFAULT_KERNELS, GenerationConfig, KernelOptions
+from .events import Listener, RunEvents
 from .inputs import read_conditioning
 from .model_checks import check_action_heads
 from .outputs import OutputFailed, OutputLock
@@ -104,10 +105,12 @@ def run_samples(
     kernels: KernelOptions = DEFAULT_KERNELS,
     say: Say = logger.info,
     warn: Say = logger.warning,
+    watch: Listener | None = None,
 ) -> SamplesReport:
     """Run every sample of `paths` into `output_dir`, loading the model once (and not at all when no sample
     is good). `defaults` and `overrides` are request fields: below and above the files' values.
-    A bad sample is reported through `warn`, one line each, and skipped; progress goes through `say`."""
+    A bad sample is reported through `warn`, one line each, and skipped; progress goes through `say`, and each
+    sample's events (app/events.py) to `watch` when given (then no step bar is drawn)."""
     outcomes: list[Outcome] = []
     made: list[Path] = []  # folders this call created, removed again when nothing is written there
     # An action sample's defaults: the video defaults less the shape its rules fix (as the CLI's defaults_for).
@@ -137,7 +140,7 @@ def run_samples(
             loaded.sound = any(config.sound for _, config in requests)  # none, when the sound samples were refused
             loaded.actions = any(config.action is not None for _, config in requests)  # likewise the action heads
             if requests:
-                _run_all(loaded, requests, outcomes, made, progress, say, warn)
+                _run_all(loaded, requests, outcomes, made, progress, say, warn, watch)
     finally:  # also on Ctrl-C while the samples are checked
         for folder in reversed(made):
             _remove_if_empty(folder)
@@ -154,14 +157,20 @@ def _run_all(
     progress: bool,
     say: Say,
     warn: Say,
+    watch: Listener | None = None,
 ) -> None:
-    """Load the model once and write the checked requests in order; an interrupt stops them all."""
+    """Load the model once and write the checked requests in order; an interrupt stops them all. Each sample's
+    events go to `watch`, its first ETA counting the decode at the previous sample's pace."""
     timer = PhaseTimer(loaded.device)
     loaded.load(timer, progress=progress)
     say(f"loaded the model in {timer.phases[0].seconds:.2f}s; {len(requests)} sample(s) to run")
+    decode_seconds = None
     for index, (sample, config) in enumerate(requests, 1):
+        events = None if watch is None else RunEvents(watch, decode_seconds=decode_seconds)
+        step = f"[{index}/{len(requests)}]"
         try:
-            outcomes.append(_run_one(loaded, sample, config, f"[{index}/{len(requests)}]", made, progress, say, warn))
+            outcomes.append(_run_one(loaded, sample, config, step, made, progress, say, warn, events))
+            decode_seconds = None if events is None else events.last_decode_seconds
         except BaseException:  # Ctrl-C, SIGTERM, an unforeseen error: every sample stops here
             warn(f"stopped at sample {sample.name} ({index} of {len(requests)}); the samples before it have run")
             raise
@@ -277,10 +286,11 @@ def _run_one(
     progress: bool,
     say: Say,
     warn: Say,
+    events: RunEvents | None = None,
 ) -> Outcome:
     """Write one sample and its records (its folder made now); an InputError or OSError fails this sample only."""
     folder = config.output.parent
-    timer = PhaseTimer(loaded.device)
+    timer = PhaseTimer(loaded.device, events=events)
     try:
         _make_folder(folder, made)
     except InputError as error:
@@ -291,8 +301,9 @@ def _run_one(
         _write_json(folder / ARGS_FILE, sample_args(sample, config, loaded))
         conditioning = read_conditioning(config)
         with OutputLock(config.output):
+            steps_bar = progress and events is None  # the events' listener shows the steps
             report = loaded.write(
-                config, timer, conditioning=conditioning, progress=progress, action_paths=_action_files(folder)
+                config, timer, conditioning=conditioning, progress=steps_bar, action_paths=_action_files(folder)
             )
         outcome = Outcome(sample, "success")
     except (InputError, OSError) as error:

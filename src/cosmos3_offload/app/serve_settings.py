@@ -22,6 +22,11 @@ MAX_QUEUE_SIZE = 10_000
 DEFAULT_STORAGE = Path("cosmos3-offload-storage")
 MIN_API_KEY_CHARS = 8
 API_KEY_VARIABLE = "COSMOS3_API_KEY"  # the key's safe form: a flag's value shows in `ps`
+# A video job's live preview (app/previews.py): none, fast (a linear map of the latents) or exact (the VAE's
+# decode of a few frames); made every --preview-every steps (default: the previewer's, 1 fast, 5 exact).
+PREVIEW_KINDS = ("none", "fast", "exact")
+DEFAULT_PREVIEW_KIND = "fast"
+MAX_PREVIEW_EVERY = 1000  # the most steps a request takes
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -92,7 +97,8 @@ class ServeSettings:
     `limit` (None: any request the machine fits) comes from a budget's plan; `model_name` is what the
     API reports as the model; `progress` shows the load's progress bar; `allow_origins` are the web
     origins (scheme://host[:port]) besides the server's own whose pages may call it; `keep_videos` and
-    `keep_images` say how long finished jobs and their files are kept."""
+    `keep_images` say how long finished jobs and their files are kept; `preview_kind` (none, fast, exact) and
+    `preview_every` (steps between previews; None: the kind's default) the live preview of each video job."""
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -106,6 +112,8 @@ class ServeSettings:
     allow_origins: tuple[str, ...] = ()
     keep_videos: Retention = KEEP_VIDEOS
     keep_images: Retention = KEEP_IMAGES
+    preview_kind: str = DEFAULT_PREVIEW_KIND
+    preview_every: int | None = None
 
     def __post_init__(self) -> None:
         check_host(self.host)
@@ -119,6 +127,16 @@ class ServeSettings:
         if not isinstance(self.queue_size, int) or not 1 <= self.queue_size <= MAX_QUEUE_SIZE:
             raise InputError(f"--queue-size must be a whole number from 1 to {MAX_QUEUE_SIZE}, got {self.queue_size!r}")
         object.__setattr__(self, "storage", Path(self.storage))
+        if self.preview_kind not in PREVIEW_KINDS:
+            raise InputError(f"--preview-kind must be one of {', '.join(PREVIEW_KINDS)}, got {self.preview_kind!r}")
+        every = self.preview_every
+        if every is not None:
+            if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= MAX_PREVIEW_EVERY:
+                raise InputError(
+                    f"--preview-every must be a whole number of steps from 1 to {MAX_PREVIEW_EVERY}, got {every!r}"
+                )
+            if self.preview_kind == "none":
+                raise InputError("--preview-every goes with a preview; drop it, or pass --preview-kind fast or exact")
         if self.storage.exists() and not self.storage.is_dir():
             raise InputError(f"--storage {str(self.storage)!r} is a file; pass a folder (it is created if missing)")
         if not self.storage.exists() and not self.storage.parent.is_dir():

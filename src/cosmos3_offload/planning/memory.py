@@ -11,7 +11,10 @@ encode working sets are models fitted on an H200 (2026-11-26):
 - tiled decode: (DECODE_LIVE_BASE + DECODE_LIVE_PER_FRAME x frames a pass) one-frame tensors of the
   largest block input of a tile, the tile's causal caches, DECODE_FIXED_BYTES, x DECODE_SLACK
   (decode-H200-2026-11-26.json);
-- encode of conditioning frames: two points, 1 and 5 frames at 720p (same file).
+- encode of conditioning frames: two points, 1 and 5 frames at 720p (same file);
+- an exact preview (`Request.preview_frames`): one latent frame's decode in the plan's tiles, after a denoising
+  step has freed its activations; what a step cache holds stays beside it. Its VAE is resident (the planner
+  offers no other placement for it, see search.py), so its weights are in the resident bytes.
 
 With a parallel request (`Request.parallel`) the device figures are one GPU's: every GPU holds the
 weights its plan places, the reasoner memory of its own CFG branches and the activations of its
@@ -161,12 +164,25 @@ def peaks(plan: Plan, sizes: ModelSizes, request: Request) -> Peaks:
     decode_bytes, _ = decode_bytes_and_share(sizes, plan.decode_grid, request.height, request.width)
     decoders = max(decode_bytes, sound_decode_bytes(sizes, request))  # the video's, then the sound's
     encode = weights.resident + arena[VAE_ENCODER] + encode_bytes(request) if request.encode_frames else 0
+    # Between two steps an exact preview decodes: the step's activations are gone, a step cache's are not.
+    step = max(activation_bytes(sizes, request, chunk=plan.mlp_chunk), preview_decode_bytes(sizes, plan, request))
     return Peaks(
         encode=encode,
         prefill=weights.resident + arena[REASONER] + memory + activation_bytes(sizes, request, prompt=True, chunk=None),
-        denoise=weights.resident + arena[GENERATOR] + memory + activation_bytes(sizes, request, chunk=plan.mlp_chunk),
+        denoise=weights.resident + arena[GENERATOR] + memory + step,
         decode=weights.resident + max(arena[VAE], arena.get(SOUND, 0)) + decoders,
     )
+
+
+def preview_decode_bytes(sizes: ModelSizes, plan: Plan, request: Request) -> int:
+    """Device bytes of an exact preview between two denoising steps besides the weights (0 without one): one
+    latent frame decoded in the plan's tiles (the frames are decoded one after another), beside what a step
+    cache holds through the whole denoise."""
+    if not request.preview_frames:
+        return 0
+    decode, _ = decode_bytes_and_share(sizes, plan.decode_grid, request.height, request.width)
+    held = request.rank_branches * request.cached_hiddens * request.rank_tokens * sizes.hidden * sizes.dtype_bytes
+    return decode + held
 
 
 def sound_decode_bytes(sizes: ModelSizes, request: Request) -> int:

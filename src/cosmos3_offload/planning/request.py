@@ -28,13 +28,16 @@ class Request:
     sound_samples: int = 0  # audio samples per channel the sound decoder writes (0: no sound)
     # [tokens, hidden] tensors a step cache keeps per branch while the decoder stack runs (0: no cache)
     cached_hiddens: int = 0
+    # Latent frames an exact preview decodes, one at a time, after denoising steps (0: none, or fast previews
+    # only): the VAE then stays on the device and one decode's working set joins the denoise.
+    preview_frames: int = 0
     parallel: ParallelLayout = SINGLE
 
     def __post_init__(self) -> None:
         for name in ("tokens", "prompt_tokens", "branches", "frames", "height", "width", "steps"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("encode_frames", "sound_samples", "cached_hiddens"):
+        for name in ("encode_frames", "sound_samples", "cached_hiddens", "preview_frames"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not isinstance(self.parallel, ParallelLayout):

@@ -5,7 +5,8 @@ host) and a device profile. Candidates run from all resident to everything strea
 checkpoint, the reasoner also mapped from its files), with MLP token chunks and decode tile grids;
 the fastest whose predicted device peak fits the usable share of the device budget, and whose
 pinned + private host memory fits the usable share of the host budget, wins, ties going to the plan
-that moves fewer bytes, then to the one that holds less memory.
+that moves fewer bytes, then to the one that holds less memory. A request with exact previews
+(`Request.preview_frames`) decodes while the generator runs, so its plans keep the VAE resident.
 
 A parallel request (`Request.parallel`) is planned per GPU: every GPU places its own copy of the
 weights by the same plan, the budget is each GPU's, and the predicted memory and times are one
@@ -60,14 +61,17 @@ def spread(layers: int, count: int) -> tuple[int, ...]:
     return tuple(int((i + 0.5) * layers / count) for i in range(count)) if count else ()
 
 
-def candidates(sizes: ModelSizes, *, mapped: bool = False) -> list[Plan]:
+def candidates(sizes: ModelSizes, *, mapped: bool = False, keep_vae: bool = False) -> list[Plan]:
     """Every plan the planner considers, from all resident to everything streamed; with `mapped`
-    (there is a checkpoint to map), the reasoner mapped from its files too."""
+    (there is a checkpoint to map), the reasoner mapped from its files too; with `keep_vae` (exact
+    previews decode during the denoise) only plans whose VAE is resident."""
     reasoners = [Mode.RESIDENT, Mode.STAGED, Mode.STREAMED] + ([Mode.MAPPED] if mapped else [])
+    vaes = (Mode.RESIDENT,) if keep_vae else (Mode.RESIDENT, Mode.STAGED)
+    streamed_vae = Mode.RESIDENT if keep_vae else Mode.STAGED  # a streamed generator is for the least memory
     plans = []
     for reasoner in reasoners:
         for generator in (Mode.RESIDENT, Mode.STAGED):
-            for vae in (Mode.RESIDENT, Mode.STAGED):
+            for vae in vaes:
                 plans.append(
                     Plan(
                         reasoner=GroupPlan(mode=reasoner), generator=GroupPlan(mode=generator), vae=GroupPlan(mode=vae)
@@ -80,7 +84,7 @@ def candidates(sizes: ModelSizes, *, mapped: bool = False) -> list[Plan]:
                     mode=Mode.STREAMED, resident_layers=spread(sizes.layers, count), ring=ring, prefetch=ring - 1
                 )
                 plans.append(
-                    Plan(reasoner=GroupPlan(mode=reasoner), generator=generator, vae=GroupPlan(mode=Mode.STAGED))
+                    Plan(reasoner=GroupPlan(mode=reasoner), generator=generator, vae=GroupPlan(mode=streamed_vae))
                 )
     return [replace(p, mlp_chunk=c, decode_grid=g) for p in plans for c in MLP_CHUNKS for g in DECODE_GRIDS]
 
@@ -107,15 +111,17 @@ def choose_plan(
     from its files. An InputError with the least budget that works when nothing fits. With a parallel
     request the budget is each GPU's and every GPU follows the plan."""
     layout = request.parallel
-    scored = [Choice(p, predict(p, sizes, request, profile), layout) for p in candidates(sizes, mapped=mapped)]
+    plans = candidates(sizes, mapped=mapped, keep_vae=request.preview_frames > 0)
+    scored = [Choice(p, predict(p, sizes, request, profile), layout) for p in plans]
     usable = budget_bytes * profile.headroom
     fitting = [c for c in scored if c.prediction.peak <= usable]
     if not fitting:
         least = min(c.prediction.peak for c in scored) / profile.headroom
         per_gpu = f" per GPU over {layout.describe()}" if layout.parallel else ""
+        previews = ", or fast previews instead of exact ones" if request.preview_frames else ""
         raise InputError(
             f"nothing fits a {format_budget(budget_bytes)} budget{per_gpu} for this request; it needs at least "
-            f"{_gib_up(least)} GiB (or fewer frames or a lower resolution)"
+            f"{_gib_up(least)} GiB (or fewer frames or a lower resolution{previews})"
         )
     if host_budget is not None:
         fitting = _fitting_host(fitting, host_budget, profile, mapped=mapped)
@@ -146,7 +152,8 @@ def _gib_up(nbytes: float) -> str:
 
 def least_budget(sizes: ModelSizes, request: Request, profile: DeviceProfile) -> int:
     """The smallest budget any candidate fits (bytes), headroom included."""
-    return math.ceil(min(predict(p, sizes, request, profile).peak for p in candidates(sizes)) / profile.headroom)
+    plans = candidates(sizes, keep_vae=request.preview_frames > 0)
+    return math.ceil(min(predict(p, sizes, request, profile).peak for p in plans) / profile.headroom)
 
 
 def describe_choice(choice: Choice, budget_bytes: int, host_budget: int | None = None) -> str:

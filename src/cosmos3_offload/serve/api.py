@@ -4,7 +4,8 @@
   progress; `GET /v1/videos/{id}/content` the mp4 once completed (HEAD: its headers); `GET /v1/videos`
   the list (newest first, `after`/`limit`/`order`); `DELETE /v1/videos/{id}` cancels a waiting or running
   job, or deletes a finished one with its files; `GET /v1/videos/{id}/actions` an action run's predicted
-  actions (JSON, as `generate` writes NAME.actions.json) once completed.
+  actions (JSON, as `generate` writes NAME.actions.json) once completed; `GET /v1/videos/{id}/events` its
+  run as Server-Sent Events (event_stream.py); `GET /v1/videos/{id}/preview` its latest live preview image.
 - `POST /v1/images/generations` waits for its one-frame jobs and returns the images (base64), each with
   its job `id` and `seed`; `DELETE /v1/images/{id}` deletes one (kept by --keep-images otherwise).
 - `GET /health` (no key needed; 503 with the reason when the job worker or the storage cannot work),
@@ -43,7 +44,10 @@ from .api_errors import (
     storage_full,
     storage_unavailable,
 )
+from .event_stream import event_stream
 from .guard import install_guard
+from .job_previews import MEDIA_TYPE as PREVIEW_MEDIA_TYPE
+from .job_previews import PREVIEW_FILE
 from .requests import parse_image, parse_video, read_fields
 from .service import Service
 from .storage_errors import StorageError, StorageFull
@@ -191,6 +195,20 @@ def create_app(service: Service) -> FastAPI:
         if not await asyncio.to_thread(path.is_file):
             raise file_gone("video", job.id)
         return FileResponse(path, media_type="application/json")
+
+    @app.get("/v1/videos/{video_id}/events")
+    async def video_events(video_id: str, request: Request) -> Response:
+        job = _job(store, "video", video_id)
+        return event_stream(service, job, request.headers.get("last-event-id"))
+
+    @app.get("/v1/videos/{video_id}/preview")
+    async def video_preview(video_id: str) -> Response:
+        job = _job(store, "video", video_id)
+        try:  # read whole: the previewer replaces the file, never rewrites it in place
+            image = await asyncio.to_thread((store.folder_of(job.id) / PREVIEW_FILE).read_bytes)
+        except FileNotFoundError:
+            raise ApiError(404, f"video {shown(video_id)} has no preview yet", code="not_found") from None
+        return Response(image, media_type=PREVIEW_MEDIA_TYPE, headers={"cache-control": "no-store"})
 
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(video_id: str) -> dict[str, Any]:

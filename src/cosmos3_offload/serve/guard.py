@@ -38,9 +38,10 @@ BODY_SECONDS = 300.0  # a body must be whole this soon after its request's head 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST = re.compile(r"(\[[0-9a-z:.%]+\]|[^:\[\]/@\s]+)(?::([0-9]{1,5}))?")  # name or [IPv6], then :port
-# The page is /, /static/app.js and /static/style.css, nothing inline; its player shows a blob: URL.
+# The page is /, /static/app.js and /static/style.css, nothing inline; its player and its live preview show
+# blob: URLs (fetched with the key, which an <img src> or <video src> cannot send).
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; img-src 'self' data:; media-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+    "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'"
 )
 SECURITY_HEADERS = {

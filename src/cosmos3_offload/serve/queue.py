@@ -2,11 +2,13 @@
 
 One GPU runs one job at a time: the worker takes the oldest waiting job, runs it as `generate`
 would (`LoadedModel.write` into the job's folder, under the output's lock, written whole or not at
-all) and records the outcome. Progress is the denoising steps' share (5% to 95%); a job that is
-deleted while it runs, or a server that stops, ends it at the next step or decode tile. Whatever a
-job raises (bad input found late, NaN latents, out of memory, a full disk, a store that refuses its
-record) fails that job alone, with its files removed: the worker goes on with the next, and the
-server's health says when it could not.
+all) and records the outcome. Its run's events (app/events.py) go to its feed (job_events.py), which
+the job's Server-Sent Events clients follow, and move its stored progress (1% when it starts, the run's
+share done up to 99%, 100% once its file is written); a video job's previewer (job_previews.py) writes its
+preview as it renders. A job that is deleted while it runs, or a server that stops, ends it at the next step
+or decode piece. Whatever a job raises (bad input found late, NaN latents, out of memory, a full disk, a
+store that refuses its record) fails that job alone, with its files removed: the worker goes on with the
+next, and the server's health says when it could not.
 
 Finished jobs past the server's retention (`--keep-videos`, `--keep-images`) are deleted with their
 files at the start, after each job and every minute while idle; the jobs an images request still
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..app.config import GenerationConfig
+from ..app.events import STEP, Listener, RunEvent, RunEvents
 from ..app.inputs import read_conditioning
 from ..app.outputs import OutputLock
 from ..app.runner import LoadedModel
@@ -34,13 +37,15 @@ from ..app.serve_settings import KEEP_IMAGES, KEEP_VIDEOS, Retention
 from ..app.timer import PhaseTimer
 from ..errors import InputError
 from .api_errors import queue_full
+from .job_events import DecodePace, JobFeeds
+from .job_previews import JobPreviews
 from .metrics import Metrics
 from .storage_errors import StorageError, is_disk_full
 from .store import COMPLETED, IN_PROGRESS, JobStore
 
 logger = logging.getLogger(__name__)
 
-FIRST_STEP_PROGRESS, LAST_STEP_PROGRESS = 5, 95
+STARTED_PROGRESS, LAST_RUN_PROGRESS = 1, 99  # a running job's stored progress: 100 only once its file is whole
 EXPIRE_EVERY_SECONDS = 60  # while idle, how often jobs that aged past the retention are deleted
 STORAGE_FULL_MESSAGE = "the server's storage is full; delete finished jobs or free space on it, then submit again"
 
@@ -51,10 +56,12 @@ class JobStopped(Exception):
 
 @dataclass
 class Work:
-    """A job waiting for the worker: its request, and an event set once it has ended (or left the queue)."""
+    """A job waiting for the worker: its request, its kind (video or image), and an event set once it has ended
+    (or left the queue)."""
 
     job_id: str
     config: GenerationConfig
+    kind: str = "video"
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -76,7 +83,8 @@ def failure(error: BaseException) -> tuple[str, str]:
 
 
 class JobQueue:
-    """Jobs waiting for the one worker; `retention` (kind -> Retention) says how long finished ones are kept."""
+    """Jobs waiting for the one worker; `retention` (kind -> Retention) says how long finished ones are kept,
+    `feeds` hears their runs' events, `previews` (None: none) makes a video job's previewer."""
 
     def __init__(
         self,
@@ -85,9 +93,15 @@ class JobQueue:
         size: int,
         metrics: Metrics,
         retention: dict[str, Retention] | None = None,
+        *,
+        feeds: JobFeeds | None = None,
+        previews: JobPreviews | None = None,
     ) -> None:
         self.loaded, self.store, self.size, self.metrics = loaded, store, size, metrics
         self.retention = retention or {"video": KEEP_VIDEOS, "image": KEEP_IMAGES}
+        self.feeds = feeds or JobFeeds()
+        self.previews = previews
+        self._decode_pace = DecodePace()
         self._waiting: collections.deque[Work] = collections.deque()
         self._condition = threading.Condition()
         self._running: Work | None = None
@@ -156,6 +170,7 @@ class JobQueue:
             left += [work.job_id for work in self._waiting]
             for work in self._waiting:
                 self.store.fail(work.job_id, "server_stopped", "the server stopped before this job ran")
+                self.feeds.close(work.job_id)
                 work.done.set()
             self._waiting.clear()
             if self._running is not None and self._running.job_id not in left:
@@ -214,6 +229,7 @@ class JobQueue:
             with self._condition:
                 self._running = None
                 self._cancelled.discard(work.job_id)
+            self.feeds.close(work.job_id)  # the store says how it ended: its clients read that now
             work.done.set()
 
     def _check_stopped(self, job_id: str) -> None:
@@ -222,33 +238,28 @@ class JobQueue:
 
     def _run(self, work: Work) -> None:
         job_id, config = work.job_id, work.config
-        if not self.store.update(job_id, status=IN_PROGRESS, progress=1):
+        if not self.store.update(job_id, status=IN_PROGRESS, progress=STARTED_PROGRESS):
             self.store.remove_files(job_id)  # deleted between the queue and here
             return
-        timer = PhaseTimer(self.loaded.device)
-        started = last = time.perf_counter()
-
-        def on_step(index: int) -> None:
-            nonlocal last
-            now = time.perf_counter()
-            self.metrics.step(now - last)
-            last = now
-            self._check_stopped(job_id)
-            share = (index + 1) / config.steps
-            self.store.update(
-                job_id, progress=FIRST_STEP_PROGRESS + round((LAST_STEP_PROGRESS - FIRST_STEP_PROGRESS) * share)
-            )
-
+        self.feeds.started(job_id)
+        shape = (config.frames, config.height, config.width)
+        events = RunEvents(self._listener(job_id), decode_seconds=self._decode_pace.guess(*shape))
+        timer = PhaseTimer(self.loaded.device, events=events)
+        started = time.perf_counter()
         conditioning = read_conditioning(config)
+        folder = self.store.folder_of(job_id)
+        preview = self.previews.for_job(folder) if self.previews is not None and work.kind == "video" else None
         with OutputLock(config.output):
             self.loaded.write(
                 config,
                 timer,
                 conditioning=conditioning,
                 progress=False,
-                on_step=on_step,
+                on_step=lambda index: self._check_stopped(job_id),
                 on_decode_tile=lambda: self._check_stopped(job_id),
+                preview=preview,
             )
+        self._decode_pace.learn(*shape, events.last_decode_seconds)
         seconds = time.perf_counter() - started
         stats = self.metrics.finished(timer, seconds, self.loaded.device)
         recorded = self.store.update(
@@ -256,6 +267,23 @@ class JobQueue:
         )
         if not recorded:  # deleted as it finished
             self.store.remove_files(job_id)
+
+    def _listener(self, job_id: str) -> Listener:
+        """What hears the job's run events: its feed, the step metrics, and its stored progress (written when
+        its whole percent moves)."""
+        stored = STARTED_PROGRESS
+
+        def heard(event: RunEvent) -> None:
+            nonlocal stored
+            self.feeds.record(job_id, event)
+            if event.kind == STEP and event.seconds is not None:
+                self.metrics.step(event.seconds)
+            percent = min(LAST_RUN_PROGRESS, round(100 * event.progress))
+            if percent > stored:
+                stored = percent
+                self.store.update(job_id, progress=percent)
+
+        return heard
 
     def _ended(self, job_id: str, error: BaseException) -> None:
         """A job that raised `error`: gone if it was deleted, else failed with its code and no output left."""

@@ -34,6 +34,8 @@ from ..app.serve_settings import ServeSettings
 from ..app.timer import PhaseTimer
 from ..errors import InputError
 from .api import create_app
+from .job_events import JobFeeds
+from .job_previews import JobPreviews
 from .metrics import Metrics
 from .queue import JobQueue
 from .service import Service
@@ -167,9 +169,13 @@ def in_process(loaded: LoadedModel, settings: ServeSettings) -> Iterator[Running
     try:
         timer = PhaseTimer(loaded.device)
         loaded.load(timer, progress=settings.progress)
+        previews = None
+        if settings.preview_kind != "none":
+            previews = JobPreviews(loaded, kind=settings.preview_kind, every=settings.preview_every)
+            previews.check(store.folder)  # refused before any request; the fast map fitted before the first
         metrics = Metrics()
         retention = {"video": settings.keep_videos, "image": settings.keep_images}
-        queue = JobQueue(loaded, store, settings.queue_size, metrics, retention)
+        queue = JobQueue(loaded, store, settings.queue_size, metrics, retention, feeds=JobFeeds(), previews=previews)
         app = create_app(Service(loaded, store, queue, metrics, settings))
         running = Running(app, timer.phases[-1].seconds, queue)
         queue.start()

@@ -68,6 +68,10 @@ class Service:
             "stats": job.stats,
         }
 
+    def preview_url(self, video_id: str) -> str | None:
+        """Where the video job's live preview is served, None when previews are off."""
+        return None if self.queue.previews is None else f"/v1/videos/{video_id}/preview"
+
     def problem(self) -> str | None:
         """Why the server cannot run jobs now (its worker is dead, its storage refuses a write), or None."""
         if not self.queue.alive:
@@ -93,11 +97,15 @@ class Service:
                 values = {**parsed.config, "seed": seed}
                 paths = {field: path for field, (path, _) in inputs.items()}
                 config = GenerationConfig(**values, **paths, output=folder / f"{kind}{suffix}")
-                config = self.loaded.check(config, budgeted=self.settings.limit is not None)
+                previews = self.queue.previews
+                frames = previews.frames if previews is not None and kind == "video" else 0
+                config = self.loaded.check(config, budgeted=self.settings.limit is not None, preview_frames=frames)
                 if config.action is not None:
                     check_action_limit(config, self.settings.limit)
                 read_conditioning(config)  # readable, before it waits
-                works.append(Work(job_id, config))
+                works.append(Work(job_id, config, kind))
+            for work in works if kind == "video" else ():  # before the store shows them: clients may follow
+                self.queue.feeds.open(work.job_id, preview_url=self.preview_url(work.job_id))
             model = self.settings.model_name
             self.store.insert([(work.job_id, kind, _public(kind, parsed, work.config, model)) for work in works])
             self.queue.submit(works, hold=kind == "image")
@@ -113,6 +121,7 @@ class Service:
         """Cancel a waiting or running job, or delete a finished one, with its files. Blocking: a thread's."""
         running = self.queue.cancel(job.id)  # a waiting job leaves the queue, a running one stops
         self.store.delete(job.id, files=not running)  # a running job's folder goes when its worker stops
+        self.queue.feeds.close(job.id)  # its clients are told at once: it is gone
 
     def _forget(self, job_ids: list[str]) -> None:
         """Undo a request that failed after reserving `job_ids`: no folder and no job left (a job the full
@@ -122,6 +131,7 @@ class Service:
                 self.store.delete(job_id)
             except StorageError:
                 self.store.fail(job_id, "storage_full", "the server's storage was full when this job was created")
+            self.queue.feeds.close(job_id)
 
 
 def _save_inputs(parsed: ParsedRequest, folder: Path) -> dict[str, tuple[Path, str]]:

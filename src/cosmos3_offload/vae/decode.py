@@ -18,8 +18,9 @@ decode (`HostLanding`; plain copies on the CPU). Whether every decoded value was
 the device as the tiles go (no wait per tile) and read once at the end: NaN or infinite pixels
 would become black or white bytes, so `decode_to_host` refuses them (`NonFinitePixels`).
 
-A caller may stop the decode between pieces: `on_piece()` is called before each latent frame of each
-tile goes through the up blocks (the untiled decode is one tile), and what it raises ends the decode.
+A caller may follow and stop the decode between pieces: `on_piece(index, total)` is called before each latent
+frame of the low-resolution pass and of each tile goes through the up blocks (the untiled decode is one tile),
+with the piece's place among all the pieces of this decode, and what it raises ends the decode.
 
 Tiles are independent once the low-resolution pass is done, so several processes can share a decode:
 each decodes the tiles it is given (`only`) and leaves the others' pixels zero.
@@ -57,10 +58,10 @@ def _cached_conv(conv: nn.Module, x: torch.Tensor, cache: list, idx: list[int]) 
 
 
 def low_resolution_pass(
-    vae: AutoencoderKLWan, z: torch.Tensor, on_piece: Callable[[], None] | None = None
+    vae: AutoencoderKLWan, z: torch.Tensor, on_piece: Callable[[int], None] | None = None
 ) -> torch.Tensor:
     """post_quant_conv, conv_in and the mid block over whole frames -> [latent frames, C, h, w] on the host;
-    `on_piece()` is called before each latent frame (what it raises stops the pass there)."""
+    `on_piece(t)` is called before latent frame t (what it raises stops the pass there)."""
     decoder = vae.decoder
     x = vae.post_quant_conv(z)
     cache: list = [None] * (1 + cache_slots(decoder.mid_block))
@@ -69,7 +70,7 @@ def low_resolution_pass(
     host = torch.empty(z.shape[2], channels, *z.shape[-2:], dtype=x.dtype, pin_memory=pin)
     for t in range(z.shape[2]):
         if on_piece is not None:
-            on_piece()
+            on_piece(t)
         idx = [0]
         y = _cached_conv(decoder.conv_in, x[:, :, t : t + 1], cache, idx)
         y = decoder.mid_block(y, feat_cache=cache, feat_idx=idx)
@@ -137,26 +138,36 @@ def decode_tiles(
     grid: TileGrid,
     emit,
     only: Collection[int] | None = None,
-    on_piece: Callable[[], None] | None = None,
+    on_piece: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Decode raw latents z [1, C, T, h, w] tile by tile: emit(frames, rows, cols, pixels) receives
     each decoded piece, pixels [frames, H_tile, W_tile, 3] in [-1, 1] on the device. `only`: the
-    indexes (in `grid.tiles` order) of the tiles to decode; default every tile. `on_piece()` is called
-    before each latent frame of the low-resolution pass and of each tile (what it raises stops the decode
-    there).
+    indexes (in `grid.tiles` order) of the tiles to decode; default every tile. `on_piece(index, total)` is
+    called before each latent frame of the low-resolution pass and of each tile decoded, `total` of them (what it
+    raises stops the decode there).
 
     Returns a bool on z's device: whether every decoded value was finite (reading it waits for the decode)."""
     blocks = decoder_blocks(vae.decoder)
-    low = low_resolution_pass(vae, z, on_piece)
     height, width = z.shape[-2:]
+    tiles = grid.tiles(height, width)
+    latent_frames = z.shape[2]
+    total = latent_frames * (1 + sum(1 for index in range(len(tiles)) if only is None or index in only))
+    done = 0
+
+    def piece(_: int = 0) -> None:
+        nonlocal done
+        if on_piece is not None:
+            on_piece(done, total)
+        done += 1
+
+    low = low_resolution_pass(vae, z, piece)
     finite = torch.ones((), dtype=torch.bool, device=z.device)
-    for index, tile in enumerate(grid.tiles(height, width)):
+    for index, tile in enumerate(tiles):
         if only is not None and index not in only:
             continue
         decoder = _TileDecoder(vae, blocks, tile, (height, width), grid.frames, emit)
         for t in range(low.shape[0]):
-            if on_piece is not None:
-                on_piece()
+            piece()
             decoder.latent_frame(low[t].to(z.device, non_blocking=True)[None, :, None], first_chunk=t == 0)
         finite &= decoder.finite
     return finite
@@ -173,7 +184,7 @@ def decode_to_host(
     z: torch.Tensor,
     grid: TileGrid = UNTILED,
     only: Collection[int] | None = None,
-    on_piece: Callable[[], None] | None = None,
+    on_piece: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Raw latents z [1, C, T, h, w] -> uint8 frames [frames, H, W, 3] on the host (zero outside the
     tiles of `only`, when given). `on_piece`: see `decode_tiles`. Raises NonFinitePixels when a decoded

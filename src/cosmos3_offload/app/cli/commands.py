@@ -27,12 +27,16 @@ from ..config import resolve_device, resolve_dtype
 from ..console import printable
 from ..device_profile import device_setup, probe_shape
 from ..distributed import layout_for, rank_device
+from ..events import RunEvents
 from ..feasibility import request_of
 from ..model_checks import check_action_heads, has_action_heads
+from ..previews import EXACT_FRAMES, PreviewOptions, preview_frames
+from ..previews import KINDS as PREVIEW_KINDS
+from ..progress_line import ProgressLine
 from ..runner import LoadedModel, run
 from ..sample_files import read_samples
 from ..samples import run_samples
-from ..serve_settings import RequestLimit, Retention, Serve, ServeSettings
+from ..serve_settings import MAX_PREVIEW_EVERY, RequestLimit, Retention, Serve, ServeSettings
 from .flags import COMMAND_FIELDS
 from .translate import (
     check_flags,
@@ -63,9 +67,10 @@ def warn(line: str) -> None:
     print(printable(line, sys.stderr, one_line=True), file=sys.stderr)
 
 
-def budget_choice(args: argparse.Namespace, shape: RequestSpec, *, actions: bool = False):
+def budget_choice(args: argparse.Namespace, shape: RequestSpec, *, actions: bool = False, preview_frames: int = 0):
     """The planner's pick for `shape` under --vram-budget (flags checked already); `actions`: the action heads
-    are loaded (an action request loads them anyway)."""
+    are loaded (an action request loads them anyway); `preview_frames`: latent frames an exact preview decodes
+    during the denoise (app/previews.py)."""
     device = rank_device(resolve_device(args.device))
     # Plans are for a GPU: without --dtype they assume the GPU default (bfloat16), even when run on a CPU.
     dtype = resolve_dtype(args.dtype or ("bfloat16" if args.command == "plan" else None), device)
@@ -83,7 +88,7 @@ def budget_choice(args: argparse.Namespace, shape: RequestSpec, *, actions: bool
     )
     ranks = args.gpus if args.gpus is not None else Environment.read().world_size
     layout = ParallelLayout.for_ranks(ranks, guidance=shape.uses_guidance, cfg_parallel=args.cfg_parallel)
-    request = request_of(shape, sound, layout)
+    request = request_of(shape, sound, layout, preview_frames=preview_frames)
     # Measured last: the probe and the copies it times are the first thing that touches the GPU.
     setup = device_setup(
         device, attention=args.attention, shape=probe_shape(transformer_config), dtype=dtype, h2d_GBps=args.h2d_gbps
@@ -131,12 +136,13 @@ def generate_command(args: argparse.Namespace, argv: list[str] | None = None) ->
     repo = resolve_hub_checkpoint(args, sound=bool(args.sound))
     config = request_from_args(args)
     check_flags(args)
+    preview = preview_options(args)
     plan = Plan.from_offload(args.offload_stages)
     environment = Environment.read()  # torchrun's variables, before a budget's bandwidth is measured
     if args.gpus is not None:
         return launch_command(args, argv, environment, config, repo)
     if args.vram_budget is not None:
-        choice, budget, _ = budget_choice(args, config)
+        choice, budget, _ = budget_choice(args, config, preview_frames=preview_frames(preview))
         if environment.rank == 0:
             say(describe_choice(choice, budget, host_budget(args)))
         plan = choice.plan
@@ -152,9 +158,39 @@ def generate_command(args: argparse.Namespace, argv: list[str] | None = None) ->
         fp8=fp8_options(args),
         kernels=kernel_options(args),
         cfg_parallel=args.cfg_parallel,
+        events=None if args.no_progress else RunEvents(ProgressLine(sys.stderr)),
+        preview=preview,
     )
     if report is not None:  # rank 0 (or the only process)
         say(report.summary())
+
+
+def preview_options(args: argparse.Namespace) -> PreviewOptions | None:
+    """`--preview PATH` with its kind and pace, checked (None without it; its companions alone are refused)."""
+    if args.preview is None:
+        for flag, value in (("--preview-kind", args.preview_kind), ("--preview-every", args.preview_every)):
+            if value is not None:
+                raise InputError(f"{flag} goes with --preview PATH; add it, or drop {flag}")
+        return None
+    kind = args.preview_kind or "fast"
+    if kind not in PREVIEW_KINDS:
+        raise InputError(f"--preview-kind must be one of {', '.join(PREVIEW_KINDS)}, got {kind!r}")
+    return PreviewOptions(args.preview, kind=kind, every=preview_every(args))
+
+
+def preview_every(args: argparse.Namespace) -> int | None:
+    """--preview-every as a number of steps (None: not given), or the one-line refusal of what it is not."""
+    if args.preview_every is None:
+        return None
+    try:
+        every = int(args.preview_every)
+    except ValueError:
+        every = None
+    if every is None or not 1 <= every <= MAX_PREVIEW_EVERY:
+        raise InputError(
+            f"--preview-every must be a whole number of steps from 1 to {MAX_PREVIEW_EVERY}, got {args.preview_every!r}"
+        )
+    return every
 
 
 def launch_command(
@@ -220,6 +256,7 @@ def samples_command(args: argparse.Namespace) -> int:
         kernels=kernel_options(args),
         say=say,
         warn=warn,
+        watch=None if args.no_progress else ProgressLine(sys.stderr),
     )
     return report.exit_status
 
@@ -252,6 +289,8 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
         allow_origins=tuple(args.allow_origin),
         keep_videos=Retention.parse(args.keep_videos, "--keep-videos"),
         keep_images=Retention.parse(args.keep_images, "--keep-images"),
+        preview_kind=args.preview_kind,
+        preview_every=preview_every(args),
     )
     loaded = LoadedModel.open(
         checkpoint=args.checkpoint,
@@ -284,6 +323,7 @@ def serve_plan(args: argparse.Namespace, say=say) -> tuple[Plan, RequestLimit | 
     actions = has_action_heads(args.checkpoint, args.model)
     conditioning = {"video": Path("input_video")} if actions else {"image": Path("input_reference")}
     shape = shape_from_args(args, **conditioning)
-    choice, budget, _ = budget_choice(args, shape, actions=actions)
+    exact = EXACT_FRAMES if args.preview_kind == "exact" else 0  # a job's exact preview: the .webp's three frames
+    choice, budget, _ = budget_choice(args, shape, actions=actions, preview_frames=exact)
     say(describe_choice(choice, budget, host_budget(args)))
     return choice.plan, RequestLimit(shape.frames, shape.width, shape.height)

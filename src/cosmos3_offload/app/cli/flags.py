@@ -27,6 +27,7 @@ from ..serve_settings import (
     API_KEY_VARIABLE,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    DEFAULT_PREVIEW_KIND,
     DEFAULT_QUEUE_SIZE,
     DEFAULT_STORAGE,
     KEEP_IMAGES,
@@ -205,6 +206,32 @@ def _offload_stages(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _preview_flags(parser: argparse.ArgumentParser) -> None:
+    """`generate`'s live preview (app/previews.py): an image of the video as it renders, kept up to date."""
+    parser.add_argument(
+        "--preview",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="keep PATH updated with a preview of the video as it renders, each written whole: .png (the middle "
+        "frame) or .webp/.gif (a few frames, animated); never changes the output (default: none)",
+    )
+    parser.add_argument(
+        "--preview-kind",
+        default=None,
+        metavar="KIND",
+        help="with --preview: fast (a linear map of the latents to colours, fitted once per checkpoint from its "
+        "VAE; free) or exact (the VAE's decode of the first, middle and last latent frames; the planner keeps "
+        "the VAE on the device and counts it) (default: fast)",
+    )
+    parser.add_argument(
+        "--preview-every",
+        default=None,
+        metavar="K",
+        help="with --preview: a preview every K steps, and after the last (default: 1 for fast, 5 for exact)",
+    )
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Run Cosmos3 omni video models on small GPUs.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -229,7 +256,8 @@ def build_parser() -> ArgumentParser:
     add_request_flags(gen, "generate")
     _model_flags(gen)
     _offload_stages(gen)
-    gen.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    _preview_flags(gen)
+    gen.add_argument("--no-progress", action="store_true", help="hide the progress display")
     gen.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and where")
     plan = commands.add_parser(
         "plan",
@@ -312,6 +340,20 @@ def _serve_parser(commands) -> None:
         default=DEFAULT_STORAGE,
         metavar="DIR",
         help=f"the job database and finished files, kept across restarts (default: ./{DEFAULT_STORAGE})",
+    )
+    serve.add_argument(
+        "--preview-kind",
+        default=DEFAULT_PREVIEW_KIND,
+        metavar="KIND",
+        help="each video job's live preview (GET /v1/videos/{id}/preview): none, fast (a linear map of the "
+        "latents, free) or exact (the VAE's decode of three frames; the VAE stays on the device) "
+        f"(default: {DEFAULT_PREVIEW_KIND})",
+    )
+    serve.add_argument(
+        "--preview-every",
+        default=None,
+        metavar="K",
+        help="a job's preview every K steps, and after the last (default: 1 for fast, 5 for exact)",
     )
     serve.add_argument("--no-progress", action="store_true", help="hide the load's progress bar")
     serve.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and each request")

@@ -1,5 +1,6 @@
 // The page of `cosmos3-offload serve`: a request form (with an action panel where the model has action heads),
 // a job's live progress, its video (and its predicted actions, plotted), and the history.
+// A running job is followed through its Server-Sent Events: phase, step, time left and a live preview.
 // Plain JS against the server's own API (/health, /v1/videos); no build step, nothing from elsewhere.
 "use strict";
 
@@ -27,6 +28,10 @@ let playerUrl = null;
 let actionsUrl = null;
 let shown = 0; // only the latest job asked for may fill the player and the plot
 let historyRequests = 0; // only the latest history request may fill the table
+let followed = null; // the job whose progress shows
+let run = {}; // where the followed job's run stands, from its events
+const preview = { url: null, loading: false, wanted: null }; // the live preview's blob URL and its next fetch
+const cancelled = new Set(); // jobs the Cancel button deleted
 
 // The key field is the one source of the key: filled from localStorage at start, saved there as it is typed.
 function apiKey() {
@@ -146,18 +151,173 @@ async function submit(event) {
   }
 }
 
-// Poll the job until it completes or fails, moving the progress bar; then show its video.
+// Follow the job until it ends, through its event stream (fetch: the key travels in a header, which an
+// EventSource cannot send), or by polling where the stream cannot be read; then show its video, or why not.
 async function follow(job) {
   $("job").hidden = false;
   $("player").pause();
   $("player").hidden = true;
+  $("preview").hidden = true;
+  run = { phase: null, step: null, steps: null, piece: null, pieces: null, eta: null, percent: 0 };
+  followed = job.id;
+  $("cancel").dataset.job = job.id;
+  $("cancel").disabled = false;
+  $("cancel").hidden = false;
+  showJob(job);
+  try {
+    let ended = null;
+    try {
+      ended = await streamEvents(job.id);
+    } catch (error) {
+      console.warn("the job's event stream failed; polling instead:", error);
+    }
+    if (!ended) ended = await poll(job.id);
+    if (ended.object === "video.deleted") {
+      $("status").textContent = "cancelled";
+      return showRun("cancelled");
+    }
+    showJob(ended);
+    if (ended.status === "failed") throw new Error(`the job failed: ${ended.error ? ended.error.message : "unknown"}`);
+    $("run").hidden = true;
+    $("preview").hidden = true;
+    await show(ended);
+  } finally {
+    $("cancel").hidden = true;
+  }
+}
+
+// The job's events as they come; returns the final job (`done`), or null when the stream ended without it.
+async function streamEvents(id) {
+  const response = await call(`/v1/videos/${encodeURIComponent(id)}/events`, { headers: { Accept: "text/event-stream" } });
+  if (!response.ok || !response.body) return null; // polling says why
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
   while (true) {
-    $("progress").value = job.progress;
-    $("status").textContent = `${job.status} ${job.progress}%`;
-    if (job.status === "completed") return show(job);
-    if (job.status === "failed") throw new Error(`the job failed: ${job.error ? job.error.message : "unknown"}`);
+    const { value, done } = await reader.read();
+    if (done) return null;
+    buffer += value.replace(/\r/g, "");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = parseEvent(buffer.slice(0, end));
+      buffer = buffer.slice(end + 2);
+      if (event && event.kind === "done") {
+        reader.cancel().catch(() => {});
+        return event.data;
+      }
+      if (event) heard(event.kind, event.data, id);
+    }
+  }
+}
+
+// One Server-Sent Event's name and JSON data (null for a comment, the stream's heartbeat).
+function parseEvent(block) {
+  let kind = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    const colon = line.indexOf(":");
+    if (colon === 0) continue;
+    const field = colon < 0 ? line : line.slice(0, colon);
+    const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+    if (field === "event") kind = value;
+    if (field === "data") data.push(value);
+  }
+  return data.length ? { kind, data: JSON.parse(data.join("\n")) } : null;
+}
+
+// What an event says: the job's state (on connect, and when it starts), a phase, a step, a decode piece, a preview.
+function heard(kind, data, id) {
+  if (kind === "state") {
+    Object.assign(run, { ...data.run, percent: Math.max(run.percent, data.progress) });
+    showJob({ status: data.status, progress: run.percent });
+    if (data.run && data.run.preview) loadPreview(data.run.preview, id);
+    return showRun();
+  }
+  if (kind === "phase_started") Object.assign(run, { phase: data.phase, step: null, piece: null });
+  if (kind === "step") Object.assign(run, { step: data.index, steps: data.total });
+  if (kind === "piece") Object.assign(run, { piece: data.index, pieces: data.total });
+  if (kind === "preview") loadPreview(data.url, id, data.index);
+  if (data.eta != null) run.eta = data.eta;
+  run.percent = Math.max(run.percent, Math.min(99, Math.round(data.progress * 100)));
+  showJob({ status: "in_progress", progress: run.percent });
+  showRun();
+}
+
+// The bar and the status line (the bar first: a watcher of the status reads it).
+function showJob(job) {
+  $("progress").value = job.progress;
+  $("status").textContent = `${job.status} ${job.progress}%`;
+}
+
+const PHASE_WORDS = {
+  probe: "measuring the GPU", load: "loading", encode: "encoding the input", prefill: "reading the prompt",
+  denoise: "denoising", decode: "decoding", sound: "decoding the sound", write: "writing the video",
+};
+
+// The phase (with its step or piece) and the time left, or `said` in their place.
+function showRun(said) {
+  $("run").hidden = false;
+  let phase = said || (run.phase ? PHASE_WORDS[run.phase] || run.phase : "waiting in the queue");
+  if (!said && run.phase === "denoise" && run.step) phase += `: step ${run.step} of ${run.steps}`;
+  if (!said && run.phase === "decode" && run.piece) phase += `: piece ${run.piece} of ${run.pieces}`;
+  $("phase").textContent = phase;
+  $("phase").dataset.phase = said || run.phase || "queued";
+  $("eta").textContent = !said && run.eta != null ? `· about ${duration(run.eta)} left` : "";
+}
+
+function duration(seconds) {
+  const whole = Math.max(1, Math.round(seconds));
+  return whole < 60 ? `${whole} s` : `${Math.floor(whole / 60)} min ${whole % 60} s`;
+}
+
+// The job's latest preview as a blob (the key travels in a header); one fetch at a time, the newest wins.
+async function loadPreview(url, id, step) {
+  preview.wanted = { url, id, step };
+  if (preview.loading) return;
+  preview.loading = true;
+  try {
+    while (preview.wanted) {
+      const wanted = preview.wanted;
+      preview.wanted = null;
+      const response = await call(wanted.url);
+      if (!response.ok || followed !== wanted.id) continue; // none yet, or another job's
+      const blob = await response.blob();
+      if (preview.url) URL.revokeObjectURL(preview.url);
+      preview.url = URL.createObjectURL(blob);
+      $("preview").src = preview.url;
+      $("preview").dataset.job = wanted.id;
+      if (wanted.step) $("preview").dataset.step = wanted.step;
+      $("preview").hidden = !$("player").hidden;
+    }
+  } catch (error) {
+    console.warn("a preview could not be read:", error);
+  } finally {
+    preview.loading = false;
+  }
+}
+
+// Ask the job's state every POLL_MS until it completes or fails; a job deleted by the Cancel button is cancelled.
+async function poll(id) {
+  while (true) {
+    const response = await call(`/v1/videos/${encodeURIComponent(id)}`);
+    if (response.status === 404 && cancelled.has(id)) return { id, object: "video.deleted" };
+    const job = await json(response);
+    if (job.status === "completed" || job.status === "failed") return job;
+    run.percent = Math.max(run.percent, job.progress);
+    showJob({ status: job.status, progress: run.percent });
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
-    job = await json(await call(`/v1/videos/${encodeURIComponent(job.id)}`));
+  }
+}
+
+// The Cancel button: the server's DELETE stops a running job at its next step or decode piece (and removes it).
+async function cancel() {
+  const id = $("cancel").dataset.job;
+  $("cancel").disabled = true;
+  try {
+    await json(await call(`/v1/videos/${encodeURIComponent(id)}`, { method: "DELETE" }));
+    cancelled.add(id);
+  } catch (error) {
+    $("cancel").disabled = false;
+    showError(error.message);
   }
 }
 
@@ -325,6 +485,7 @@ async function start() {
     refreshHistory();
   });
   $("request").addEventListener("submit", submit);
+  $("cancel").addEventListener("click", cancel);
   const health = await (await fetch("/health")).json();
   $("model").textContent = `${health.model} on ${health.device}; queue ${health.queue_length} of ${health.queue_size}`;
   if (health.auth && !apiKey()) $("key-row").hidden = false;
