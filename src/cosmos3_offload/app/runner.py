@@ -33,6 +33,7 @@ from ..loading.layout import default_negative_prompt
 from ..loading.mapped_reasoner import check_mapped_reasoner
 from ..loading.quantization import NO_FP8_FLAGS, Fp8Options
 from ..model.specs import model_spec
+from ..offload.node_share import NodeShare
 from ..offload.shared import HostShare
 from ..parallel.mesh import ProcessMesh
 from ..planning.parallel import SINGLE, ParallelLayout
@@ -150,6 +151,7 @@ class LoadedModel:
     components: Components | None = None
     kernels: Kernels | None = None  # chosen by `load` (a GPU's probe, cached per GPU)
     mesh: ProcessMesh | None = None  # the other ranks, over several processes
+    node_share: NodeShare | None = None  # serve's replicas on one node: one host copy (offload/node_share.py)
 
     @classmethod
     def open(
@@ -242,10 +244,11 @@ class LoadedModel:
                 )
         return self.components
 
-    def _host_share(self) -> HostShare | None:
-        """Over several processes: one host copy of the weights, filled by the host's first rank."""
+    def _host_share(self) -> HostShare | NodeShare | None:
+        """Over several processes: one host copy of the weights, filled by the host's first rank; for serve's
+        replicas on one node, the node's copy (`node_share`), filled by the first replica that loads."""
         if self.mesh is None:
-            return None
+            return self.node_share
         return HostShare(name=self.mesh.run_name, owner=self.mesh.host_leader, wait=self.mesh.wait_for_all)
 
     def _choose_kernels(self, timer: PhaseTimer) -> Kernels:

@@ -12,7 +12,8 @@ model before any home is allocated. What generation never reads (see layout.py) 
 
 With a `HostShare` (several processes on one host, one GPU each), every host slab is one file the
 host's processes all map, written by the owner alone, so host memory does not grow with the number
-of processes; the load follows the protocol in offload/shared.py.
+of processes; the load follows the protocol in offload/shared.py. A `NodeShare` does the same for
+processes that start at different times (serve's replicas; see offload/node_share.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..model.specs import model_spec
 from ..model.tiny_tokenizer import build_tiny_tokenizer
 from ..offload.engine import OffloadEngine
 from ..offload.materialize import build_on_meta, group_layouts, keep_fp32_dtype, move_buffers
+from ..offload.node_share import NodeShare
 from ..offload.shared import HostShare
 from ..offload.slabs import SlabEntry, SlabLayout
 from ..planning.plan import Plan
@@ -110,7 +112,7 @@ def load_components(
     actions: bool = False,
     progress: bool = False,
     fp8: Fp8Options = NO_FP8_FLAGS,
-    host_share: HostShare | None = None,
+    host_share: HostShare | NodeShare | None = None,
 ) -> Components:
     """Build, place and fill every component as `plan` says (default: everything resident).
 
@@ -118,8 +120,9 @@ def load_components(
     action heads, with the generator (see model/actions.py). An FP8 checkpoint's
     linears load as FP8; `fp8.quantize` quantizes a bf16 one's as they load (see quantization.py);
     `fp8.mode` picks W8A8 or W8A16 per step (see quant/policy.py). `host_share`: the host slabs are
-    shared with the host's other processes, and filled by its owner (see offload/shared.py); every
-    process of the host must call this with the same model, plan and share.
+    shared with the host's other processes, and filled by its owner (see offload/shared.py, and
+    offload/node_share.py for processes that start at different times); every process of the host
+    must call this with the same model, plan and share.
     """
     plan = plan or Plan()
     if sound and not has_sound_tokenizer(checkpoint):
@@ -166,36 +169,21 @@ def load_components(
     # costs nothing.
     tokenizer = build_tiny_tokenizer() if checkpoint is None else _checkpoint_tokenizer(checkpoint)
     options = pipeline_options(checkpoint)
+    # A node share's reader waits here until the node's copy is complete (or claims it, see node_share.py).
+    shared = None if host_share is None else host_share.open_files()
     # A mapped reasoner reads weights[0].
-    placer = Placer(device, plan, None if checkpoint is None else weights[0], host_share=host_share)
+    placer = Placer(device, plan, None if checkpoint is None else weights[0], shared_files=shared)
     try:
         targets = [placer.place(part.root, layout) for part, layout in zip(parts, layouts)]
-        if host_share is not None:
-            host_share.wait()  # every process has mapped every shared file: their names can go
-    finally:
-        if placer.shared_files is not None:
-            placer.shared_files.unlink()  # the mappings stay valid; nothing is left behind, error or not
-    with tqdm(
-        total=sum(_nbytes(t) for t in targets), desc="load", unit="B", unit_scale=True, disable=not progress
-    ) as bar:
-        for index, part_targets in enumerate(targets):
-            files = None if checkpoint is None else MappedFiles(weights[index])
-            fill = RandomValues(seed).fill if files is None else files.fill
-            if index == 0 and quantization.on_load:
-                value_of = files.view if files is not None else _random_value_of(seed)
-                fill = QuantizingFill(
-                    fill,
-                    value_of,
-                    frozenset(fp8_linear_paths(transformer)),
-                    part_targets,
-                    per_channel=quantization.per_channel,
-                    device=device,
-                )
-            for batch in _batches(part_targets):
-                fill(batch)
-                bar.update(_nbytes(batch))
-    if host_share is not None:
-        host_share.wait()  # the owner has filled the shared slabs: no process reads or pins one before
+        if shared is not None:
+            shared.wait_all_mapped()  # a host share's files can go once every process has mapped them
+        _fill(targets, None if checkpoint is None else weights, seed, quantization, transformer, device, progress)
+        if shared is not None:
+            shared.wait_filled()  # the owner has filled the shared slabs: no process reads or pins one before
+    except BaseException:
+        if shared is not None:
+            shared.abandon()  # nothing half-filled is left for another process to map
+        raise
     for slab in placer.slabs_to_pin:
         slab.pin()
     for part in parts:
@@ -216,6 +204,38 @@ def load_components(
         switches=switches,
         schedule=schedule,
     )
+
+
+def _fill(
+    targets: list[list[tuple[SlabEntry, torch.Tensor]]],
+    weights: list[CheckpointWeights] | None,
+    seed: int,
+    quantization: Quantization,
+    transformer: Cosmos3OmniTransformer,
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """Write every (entry, home) pair of each part: from the checkpoint's files, or seeded random values
+    (quantized to FP8 as they load where `quantization.on_load`)."""
+    with tqdm(
+        total=sum(_nbytes(t) for t in targets), desc="load", unit="B", unit_scale=True, disable=not progress
+    ) as bar:
+        for index, part_targets in enumerate(targets):
+            files = None if weights is None else MappedFiles(weights[index])
+            fill = RandomValues(seed).fill if files is None else files.fill
+            if index == 0 and quantization.on_load:
+                value_of = files.view if files is not None else _random_value_of(seed)
+                fill = QuantizingFill(
+                    fill,
+                    value_of,
+                    frozenset(fp8_linear_paths(transformer)),
+                    part_targets,
+                    per_channel=quantization.per_channel,
+                    device=device,
+                )
+            for batch in _batches(part_targets):
+                fill(batch)
+                bar.update(_nbytes(batch))
 
 
 def _return_freed_heap() -> None:

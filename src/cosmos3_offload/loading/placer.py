@@ -3,8 +3,9 @@
 `weight_grouping` names the group of every transformer weight (a streamed or mapped tower's
 non-resident layers get a group each: "<tower>@<layer>"); `Placer` gives each group its home
 (device tensors, a pinned host slab, an unpinned host slab, or, for a mapped tower's layers, the
-checkpoint's memory-mapped files) and builds the engine's placements. With a `HostShare`, every host
-slab is a file the host's processes share (see offload/shared.py), written by the owner alone.
+checkpoint's memory-mapped files) and builds the engine's placements. With shared files (a `HostShare`'s
+or a `NodeShare`'s, see offload/shared.py and offload/node_share.py), every host slab is a file the
+host's processes share, written by the owner alone.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..model.groups import EMBEDDING, GENERATOR, REASONER, SOUND, UNUSED, VAE, V
 from ..offload.mapped import Mapped, MappedLayer, ReadInPlace
 from ..offload.materialize import allocate_on_device
 from ..offload.placements import HostOnly, Placement, Resident, Staged, bind_views
-from ..offload.shared import HostShare, SharedFiles
+from ..offload.shared import SlabFiles
 from ..offload.slabs import HostSlab, SlabEntry, SlabLayout
 from ..offload.streaming import Streamed
 from ..planning.plan import BOUNCE_SLOTS, Mode, Plan
@@ -50,9 +51,9 @@ class Placer:
     """Gives each group its home and returns (entry, home) pairs for the values this process writes.
 
     `stored`: the transformer's checkpoint weights, which a mapped tower's layers are read from, in
-    place (so they get no (entry, home) pair: nothing is written into them). `host_share`: every host
-    slab is mapped from a file shared by the host's processes; only its owner gets their pairs, and
-    `shared_files.unlink()` removes the files once every process has mapped them. `reuse(entry)`: a
+    place (so they get no (entry, home) pair: nothing is written into them). `shared_files`: every host
+    slab is mapped from a file shared by the host's processes; only its owner gets their pairs (the load
+    runs the files' protocol around placing and filling, see offload/shared.py). `reuse(entry)`: a
     tensor already on the device to keep as the home of a weight kept there (a live module's own, see
     module_weights.py), or None to allocate one."""
 
@@ -61,14 +62,14 @@ class Placer:
         device: torch.device,
         plan: Plan,
         stored: CheckpointWeights | None = None,
-        host_share: HostShare | None = None,
+        shared_files: SlabFiles | None = None,
         reuse: Callable[[SlabEntry], torch.Tensor | None] | None = None,
     ):
         check_mapped_reasoner(plan, has_files=stored is not None, rewrites_weights=False)
         self.device = device
         self.plan = plan
         self.files = None if stored is None else MappedFiles(stored)
-        self.shared_files = None if host_share is None else SharedFiles(host_share)
+        self.shared_files = shared_files
         self.reuse = reuse
         self.placements: dict[str, Placement] = {}
         # Slabs that are copied to the device are pinned after they are filled (faulting pages in
@@ -131,7 +132,7 @@ class Placer:
 
     def _writes(self, slab: HostSlab) -> bool:
         """Whether this process writes `slab`'s values: its own slab, or a shared one it owns."""
-        return not slab.shared or self.shared_files.share.owner
+        return not slab.shared or self.shared_files.owner
 
     def _stored(self, group: str, layout: SlabLayout) -> MappedLayer | None:
         """The file views of a group read from the checkpoint in place: a mapped tower's streamed layers,

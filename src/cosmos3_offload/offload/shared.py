@@ -22,6 +22,9 @@ A process that fails after step 3 leaves nothing behind; the others stop at thei
 
 `name` must be the same on the processes of one host and unique per run: two runs of one name at
 once would write into each other's weights.
+
+Processes that start at different times (serve's replicas, a restarted one) share a node's copy through
+node_share.py instead; the load sees either through `SlabFiles`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -41,8 +45,26 @@ from ..units import format_bytes
 logger = logging.getLogger(__name__)
 
 PREFIX = "cosmos3-offload"
-_SAFE = re.compile(r"^[A-Za-z0-9_.@-]+$")  # what a name or key may hold: one file name, no folder
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_.@-]+$")  # what a name or key may hold: one file name, no folder
 FIX = "grow it (docker run --shm-size=...), point the share at a larger folder, or run on one GPU"
+
+
+class SlabFiles(Protocol):
+    """The host-slab files one load maps, shared with other processes (`SharedFiles`, node_share.NodeFiles).
+
+    The load (loading/components.py) maps every host slab with `map`, calls `wait_all_mapped`, writes the
+    values (the shared slabs only where `owner`), calls `wait_filled`, and only then reads or pins a shared
+    slab; `abandon` if the load fails at any point."""
+
+    owner: bool  # this process writes the shared slabs' values
+
+    def map(self, key: str, nbytes: int) -> torch.Tensor: ...
+
+    def wait_all_mapped(self) -> None: ...
+
+    def wait_filled(self) -> None: ...
+
+    def abandon(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -57,15 +79,19 @@ class HostShare:
     directory: Path = Path("/dev/shm")
 
     def __post_init__(self):
-        if not _SAFE.match(self.name):
+        if not SAFE_NAME.match(self.name):
             raise InputError(
                 f"host share name {self.name!r} must be letters, digits, '.', '_', '-' or '@' (it names files)"
             )
 
     def path(self, key: str) -> Path:
         """The file holding slab `key` (a group name, say `generator@3`)."""
-        assert _SAFE.match(key), key
+        assert SAFE_NAME.match(key), key
         return self.directory / f"{PREFIX}-{self.name}-{key}"
+
+    def open_files(self) -> SharedFiles:
+        """The files of one load under this share (nothing is created until `map`)."""
+        return SharedFiles(self)
 
 
 class SharedFiles:
@@ -74,6 +100,7 @@ class SharedFiles:
     def __init__(self, share: HostShare):
         self.share = share
         self.paths: list[Path] = []
+        self.owner = share.owner
         self.nbytes = 0  # of every file mapped so far: tmpfs files are sparse until the owner fills them
 
     def map(self, key: str, nbytes: int) -> torch.Tensor:
@@ -83,7 +110,7 @@ class SharedFiles:
         assert path not in self.paths, f"slab {key!r} mapped twice"
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)  # nothing to share, and an empty file cannot be mapped
-        self._check_room(nbytes)
+        check_room(self.share.directory, self.nbytes + nbytes)
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as error:
@@ -98,6 +125,21 @@ class SharedFiles:
         self.nbytes += nbytes
         return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
 
+    def wait_all_mapped(self) -> None:
+        """Wait until every process of the host has mapped every file, then unlink them (error or not)."""
+        try:
+            self.share.wait()
+        finally:
+            self.unlink()
+
+    def wait_filled(self) -> None:
+        """Wait until the owner has filled every shared slab."""
+        self.share.wait()
+
+    def abandon(self) -> None:
+        """The load failed: leave no file behind."""
+        self.unlink()
+
     def unlink(self) -> None:
         """Remove every file mapped so far (the mappings stay valid); the other processes may have already."""
         for path in self.paths:
@@ -105,19 +147,18 @@ class SharedFiles:
         logger.debug("unlinked %d shared slab files (%s)", len(self.paths), format_bytes(self.nbytes))
         self.paths.clear()
 
-    def _check_room(self, nbytes: int) -> None:
-        """The folder exists, is writable and has room for every file so far: a full tmpfs kills the owner
-        with SIGBUS when it writes the page that does not fit."""
-        directory = self.share.directory
-        if not directory.is_dir():
-            raise InputError(f"{directory} is not a folder, so the host copy of the weights cannot be shared: {FIX}")
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise InputError(f"{directory} is not writable, so the host copy of the weights cannot be shared: {FIX}")
-        stat = os.statvfs(directory)
-        free = stat.f_bavail * stat.f_frsize
-        needed = self.nbytes + nbytes
-        if needed > free:
-            raise InputError(
-                f"{directory} has {format_bytes(free)} free, and the shared host copy of the weights needs "
-                f"{format_bytes(needed)} or more: {FIX}"
-            )
+
+def check_room(directory: Path, needed: int) -> None:
+    """`directory` exists, is writable and has `needed` bytes free for shared files: a full tmpfs kills the
+    process that writes the page that does not fit with SIGBUS, so it is refused before."""
+    if not directory.is_dir():
+        raise InputError(f"{directory} is not a folder, so the host copy of the weights cannot be shared: {FIX}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise InputError(f"{directory} is not writable, so the host copy of the weights cannot be shared: {FIX}")
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    if needed > free:
+        raise InputError(
+            f"{directory} has {format_bytes(free)} free, and the shared host copy of the weights needs "
+            f"{format_bytes(needed)} or more: {FIX}"
+        )
