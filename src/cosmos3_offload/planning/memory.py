@@ -94,10 +94,19 @@ def host_memory(plan: Plan, sizes: ModelSizes) -> HostMemory:
 def weight_bytes(plan: Plan, sizes: ModelSizes) -> WeightBytes:
     """Resident, arena and host bytes of the weights under `plan` (the same value for every plan with
     the same placements: the planner asks for each placement under many chunk and tile choices)."""
-    key = (plan.reasoner, plan.generator, plan.vae)
-    if key not in sizes.weight_bytes_memo:
-        sizes.weight_bytes_memo[key] = _weight_bytes(plan, sizes)
-    return sizes.weight_bytes_memo[key]
+    reasoner, generator, vae = plan.reasoner, plan.generator, plan.vae
+    # The planner's candidates share their group plans' objects: look them up by identity first (cheap; an id is
+    # only trusted while its object is the one remembered), then by value.
+    ids = (id(reasoner), id(generator), id(vae))
+    known = sizes.weight_bytes_memo.get(ids)
+    if known is not None and known[0] is reasoner and known[1] is generator and known[2] is vae:
+        return known[3]
+    groups = (reasoner, generator, vae)
+    if groups not in sizes.weight_bytes_memo:
+        sizes.weight_bytes_memo[groups] = _weight_bytes(plan, sizes)
+    weights = sizes.weight_bytes_memo[groups]
+    sizes.weight_bytes_memo[ids] = (reasoner, generator, vae, weights)
+    return weights
 
 
 def _weight_bytes(plan: Plan, sizes: ModelSizes) -> WeightBytes:
@@ -155,23 +164,35 @@ class Peaks:
         return max(self.encode, self.prefill, self.denoise, self.decode)
 
 
-def peaks(plan: Plan, sizes: ModelSizes, request: Request) -> Peaks:
+def peaks(plan: Plan, sizes: ModelSizes, request: Request, search: dict | None = None) -> Peaks:
     """Resident weights + the arena of the part's own group + the reasoner memory + activations (the
-    engine sizes the arena for the group in use; see offload/engine.py)."""
+    engine sizes the arena for the group in use; see offload/engine.py). `search`: a dict the planner keeps for
+    one search (one request, its candidates alive), where the parts its candidates share are computed once."""
+    search = {} if search is None else search
     weights = weight_bytes(plan, sizes)
     arena = weights.arena
-    memory = reasoner_memory_bytes(sizes, request)
-    decode_bytes, _ = decode_bytes_and_share(sizes, plan.decode_grid, request.height, request.width)
-    decoders = max(decode_bytes, sound_decode_bytes(sizes, request))  # the video's, then the sound's
+    key = ("peaks", id(plan.decode_grid), plan.mlp_chunk)  # the grids are shared objects (search.DECODE_GRIDS)
+    if key not in search:
+        search[key] = _activations(plan, sizes, request)
+    memory, prompt, step, decoders = search[key]
     encode = weights.resident + arena[VAE_ENCODER] + encode_bytes(request) if request.encode_frames else 0
-    # Between two steps an exact preview decodes: the step's activations are gone, a step cache's are not.
-    step = max(activation_bytes(sizes, request, chunk=plan.mlp_chunk), preview_decode_bytes(sizes, plan, request))
     return Peaks(
         encode=encode,
-        prefill=weights.resident + arena[REASONER] + memory + activation_bytes(sizes, request, prompt=True, chunk=None),
+        prefill=weights.resident + arena[REASONER] + memory + prompt,
         denoise=weights.resident + arena[GENERATOR] + memory + step,
         decode=weights.resident + max(arena[VAE], arena.get(SOUND, 0)) + decoders,
     )
+
+
+def _activations(plan: Plan, sizes: ModelSizes, request: Request) -> tuple[int, int, int, int]:
+    """(the reasoner memory, the prefill's activations, the denoise's between and within steps, the decoders')
+    under `plan`'s MLP chunk and tile grid: what a part holds besides the weights."""
+    memory = reasoner_memory_bytes(sizes, request)
+    decode_bytes, _ = decode_bytes_and_share(sizes, plan.decode_grid, request.height, request.width)
+    decoders = max(decode_bytes, sound_decode_bytes(sizes, request))  # the video's, then the sound's
+    # Between two steps an exact preview decodes: the step's activations are gone, a step cache's are not.
+    step = max(activation_bytes(sizes, request, chunk=plan.mlp_chunk), preview_decode_bytes(sizes, plan, request))
+    return memory, activation_bytes(sizes, request, prompt=True, chunk=None), step, decoders
 
 
 def preview_decode_bytes(sizes: ModelSizes, plan: Plan, request: Request) -> int:
@@ -254,7 +275,12 @@ def encode_bytes(request: Request) -> int:
 def decode_bytes_and_share(sizes: ModelSizes, grid: TileGrid, height: int, width: int) -> tuple[int, float]:
     """(device bytes besides the weights, time relative to an untiled decode) of decoding
     `height` x `width` pixel frames in `grid`."""
-    return _decode_bytes_and_share(sizes.decoder_blocks, sizes.dtype_bytes, grid, *latent_size(height, width))
+    key = ("decode bytes", grid, height, width)
+    if key not in sizes.decode_memo:  # hashing the blocks for the cache below costs more than the planner's work
+        sizes.decode_memo[key] = _decode_bytes_and_share(
+            sizes.decoder_blocks, sizes.dtype_bytes, grid, *latent_size(height, width)
+        )
+    return sizes.decode_memo[key]
 
 
 def decode_rank_share(sizes: ModelSizes, grid: TileGrid, height: int, width: int, ranks: int) -> float:

@@ -49,11 +49,16 @@ class Prediction:
         return self.peaks.peak
 
 
-def predict(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfile) -> Prediction:
+def predict(
+    plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfile, search: dict | None = None
+) -> Prediction:
     """Peak device bytes of each part of the request, the time of a step, the prefill and the decode,
-    and the host memory of the weights (per GPU, and per host, for a parallel request)."""
+    and the host memory of the weights (per GPU, and per host, for a parallel request). `search`: see
+    timing.times (the planner's parts shared by its candidates)."""
     request.parallel.check_model(heads=sizes.heads, kv_heads=sizes.kv_heads)
-    return Prediction(peaks(plan, sizes, request), times(plan, sizes, request, profile), host_memory(plan, sizes))
+    return Prediction(
+        peaks(plan, sizes, request, search), times(plan, sizes, request, profile, search), host_memory(plan, sizes)
+    )
 
 
 def spread(layers: int, count: int) -> tuple[int, ...]:
@@ -112,7 +117,8 @@ def choose_plan(
     request the budget is each GPU's and every GPU follows the plan."""
     layout = request.parallel
     plans = candidates(sizes, mapped=mapped, keep_vae=request.preview_frames > 0)
-    scored = [Choice(p, predict(p, sizes, request, profile), layout) for p in plans]
+    search: dict = {}  # parts the candidates share, for this search only (see timing.times)
+    scored = [Choice(p, predict(p, sizes, request, profile, search), layout) for p in plans]
     usable = budget_bytes * profile.headroom
     fitting = [c for c in scored if c.prediction.peak <= usable]
     if not fitting:
@@ -153,7 +159,8 @@ def _gib_up(nbytes: float) -> str:
 def least_budget(sizes: ModelSizes, request: Request, profile: DeviceProfile) -> int:
     """The smallest budget any candidate fits (bytes), headroom included."""
     plans = candidates(sizes, keep_vae=request.preview_frames > 0)
-    return math.ceil(min(predict(p, sizes, request, profile).peak for p in plans) / profile.headroom)
+    search: dict = {}
+    return math.ceil(min(predict(p, sizes, request, profile, search).peak for p in plans) / profile.headroom)
 
 
 def describe_choice(choice: Choice, budget_bytes: int, host_budget: int | None = None) -> str:

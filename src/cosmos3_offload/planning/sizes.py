@@ -62,3 +62,5 @@ class ModelSizes:
     dequantized_bytes: int = 0
     # planning.memory.weight_bytes per placement, filled as the planner asks (not part of the value).
     weight_bytes_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+    # planning.memory.decode_bytes_and_share per tile grid and frame size, filled as the planner asks.
+    decode_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)

@@ -56,8 +56,30 @@ class Times:
     total: float  # prefill + steps + decode + copies of staged groups
 
 
-def times(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfile) -> Times:
-    """One GPU's times: a step, the prefill, the decode, and the whole request."""
+def times(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfile, search: dict | None = None) -> Times:
+    """One GPU's times: a step, the prefill, the decode, and the whole request. `search`: a dict the planner
+    keeps for one search (one request and profile, its candidates alive): its parts repeat across candidates (a
+    placement under every MLP chunk and tile grid shares its group plans), so each is computed once there."""
+    if search is None:
+        step, prefill, staged = _placement_seconds(plan, sizes, request, profile)
+        decode = _decode_seconds(plan, sizes, request)
+    else:
+        placement = (id(plan.reasoner), id(plan.generator), id(plan.vae))  # the candidates share these objects
+        if placement not in search:
+            search[placement] = _placement_seconds(plan, sizes, request, profile)
+        step, prefill, staged = search[placement]
+        grid = id(plan.decode_grid)
+        if grid not in search:
+            search[grid] = _decode_seconds(plan, sizes, request)
+        decode = search[grid]
+    total = prefill + request.steps * step + decode + staged
+    return Times(step=step, prefill=prefill, decode=decode, total=total)
+
+
+def _placement_seconds(
+    plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfile
+) -> tuple[float, float, float]:
+    """(a step, the prefill, the staged groups' copies) in seconds under `plan`'s placement."""
     layout = request.parallel
     bandwidth = rank_h2d_GBps(profile, layout) * 1e9
     host_copy = _rank_share(profile.host_copy_GBps, profile, layout) * 1e9
@@ -79,13 +101,18 @@ def times(plan: Plan, sizes: ModelSizes, request: Request, profile: DeviceProfil
         plan.reasoner, copy_seconds(REASONER), layer_seconds(sizes, request, profile, request.prompt_tokens), passes=1
     )
     prefill += STREAM_CONTENTION * streamed_bytes(plan, sizes, REASONER) / device_copy
+    return step, prefill, staged_bytes(plan, sizes, request) / bandwidth
+
+
+def _decode_seconds(plan: Plan, sizes: ModelSizes, request: Request) -> float:
+    """The video decode's seconds in `plan`'s tile grid (one GPU's share of it, over several)."""
+    layout = request.parallel
     _, decode_share = decode_bytes_and_share(sizes, plan.decode_grid, request.height, request.width)
     decode = DECODE_SECONDS_PER_PIXEL_FRAME * request.height * request.width * request.frames * decode_share
     if layout.parallel:
         tiles = decode_rank_share(sizes, plan.decode_grid, request.height, request.width, layout.world_size)
         decode *= DECODE_LOW_RESOLUTION_SHARE + (1 - DECODE_LOW_RESOLUTION_SHARE) * tiles
-    total = prefill + request.steps * step + decode + staged_bytes(plan, sizes, request) / bandwidth
-    return Times(step=step, prefill=prefill, decode=decode, total=total)
+    return decode
 
 
 def rank_h2d_GBps(profile: DeviceProfile, layout: ParallelLayout) -> float:
