@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from share_memory import share_memory_kib
 
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.loading.components import load_components
@@ -83,21 +84,6 @@ def _owner_killed_before_marker(folder, started) -> None:
 
     NodeFiles.wait_filled = die
     load(NodeShare(NAME, directory=folder, timeout_s=TIMEOUT))
-
-
-def share_memory_kib(pid: int, folder: Path) -> tuple[int, int]:
-    """(Rss, Pss) in KiB of process `pid`'s mappings of files in `folder` (from /proc/<pid>/smaps)."""
-    rss = pss = 0
-    inside = False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header: address perms offset dev inode [path]
-            inside = len(fields) >= 6 and fields[5].startswith(str(folder))
-        elif inside and fields[0] == "Rss:":
-            rss += int(fields[1])
-        elif inside and fields[0] == "Pss:":
-            pss += int(fields[1])
-    return rss, pss
 
 
 def start(target, *args) -> multiprocessing.Process:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 START_SECONDS = 120  # importing torch and diffusers and loading the tiny model on a slow 2-core machine
@@ -150,3 +151,14 @@ def _uvicorn_thread(app):
         running.should_exit = True
         thread.join(STOP_SECONDS)
         listener.close()
+
+
+def wait_for_video(client, video_id: str, seconds: float, *, until=("completed", "failed")):
+    """The openai `client`'s video `video_id` once its status is one of `until`; an AssertionError after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        video = client.videos.retrieve(video_id)
+        if video.status in until:
+            return video
+        time.sleep(0.05)
+    raise AssertionError(f"{video_id} did not reach {until}")

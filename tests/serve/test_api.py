@@ -21,7 +21,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from server_process import InProcessServer, ServerProcess
+from server_process import InProcessServer, ServerProcess, wait_for_video
 
 from cosmos3_offload.app import cli, runner
 from cosmos3_offload.serve import service
@@ -41,13 +41,7 @@ def client_for(server: InProcessServer | ServerProcess, key: str = "unused") -> 
 
 
 def wait(client: openai.OpenAI, video_id: str, *, until=("completed", "failed")):
-    deadline = time.monotonic() + JOB_SECONDS
-    while time.monotonic() < deadline:
-        video = client.videos.retrieve(video_id)
-        if video.status in until:
-            return video
-        time.sleep(0.05)
-    raise AssertionError(f"{video_id} did not reach {until}")
+    return wait_for_video(client, video_id, JOB_SECONDS, until=until)
 
 
 def http(server: InProcessServer, method: str, path: str, body: bytes | None = None, headers=None):
@@ -338,6 +332,10 @@ def _png(b64: str, path: Path) -> Path:
         (["--image", "x.png"], "--image belongs to a request"),
         (["--frames", "6"], "frame count"),
         (["--vram-budget", "8GiB", "--offload-stages", "vae"], "not both"),
+        (["--replicas", "0"], "--replicas must be"),
+        (["--replicas", "2", "--gpus-per-replica", "2"], "--gpus-per-replica above 1 is not yet supported"),
+        (["--ray-address", " "], "--ray-address must name a cluster"),
+        (["--preview-every", "0"], "--preview-every must be a whole number of steps"),
     ],
 )
 def test_bad_serve_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):

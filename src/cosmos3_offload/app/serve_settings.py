@@ -28,6 +28,7 @@ PREVIEW_KINDS = ("none", "fast", "exact")
 DEFAULT_PREVIEW_KIND = "fast"
 MAX_PREVIEW_EVERY = 1000  # the most steps a request takes
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_REPLICAS = 1024
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,9 @@ class ServeSettings:
     API reports as the model; `progress` shows the load's progress bar; `allow_origins` are the web
     origins (scheme://host[:port]) besides the server's own whose pages may call it; `keep_videos` and
     `keep_images` say how long finished jobs and their files are kept; `preview_kind` (none, fast, exact) and
-    `preview_every` (steps between previews; None: the kind's default) the live preview of each video job."""
+    `preview_every` (steps between previews; None: the kind's default) the live preview of each video job;
+    `replicas` copies of the model run jobs (more than one, or a `ray_address`: on Ray Serve, serve/replicas/),
+    each on `gpus_per_replica` GPUs, in a local Ray or the cluster at `ray_address`."""
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -114,6 +117,14 @@ class ServeSettings:
     keep_images: Retention = KEEP_IMAGES
     preview_kind: str = DEFAULT_PREVIEW_KIND
     preview_every: int | None = None
+    replicas: int = 1
+    gpus_per_replica: int = 1
+    ray_address: str | None = None
+
+    @property
+    def on_ray(self) -> bool:
+        """Whether jobs run on Ray Serve replicas instead of this process's one model."""
+        return self.replicas > 1 or self.ray_address is not None
 
     def __post_init__(self) -> None:
         check_host(self.host)
@@ -137,10 +148,24 @@ class ServeSettings:
                 )
             if self.preview_kind == "none":
                 raise InputError("--preview-every goes with a preview; drop it, or pass --preview-kind fast or exact")
+        self._check_replicas()
         if self.storage.exists() and not self.storage.is_dir():
             raise InputError(f"--storage {str(self.storage)!r} is a file; pass a folder (it is created if missing)")
         if not self.storage.exists() and not self.storage.parent.is_dir():
             raise InputError(f"--storage {str(self.storage)!r}: its parent folder does not exist; create it first")
+
+    def _check_replicas(self) -> None:
+        replicas, gpus = self.replicas, self.gpus_per_replica
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= MAX_REPLICAS:
+            raise InputError(f"--replicas must be a whole number from 1 to {MAX_REPLICAS}, got {replicas!r}")
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+            raise InputError(f"--gpus-per-replica must be a whole number from 1, got {gpus!r}")
+        if gpus > 1:
+            raise InputError("--gpus-per-replica above 1 is not yet supported; run more replicas of one GPU each")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise InputError(
+                "--ray-address must name a cluster (auto, or HOST:PORT of its head); drop it for a local Ray"
+            )
 
 
 def check_host(host: str) -> None:

@@ -8,8 +8,9 @@
   run as Server-Sent Events (event_stream.py); `GET /v1/videos/{id}/preview` its latest live preview image.
 - `POST /v1/images/generations` waits for its one-frame jobs and returns the images (base64), each with
   its job `id` and `seed`; `DELETE /v1/images/{id}` deletes one (kept by --keep-images otherwise).
-- `GET /health` (no key needed; 503 with the reason when the job worker or the storage cannot work),
-  `GET /metrics` (Prometheus text), `GET /` the page. No /docs or /openapi.json: the routes are OpenAI's.
+- `GET /health` (no key needed; 503 with the reason when the job worker, every replica or the storage cannot
+  work; with replicas, how many are alive), `GET /metrics` (Prometheus text), `GET /` the page. No /docs or
+  /openapi.json: the routes are OpenAI's.
 
 With an API key every /v1 route and /metrics need `Authorization: Bearer KEY` (401 otherwise). Every
 error has OpenAI's body; a bad request is a 400, a full queue a 429, a full storage a 507, never a 500.
@@ -120,6 +121,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         problem = await asyncio.to_thread(service.problem)
+        replicas = await asyncio.to_thread(service.replica_counts)
         body = {
             "status": "ok" if problem is None else "unavailable",
             "model": settings.model_name,
@@ -130,6 +132,8 @@ def create_app(service: Service) -> FastAPI:
             "defaults": settings.defaults,
             "actions": action_choices(service.action_dim, service.action_tier),
         }
+        if replicas is not None:
+            body["replicas"] = replicas
         if problem is not None:
             body["reason"] = problem
         return JSONResponse(body, status_code=200 if problem is None else 503)

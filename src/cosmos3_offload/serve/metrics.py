@@ -1,8 +1,10 @@
 """What /metrics reports, in Prometheus' text format (no client library: a handful of lines).
 
 Queue length and jobs by state are read when asked; step and job times, and memory, are recorded by
-the worker as jobs run. Each finished job also keeps its own figures (`stats`), which the job API
-returns, so a client can follow device and host memory request by request.
+the worker as jobs run. With replicas (serve/replicas/) each replica also has its gauges, labelled with its
+Serve id: whether it runs a job, the jobs it completed and its largest device peak. Each finished job also
+keeps its own figures (`stats`), which the job API returns, so a client can follow device and host memory
+request by request.
 """
 
 from __future__ import annotations
@@ -41,11 +43,19 @@ class _Totals:
     device_peak_bytes: int = 0
 
 
+@dataclass
+class _Replica:
+    busy: bool = False
+    jobs: int = 0
+    device_peak_bytes: int = 0
+
+
 class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._totals = _Totals()
         self._last_step = 0.0
+        self._replicas: dict[str, _Replica] = {}
 
     def step(self, seconds: float) -> None:
         with self._lock:
@@ -68,15 +78,30 @@ class Metrics:
             "device_allocated_bytes": torch.cuda.memory_allocated(device) if device.type == "cuda" else None,
             "host_resident_bytes": host_resident_bytes(),
         }
+        self.record(stats)
+        return stats
+
+    def record(self, stats: dict) -> None:
+        """Count a completed job from its `stats` (`finished`'s, a replica's with its `replica` id)."""
+        peak = stats.get("device_peak_bytes") or 0
         with self._lock:
             self._totals.jobs += 1
-            self._totals.job_seconds += seconds
-            self._totals.device_peak_bytes = max(self._totals.device_peak_bytes, peak or 0)
-        return stats
+            self._totals.job_seconds += stats["seconds"]
+            self._totals.device_peak_bytes = max(self._totals.device_peak_bytes, peak)
+            if stats.get("replica") is not None:
+                replica = self._replicas.setdefault(stats["replica"], _Replica())
+                replica.jobs += 1
+                replica.device_peak_bytes = max(replica.device_peak_bytes, peak)
+
+    def replica_busy(self, replica: str, busy: bool) -> None:
+        """The replica `replica` took a job (True) or ended it."""
+        with self._lock:
+            self._replicas.setdefault(replica, _Replica()).busy = busy
 
     def text(self, queue_length: int, states: dict[str, int], device: torch.device) -> str:
         with self._lock:
             t, last = _Totals(**vars(self._totals)), self._last_step
+            replicas = {name: _Replica(**vars(figures)) for name, figures in sorted(self._replicas.items())}
         cuda = device.type == "cuda"
         lines = [
             *_metric("queue_length", "gauge", "jobs waiting behind the running one", [("", queue_length)]),
@@ -102,7 +127,22 @@ class Metrics:
                 "host_resident_bytes", "gauge", "this process's resident memory", [("", host_resident_bytes() or 0)]
             ),
         ]
+        if replicas:
+            lines += _replica_lines(replicas)
         return "\n".join(lines) + "\n"
+
+
+def _replica_lines(replicas: dict[str, _Replica]) -> list[str]:
+    def each(field: str) -> list[tuple[str, float]]:
+        return [(f'replica="{name}"', int(getattr(figures, field))) for name, figures in replicas.items()]
+
+    return [
+        *_metric("replica_busy", "gauge", "whether the replica runs a job now", each("busy")),
+        *_metric("replica_jobs_total", "counter", "jobs the replica completed", each("jobs")),
+        *_metric(
+            "replica_device_peak_bytes", "gauge", "largest device memory a job allocated", each("device_peak_bytes")
+        ),
+    ]
 
 
 def _metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> list[str]:

@@ -1,14 +1,16 @@
-"""The bounded FIFO of jobs and the one worker thread that runs them on the loaded model.
+"""The bounded FIFO of jobs and the worker threads that run them: one on the loaded model, or one per replica.
 
 One GPU runs one job at a time: the worker takes the oldest waiting job, runs it as `generate`
 would (`LoadedModel.write` into the job's folder, under the output's lock, written whole or not at
 all) and records the outcome. Its run's events (app/events.py) go to its feed (job_events.py), which
 the job's Server-Sent Events clients follow, and move its stored progress (1% when it starts, the run's
 share done up to 99%, 100% once its file is written); a video job's previewer (job_previews.py) writes its
-preview as it renders. A job that is deleted while it runs, or a server that stops, ends it at the next step
-or decode piece. Whatever a job raises (bad input found late, NaN latents, out of memory, a full disk, a
-store that refuses its record) fails that job alone, with its files removed: the worker goes on with the
-next, and the server's health says when it could not.
+preview as it renders. With replicas (serve/replicas/) each of N workers takes the next job and hands it to
+a free replica (`Runner`), which streams the same events and preview back. A job that is deleted while it
+runs, or a server that stops, ends it at the next step or decode piece. Whatever a job raises (bad input
+found late, NaN latents, out of memory, a full disk, a store that refuses its record, its replica dying)
+fails that job alone, with its files removed: the worker goes on with the next, and the server's health
+says when it could not.
 
 Finished jobs past the server's retention (`--keep-videos`, `--keep-images`) are deleted with their
 files at the start, after each job and every minute while idle; the jobs an images request still
@@ -24,7 +26,10 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -54,6 +59,14 @@ class JobStopped(Exception):
     """Raised at a step or decode tile boundary: the job was deleted, or the server is stopping."""
 
 
+class JobFailed(Exception):
+    """A job that failed where its error was already named (a replica's): its `code` and `message`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 @dataclass
 class Work:
     """A job waiting for the worker: its request, its kind (video or image), and an event set once it has ended
@@ -69,6 +82,8 @@ def failure(error: BaseException) -> tuple[str, str]:
     """(code, message) a job that raised `error` fails with."""
     if isinstance(error, JobStopped):
         return "server_stopped", "the server stopped while this job ran"
+    if isinstance(error, JobFailed):
+        return error.code, error.message
     if is_disk_full(error):
         return "storage_full", STORAGE_FULL_MESSAGE
     if isinstance(error, StorageError):
@@ -82,9 +97,57 @@ def failure(error: BaseException) -> tuple[str, str]:
     return "server_error", "the server failed while running this job"
 
 
+class Runner(Protocol):
+    """Runs one job into its folder and returns its `stats`: here on the loaded model (`LocalRunner`) or on a
+    replica (replicas/dispatch.py). `heard` takes its run's events; `check_stopped()` raises JobStopped once the
+    job is deleted or the server stops; `cancel(job_id)` tells a job running elsewhere to stop."""
+
+    workers: int  # jobs it runs at once
+
+    def run(self, work: Work, folder: Path, heard: Listener, check_stopped: Callable[[], None]) -> dict[str, Any]: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+
+class LocalRunner:
+    """Jobs run one at a time on this process's loaded model, as `generate` runs them; `previews()` gives the
+    queue's previews as they are when a job starts."""
+
+    workers = 1
+
+    def __init__(self, loaded: LoadedModel, metrics: Metrics, previews: Callable[[], JobPreviews | None]) -> None:
+        self.loaded, self.metrics, self.previews = loaded, metrics, previews
+        self._decode_pace = DecodePace()
+
+    def run(self, work: Work, folder: Path, heard: Listener, check_stopped: Callable[[], None]) -> dict[str, Any]:
+        config = work.config
+        shape = (config.frames, config.height, config.width)
+        events = RunEvents(heard, decode_seconds=self._decode_pace.guess(*shape))
+        timer = PhaseTimer(self.loaded.device, events=events)
+        started = time.perf_counter()
+        conditioning = read_conditioning(config)
+        previews = self.previews()
+        preview = previews.for_job(folder) if previews is not None and work.kind == "video" else None
+        with OutputLock(config.output):
+            self.loaded.write(
+                config,
+                timer,
+                conditioning=conditioning,
+                progress=False,
+                on_step=lambda index: check_stopped(),
+                on_decode_tile=check_stopped,
+                preview=preview,
+            )
+        self._decode_pace.learn(*shape, events.last_decode_seconds)
+        return self.metrics.finished(timer, time.perf_counter() - started, self.loaded.device)
+
+    def cancel(self, job_id: str) -> None:
+        """Nothing to tell: the worker's own checks stop it."""
+
+
 class JobQueue:
-    """Jobs waiting for the one worker; `retention` (kind -> Retention) says how long finished ones are kept,
-    `feeds` hears their runs' events, `previews` (None: none) makes a video job's previewer."""
+    """Jobs waiting for the workers (one, or the `runner`'s); `retention` (kind -> Retention) says how long
+    finished ones are kept, `feeds` hears their runs' events, `previews` (None: none) makes a video job's previewer."""
 
     def __init__(
         self,
@@ -96,31 +159,37 @@ class JobQueue:
         *,
         feeds: JobFeeds | None = None,
         previews: JobPreviews | None = None,
+        runner: Runner | None = None,
     ) -> None:
         self.loaded, self.store, self.size, self.metrics = loaded, store, size, metrics
         self.retention = retention or {"video": KEEP_VIDEOS, "image": KEEP_IMAGES}
         self.feeds = feeds or JobFeeds()
         self.previews = previews
-        self._decode_pace = DecodePace()
+        self.runner = runner or LocalRunner(loaded, metrics, lambda: self.previews)
         self._waiting: collections.deque[Work] = collections.deque()
         self._condition = threading.Condition()
-        self._running: Work | None = None
+        self._expiring = threading.Lock()  # one worker at a time deletes expired jobs
+        self._running: dict[str, Work] = {}
         self._cancelled: set[str] = set()
         self._held: set[str] = set()  # finished jobs a request still reads: out of the retention's reach
         self._expire_soon = False  # a request released held jobs: expire before waiting again
         self._stopping = False
         self._left: list[str] = []  # the jobs a stop left unfinished
-        self._thread = threading.Thread(target=self._work, name="cosmos3-jobs", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._work, name=f"cosmos3-jobs-{index}", daemon=True)
+            for index in range(self.runner.workers)
+        ]
 
     def start(self) -> None:
         """Delete what the retention no longer keeps (before the first request is answered), then work."""
         self.expire()
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def alive(self) -> bool:
-        """Whether the worker thread runs (False before `start` and after `stop`)."""
-        return self._thread.is_alive()
+        """Whether every worker thread runs (False before `start` and after `stop`)."""
+        return all(thread.is_alive() for thread in self._threads)
 
     def submit(self, works: list[Work], *, hold: bool = False) -> None:
         """Queue `works` together, or none of them (429) when the queue has no room for all. With `hold`,
@@ -133,7 +202,7 @@ class JobQueue:
             if hold:
                 self._held.update(work.job_id for work in works)
             self._waiting.extend(works)
-            self._condition.notify()
+            self._condition.notify(len(works))  # with replicas, as many workers as jobs may take one
 
     def release(self, job_ids: list[str]) -> None:
         """The held jobs `job_ids` are read: the worker applies the retention to them next (this never blocks,
@@ -156,8 +225,9 @@ class JobQueue:
                     self._waiting.remove(work)
                     work.done.set()
                     return False
-            if self._running is not None and self._running.job_id == job_id:
+            if job_id in self._running:
                 self._cancelled.add(job_id)
+                self.runner.cancel(job_id)
                 return True
         return False
 
@@ -173,11 +243,15 @@ class JobQueue:
                 self.feeds.close(work.job_id)
                 work.done.set()
             self._waiting.clear()
-            if self._running is not None and self._running.job_id not in left:
-                left.append(self._running.job_id)
+            for job_id in self._running:
+                if job_id not in left:
+                    left.append(job_id)
+                self.runner.cancel(job_id)
             self._condition.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return list(left)
 
     def expire(self) -> None:
@@ -187,10 +261,11 @@ class JobQueue:
             held = set(self._held)
         removed = 0
         try:
-            for kind, retention in self.retention.items():
-                for job_id in self.store.expired(kind, retention, now=time.time(), keep=held):
-                    self.store.delete(job_id)
-                    removed += 1
+            with self._expiring:
+                for kind, retention in self.retention.items():
+                    for job_id in self.store.expired(kind, retention, now=time.time(), keep=held):
+                        self.store.delete(job_id)
+                        removed += 1
         except Exception:
             logger.exception("finished jobs past the retention could not all be deleted")
         if removed:
@@ -204,8 +279,9 @@ class JobQueue:
             self._expire_soon = False  # the worker expires jobs whenever this returns
             if self._stopping or not self._waiting:
                 return None
-            self._running = self._waiting.popleft()
-            return self._running
+            work = self._waiting.popleft()
+            self._running[work.job_id] = work
+            return work
 
     def _work(self) -> None:
         while not self._stopping:
@@ -227,7 +303,7 @@ class JobQueue:
                 logger.exception("job %s failed and its failure could not be recorded", work.job_id)
         finally:
             with self._condition:
-                self._running = None
+                self._running.pop(work.job_id, None)
                 self._cancelled.discard(work.job_id)
             self.feeds.close(work.job_id)  # the store says how it ended: its clients read that now
             work.done.set()
@@ -237,33 +313,20 @@ class JobQueue:
             raise JobStopped
 
     def _run(self, work: Work) -> None:
-        job_id, config = work.job_id, work.config
+        job_id = work.job_id
         if not self.store.update(job_id, status=IN_PROGRESS, progress=STARTED_PROGRESS):
             self.store.remove_files(job_id)  # deleted between the queue and here
             return
         self.feeds.started(job_id)
-        shape = (config.frames, config.height, config.width)
-        events = RunEvents(self._listener(job_id), decode_seconds=self._decode_pace.guess(*shape))
-        timer = PhaseTimer(self.loaded.device, events=events)
-        started = time.perf_counter()
-        conditioning = read_conditioning(config)
         folder = self.store.folder_of(job_id)
-        preview = self.previews.for_job(folder) if self.previews is not None and work.kind == "video" else None
-        with OutputLock(config.output):
-            self.loaded.write(
-                config,
-                timer,
-                conditioning=conditioning,
-                progress=False,
-                on_step=lambda index: self._check_stopped(job_id),
-                on_decode_tile=lambda: self._check_stopped(job_id),
-                preview=preview,
-            )
-        self._decode_pace.learn(*shape, events.last_decode_seconds)
-        seconds = time.perf_counter() - started
-        stats = self.metrics.finished(timer, seconds, self.loaded.device)
+        stats = self.runner.run(work, folder, self._listener(job_id), lambda: self._check_stopped(job_id))
         recorded = self.store.update(
-            job_id, status=COMPLETED, progress=100, completed_at=int(time.time()), file=config.output.name, stats=stats
+            job_id,
+            status=COMPLETED,
+            progress=100,
+            completed_at=int(time.time()),
+            file=work.config.output.name,
+            stats=stats,
         )
         if not recorded:  # deleted as it finished
             self.store.remove_files(job_id)

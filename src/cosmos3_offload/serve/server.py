@@ -21,21 +21,24 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..app.model_checks import has_action_heads
+from ..app.previews import PreviewOptions, preview_frames
 from ..app.runner import LoadedModel
 from ..app.serve_settings import ServeSettings
 from ..app.timer import PhaseTimer
 from ..errors import InputError
 from .api import create_app
 from .job_events import JobFeeds
-from .job_previews import JobPreviews
+from .job_previews import PREVIEW_FILE, JobPreviews
 from .metrics import Metrics
 from .queue import JobQueue
 from .service import Service
@@ -58,8 +61,9 @@ def serve(loaded: LoadedModel, settings: ServeSettings) -> int:
             _stop_jobs_at_the_signal(server, running.queue)
             host, port = listener.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
+            where = f"{settings.replicas} replica(s) on Ray" if settings.on_ray else f"device {loaded.device}"
             print(
-                f"serving {settings.model_name} on http://{shown}:{port} (device {loaded.device}, storage "
+                f"serving {settings.model_name} on http://{shown}:{port} ({where}, storage "
                 f"{settings.storage}, loaded in {running.load_seconds:.1f}s); Ctrl-C stops",
                 flush=True,
             )
@@ -161,30 +165,63 @@ class Running:
 def in_process(loaded: LoadedModel, settings: ServeSettings) -> Iterator[Running]:
     """The app `serve` runs, with its storage locked, model loaded and job worker started; `serve` puts it
     behind a socket, the tests drive it through an ASGI transport. Leaving it stops the worker: waiting jobs
-    are marked failed, the running one ends at its next step, the storage is released."""
+    are marked failed, the running one ends at its next step, the storage is released. With replicas
+    (`settings.on_ray`) the model loads on each replica instead, and leaving removes them."""
     loaded = with_action_heads(loaded)
     store = JobStore.open(settings.storage)
     queue = None
     running = None
+    replicas = None
     try:
-        timer = PhaseTimer(loaded.device)
-        loaded.load(timer, progress=settings.progress)
-        previews = None
-        if settings.preview_kind != "none":
-            previews = JobPreviews(loaded, kind=settings.preview_kind, every=settings.preview_every)
-            previews.check(store.folder)  # refused before any request; the fast map fitted before the first
         metrics = Metrics()
+        started = time.perf_counter()
+        if settings.on_ray:
+            from .replicas.cluster import start_replicas  # Ray is imported only for replicas
+            from .replicas.dispatch import ReplicaRunner
+
+            replicas = start_replicas(loaded, settings)
+            runner = ReplicaRunner(replicas, metrics)
+            previews = _replica_previews(loaded, settings, store.folder)
+            load_seconds = time.perf_counter() - started
+        else:
+            timer = PhaseTimer(loaded.device)
+            loaded.load(timer, progress=settings.progress)
+            load_seconds = timer.phases[-1].seconds
+            runner = None
+            previews = None
+            if settings.preview_kind != "none":
+                previews = JobPreviews(loaded, kind=settings.preview_kind, every=settings.preview_every)
+                previews.check(store.folder)  # refused before any request; the fast map fitted before the first
         retention = {"video": settings.keep_videos, "image": settings.keep_images}
-        queue = JobQueue(loaded, store, settings.queue_size, metrics, retention, feeds=JobFeeds(), previews=previews)
-        app = create_app(Service(loaded, store, queue, metrics, settings))
-        running = Running(app, timer.phases[-1].seconds, queue)
+        queue = JobQueue(
+            loaded, store, settings.queue_size, metrics, retention, feeds=JobFeeds(), previews=previews, runner=runner
+        )
+        app = create_app(Service(loaded, store, queue, metrics, settings, replicas=replicas))
+        running = Running(app, load_seconds, queue)
         queue.start()
         yield running
     finally:
-        left = [] if queue is None else queue.stop()
-        if running is not None:
-            running.unfinished = left
-        store.close()
+        try:
+            left = [] if queue is None else queue.stop()
+            if running is not None:
+                running.unfinished = left
+        finally:
+            try:
+                if replicas is not None:
+                    replicas.stop()
+            finally:
+                store.close()
+
+
+def _replica_previews(loaded: LoadedModel, settings: ServeSettings, folder: Path) -> JobPreviews | None:
+    """The server's previews when replicas make them: none made here (no model is loaded here), only the latent
+    frames an exact one decodes, which each request's fit counts."""
+    if settings.preview_kind == "none":
+        return None
+    previews = JobPreviews(loaded, kind=settings.preview_kind, every=settings.preview_every)
+    options = PreviewOptions(path=folder / PREVIEW_FILE, kind=settings.preview_kind, every=settings.preview_every)
+    previews.frames = preview_frames(options)
+    return previews
 
 
 def with_action_heads(loaded: LoadedModel) -> LoadedModel:

@@ -6,7 +6,7 @@ queued, all or none; a request the model cannot take is a 400 naming the field (
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..app.config import GenerationConfig
 from ..app.inputs import read_conditioning
@@ -32,6 +32,16 @@ from .storage_errors import StorageError, storage_error
 from .store import Job, JobStore
 from .uploads import Upload, saved_name
 
+
+class Replicas(Protocol):
+    """What the routes read of the replicas (serve/replicas/cluster.py `Cluster`): how many were asked for, how
+    many run now."""
+
+    replicas: int
+
+    def alive(self) -> int: ...
+
+
 # The words before a saved input's path in a refusal (app/inputs.py, app/action_files.py), by GenerationConfig
 # field: a refusal names the input as the request sent it, never by the server's own path.
 INPUT_WORDS = {"image": "image", "video": "video", "actions": "actions file"}
@@ -41,9 +51,17 @@ class Service:
     """What the routes share: the model, the store, the queue, the metrics and the settings."""
 
     def __init__(
-        self, loaded: LoadedModel, store: JobStore, queue: JobQueue, metrics: Metrics, settings: ServeSettings
+        self,
+        loaded: LoadedModel,
+        store: JobStore,
+        queue: JobQueue,
+        metrics: Metrics,
+        settings: ServeSettings,
+        *,
+        replicas: Replicas | None = None,
     ) -> None:
         self.loaded, self.store, self.queue, self.metrics, self.settings = loaded, store, queue, metrics, settings
+        self.replicas = replicas
         self.action_dim = served_action_dim(loaded)
         tiny = embedded_tiny(loaded.checkpoint, loaded.model)  # as the CLI's defaults say it
         self.action_tier = request_defaults(tiny=tiny, action=True)["resolution"]
@@ -73,10 +91,19 @@ class Service:
         return None if self.queue.previews is None else f"/v1/videos/{video_id}/preview"
 
     def problem(self) -> str | None:
-        """Why the server cannot run jobs now (its worker is dead, its storage refuses a write), or None."""
+        """Why the server cannot run jobs now (its worker is dead, no replica runs, its storage refuses a
+        write), or None."""
         if not self.queue.alive:
             return "the job worker has stopped; restart the server"
+        if self.replicas is not None and self.replicas.alive() == 0:
+            return "no replica is running (Ray restarts the ones that died); wait, or restart the server"
         return self.store.problem()
+
+    def replica_counts(self) -> dict[str, int] | None:
+        """{"replicas": asked for, "alive": running now}, None without replicas. Blocking: a thread's."""
+        if self.replicas is None:
+            return None
+        return {"replicas": self.replicas.replicas, "alive": self.replicas.alive()}
 
     def admit(self, kind: str, parsed: ParsedRequest, *, suffix: str, seeds: list[int]) -> list[str]:
         """Check each request as the model runs it, record the jobs and queue them (all or none). Blocking

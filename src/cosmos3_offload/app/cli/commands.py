@@ -271,7 +271,9 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
             where = "its action object" if name in ACTION_FIELDS else "input_reference"
             raise InputError(f"{flag} belongs to a request; send it with the request ({where}), not to serve")
     if args.gpus is not None or Environment.read().distributed or args.cfg_parallel != "auto":
-        raise InputError("serve runs on one GPU; drop --gpus, --cfg-parallel (and torchrun)")
+        raise InputError(
+            "serve runs on one GPU per replica; drop --gpus, --cfg-parallel (and torchrun), or pass --replicas N"
+        )
     repo = resolve_hub_checkpoint(args, sound=bool(args.sound))  # its sound decoder loads with --sound only
     shape = shape_from_args(args)
     check_flags(args)
@@ -291,6 +293,9 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
         keep_images=Retention.parse(args.keep_images, "--keep-images"),
         preview_kind=args.preview_kind,
         preview_every=preview_every(args),
+        replicas=args.replicas,
+        gpus_per_replica=args.gpus_per_replica,
+        ray_address=args.ray_address,
     )
     loaded = LoadedModel.open(
         checkpoint=args.checkpoint,

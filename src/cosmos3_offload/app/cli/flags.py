@@ -355,5 +355,26 @@ def _serve_parser(commands) -> None:
         metavar="K",
         help="a job's preview every K steps, and after the last (default: 1 for fast, 5 for exact)",
     )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="copies of the model that run jobs at once, one per GPU, on Ray Serve (pip install "
+        "'cosmos3-offload[cluster]'); this process keeps the API, the queue and the storage (default: 1, no Ray)",
+    )
+    serve.add_argument(
+        "--gpus-per-replica",
+        type=int,
+        default=1,
+        metavar="K",
+        help="GPUs each replica runs on (default: 1; only 1 yet)",
+    )
+    serve.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="run the replicas on this Ray cluster (auto, or its head's HOST:PORT, after `ray start --head`) "
+        "instead of a Ray started and stopped with the server",
+    )
     serve.add_argument("--no-progress", action="store_true", help="hide the load's progress bar")
     serve.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and each request")
