@@ -33,6 +33,7 @@ def test_the_cli_keeps_the_preview_and_writes_the_same_video(tmp_path, capsys, k
         (["--preview", "{tmp}/missing/p.webp"], "{tmp}/missing"),
         (["--preview", "{tmp}/out.png", "--frames", "1", "--output", "{tmp}/out.png"], "is the output itself"),
         (["--preview", "{tmp}/p.webp", "--preview-kind", "exact", "--offload-stages", "vae"], "VAE must stay"),
+        (["--image", "{tmp}/in.png", "--preview", "{tmp}/in.png"], "preview '{tmp}/in.png' is the image"),
     ],
 )
 def test_bad_preview_flags_are_one_line_before_loading(tmp_path, capsys, monkeypatch, flags, words):
@@ -44,9 +45,12 @@ def test_bad_preview_flags_are_one_line_before_loading(tmp_path, capsys, monkeyp
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(runner, "load_components", no_load)
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(picture)
+    before = picture.read_bytes()
     flags = [flag.replace("{tmp}", str(tmp_path)) for flag in flags]
     output = [] if "--output" in flags else ["--output", str(tmp_path / "out.mp4")]
     code, _, err = cli(capsys, *TINY, *output, *flags)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert words.replace("{tmp}", str(tmp_path)) in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"] and picture.read_bytes() == before

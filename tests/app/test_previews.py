@@ -229,7 +229,7 @@ def test_a_preview_is_refused_where_it_would_overwrite_the_output_or_need_a_stag
     (tmp_path / "link.png").symlink_to(output)
     for name in ("still.png", "link.png"):
         with pytest.raises(InputError, match="is the output itself"):
-            check_preview_output(PreviewOptions(tmp_path / name), output)
+            check_preview_output(PreviewOptions(tmp_path / name), tiny_request(output, frames=1), None)
     with pytest.raises(InputError, match="is the output itself"):
         run(tiny_request(output, frames=1), device="cpu", preview=PreviewOptions(output))
     staged = Plan.from_offload(["vae"])

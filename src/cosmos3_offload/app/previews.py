@@ -41,6 +41,7 @@ from ..loading.components import TINY_WEIGHT_SEED, Components
 from ..model.geometry import TEMPORAL_COMPRESSION
 from ..model.groups import VAE, VAE_ENCODER
 from ..planning.plan import Mode, Plan
+from ..request.checks import InputFiles
 from ..vae.decode import NonFinitePixels
 from ..vae.preview_map import (
     CLIP_FRAMES,
@@ -53,6 +54,7 @@ from ..vae.preview_map import (
     encode_clips,
     fit_from_clips,
 )
+from .config import GenerationConfig
 from .doors import PlacedPipeline
 from .generate import decode_frames
 from .outputs import resolve_target
@@ -122,11 +124,16 @@ def _check_writable(path: Path) -> None:
     probe.unlink(missing_ok=True)
 
 
-def check_preview_output(options: PreviewOptions, output: Path) -> None:
-    """Refuse a preview that would overwrite the run's own output (a one-frame run writes a .png)."""
-    preview, video = resolve_target(options.path).resolve(), resolve_target(Path(output)).resolve()
+def check_preview_output(options: PreviewOptions, config: GenerationConfig, checkpoint: Path | None) -> None:
+    """Refuse a preview that would overwrite the run's own output (a one-frame run writes a .png) or one of the
+    files it reads (its image, clip or actions file, a checkpoint's file): a preview is rewritten every few steps."""
+    preview, video = resolve_target(options.path).resolve(), resolve_target(Path(config.output)).resolve()
     if preview == video:
         raise InputError(f"the preview {str(options.path)!r} is the output itself; give the preview another name")
+    inputs = InputFiles((("image", config.image), ("video", config.video), ("actions file", config.actions)))
+    if checkpoint is not None:
+        inputs.add_folder("checkpoint", checkpoint)
+    inputs.refuse_output(options.path, "preview")
 
 
 def check_preview_plan(options: PreviewOptions | None, plan: Plan) -> None:

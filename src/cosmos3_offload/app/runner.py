@@ -110,7 +110,7 @@ def run(
     layout = parallel_layout(config, model_configs(loaded.checkpoint, loaded.model)[0], cfg_parallel)
     if preview is not None:
         check_preview_plan(preview, loaded.plan)
-        check_preview_output(preview, config.output)
+        check_preview_output(preview, config, loaded.checkpoint)
     config = loaded.check(config, budgeted=budgeted, layout=layout, preview_frames=preview_frames(preview))
     check_output_spares_checkpoint(config.output, loaded.checkpoint)
     # Read before the load: a conditioning file that cannot be used costs nothing.

@@ -160,8 +160,9 @@ class InputFiles:
                         self.add(f"{kind} file", Path(entry.path))
             level = below
 
-    def refuse_output(self, output: Path) -> None:
-        """An InputError when writing `output` (through a symlink, to its target) would replace a file read."""
+    def refuse_output(self, output: Path, what: str = "output") -> None:
+        """An InputError when writing `output` (through a symlink, to its target) would replace a file read;
+        `what` names the file written (the output, a preview)."""
         real = _realpath(output)
         if real is None:
             return
@@ -176,8 +177,8 @@ class InputFiles:
             kind, path = found
             same = " (the same file)" if os.path.normpath(output) != os.path.normpath(path) else ""
             raise InputError(
-                f"output {str(output)!r} is the {kind} {str(path)!r}{same}; writing it would destroy that input: "
-                "write the output elsewhere"
+                f"{what} {str(output)!r} is the {kind} {str(path)!r}{same}; writing it would destroy that input: "
+                f"write the {what} elsewhere"
             )
 
 
