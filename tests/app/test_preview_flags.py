@@ -27,6 +27,7 @@ def test_the_cli_keeps_the_preview_and_writes_the_same_video(tmp_path, capsys, k
         (["--preview-every", "2"], "--preview-every goes with --preview PATH"),
         (["--preview-kind", "exact"], "--preview-kind goes with --preview PATH"),
         (["--preview", "{tmp}/p.webp", "--preview-kind", "slow"], "--preview-kind must be one of fast, exact"),
+        (["--preview", "{tmp}/p.webp", "--preview-kind", ""], "--preview-kind must be one of fast, exact"),
         (["--preview", "{tmp}/p.webp", "--preview-every", "0"], "--preview-every must be a whole number of steps"),
         (["--preview", "{tmp}/p.webp", "--preview-every", "x"], "got 'x'"),
         (["--preview", "{tmp}/p.jpg"], "must end in .png"),

@@ -172,7 +172,7 @@ def preview_options(args: argparse.Namespace) -> PreviewOptions | None:
             if value is not None:
                 raise InputError(f"{flag} goes with --preview PATH; add it, or drop {flag}")
         return None
-    kind = args.preview_kind or "fast"
+    kind = "fast" if args.preview_kind is None else args.preview_kind
     if kind not in PREVIEW_KINDS:
         raise InputError(f"--preview-kind must be one of {', '.join(PREVIEW_KINDS)}, got {kind!r}")
     return PreviewOptions(args.preview, kind=kind, every=preview_every(args))
