@@ -11,6 +11,7 @@ device at the end.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -22,10 +23,15 @@ from .slabs import SlabEntry, SlabLayout
 
 TensorSpec = tuple[tuple[tuple[str, str], ...], tuple[int, ...], torch.dtype]
 
+# accelerate's init_empty_weights swaps nn.Module.register_parameter for the whole process and puts back what it
+# found: two threads inside it at once (a server's job measuring its decode while a request is checked) could leave
+# the swapped one in place for good, and every model built after with its weights on meta. One at a time.
+_EMPTY_WEIGHTS = threading.Lock()
+
 
 def build_on_meta(model_cls: type, config: dict) -> nn.Module:
-    """The model with every parameter on `meta` (buffers are real, on the CPU)."""
-    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+    """The model with every parameter on `meta` (buffers are real, on the CPU). Thread-safe among its callers."""
+    with _EMPTY_WEIGHTS, init_empty_weights(include_buffers=False), warnings.catch_warnings():
         # Some diffusers models (Cosmos3's sound tokenizer) still call torch's old weight_norm; its
         # deprecation notice is addressed to diffusers, not to whoever runs a generation.
         warnings.filterwarnings("ignore", message=r".*weight_norm.* is deprecated", category=FutureWarning)
