@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cosmos3_offload"
-BASE = {"errors", "units"}
+BASE = {"errors", "units", "caches"}
 LAYERS = (
     "model",
     "request",

@@ -5,7 +5,7 @@ The public API: `GenerationConfig` says what to generate, `run` does it and retu
 
 The package is layered, and imports only go down (tests/test_layering.py checks it):
 
-- `errors`, `units`: the base every layer may use;
+- `errors`, `units`, `caches`: the base every layer may use;
 - `model`: facts about Cosmos3 (towers, weight groups, sizes, tiers, latent geometry, tokenizer);
 - `planning`: the plan value and the planner, pure arithmetic (no torch);
 - `offload`: the generic engine (host slabs, arena, streams, placements), no Cosmos3;

@@ -20,6 +20,11 @@ bf16/fp16 exactly where eager does, so they differ from eager only where a float
 (the RMSNorm mean) sums in another order: a last-bit difference in the mean that now and then
 moves a rounded output by one unit in its last place.
 
+Warm starts: before the first compile, Inductor's caches move to the package's cache folder
+(caches.py), so a second process loads these kernels instead of compiling them. A compile that
+raises with that cache (a kernel binary cut short by a crash) compiles once more in a fresh
+temporary folder before falling back to the eager math below.
+
 Set the environment variable COSMOS3_FUSED_EAGER=1 to run the fused functions uncompiled
 (read at every call; tests use it to compare the math bit for bit).
 """
@@ -34,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .. import caches
 from ..errors import first_line
 from . import fused_ops
 
@@ -126,12 +132,13 @@ class _LazilyCompiled:
             return self.eager(*args, **kwargs)
         if self._compiled is None:
             started = time.perf_counter()  # the first one imports dynamo: part of what compiling costs
+            caches.use_persistent_compile_cache()
             _clock.install()
             self._compiled = torch.compile(self.eager, dynamic=None, options=COMPILE_OPTIONS)
             _clock.seconds += time.perf_counter() - started
         inputs = [_as_input(a) for a in args]
         try:
-            return _clock.run(self._compiled, *inputs, **kwargs)
+            return caches.run_compiled(lambda: _clock.run(self._compiled, *inputs, **kwargs))
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # no C++ compiler / Triton: the eager math gives the same results

@@ -19,6 +19,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .. import caches
 from ..errors import first_line
 
 logger = logging.getLogger(__name__)
@@ -109,15 +110,21 @@ def _fused_quantize(flat: torch.Tensor, scale: torch.Tensor | None) -> tuple[tor
 
 @functools.cache
 def _compiled_quantizer():
-    """`_fused_quantize` compiled for the GPU once per process; None where torch.compile cannot run."""
+    """`_fused_quantize` compiled for the GPU once per process, with Inductor's cache kept across
+    processes (caches.py); None where torch.compile cannot run."""
+    caches.use_persistent_compile_cache()
     try:
-        compiled = torch.compile(_fused_quantize, dynamic=True)
-        probe = torch.ones(32, 32, device="cuda", dtype=torch.bfloat16)
-        compiled(probe, None)
-        compiled(probe, torch.ones((), device="cuda"))
+        return caches.run_compiled(_compile_quantizer)
     except Exception as error:  # no triton, no compiler: the chunked path does the same math
         logger.warning("FP8 activations are quantized unfused (torch.compile failed: %s)", first_line(error))
         return None
+
+
+def _compile_quantizer():
+    compiled = torch.compile(_fused_quantize, dynamic=True)
+    probe = torch.ones(32, 32, device="cuda", dtype=torch.bfloat16)
+    compiled(probe, None)
+    compiled(probe, torch.ones((), device="cuda"))
     return compiled
 
 
