@@ -115,3 +115,19 @@ def test_unknown_attention_is_refused_before_anything_is_measured(monkeypatch):
     monkeypatch.setattr(device_profile_module, "measure_h2d_GBps", tripwire)
     with pytest.raises(InputError, match="unknown attention 'flashattn'"):
         device_setup(CPU, attention="flashattn", shape=SHAPE, dtype=torch.bfloat16)
+
+
+def test_probe_shape_follows_the_request():
+    """With a request the probe times its attention (generator tokens x those plus the prompt's) and GEMMs
+    at its rows (each at most MAX_PROBE_TOKENS, the prompt's keys kept): the planner's rates are the step's."""
+    request = Request.for_video(189, 720, 1280, prompt_tokens=300)
+    shape = probe_shape(NANO.transformer, request)
+    assert (shape.queries, shape.keys) == (44160, 44460)
+    assert shape.gemm_tokens == 44160 and (shape.heads, shape.kv_heads, shape.head_dim) == (32, 8, 128)
+    small = probe_shape(NANO.transformer, Request.for_video(93, 480, 832))
+    assert (small.queries, small.keys) == (9360, 9360 + 512)  # 9872: not a multiple of 64
+    aligned = probe_shape(NANO.transformer, Request.for_video(189, 720, 1280))  # 44160 + 512 = 698 tiles of 64
+    assert (aligned.queries, aligned.keys) == (44160, 44673)
+    huge = probe_shape(NANO.transformer, Request(tokens=200_000, prompt_tokens=300))
+    most = device_profile_module.MAX_PROBE_TOKENS
+    assert (huge.queries, huge.keys, huge.gemm_tokens) == (most, most + 300, most)

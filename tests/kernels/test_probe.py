@@ -3,6 +3,7 @@ rates are cached per key, measured again when the cache is corrupt or stale, nev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -23,6 +24,7 @@ from cosmos3_offload.kernels.probe import (
     choose_attention,
     kernel_rates,
     measure_rates,
+    warm_up,
 )
 
 CPU = torch.device("cpu")
@@ -145,7 +147,10 @@ def test_cache_round_trip(tmp_path):
     """The first call measures and saves; the second reads the same rates back without measuring."""
     measure = CountingMeasure()
     first = cached_rates(KEY, tmp_path, measure)
-    assert not first.from_cache and first.cache_path == tmp_path / "kernel-rates-fake-gpu-80gb-sm90-h8-kv2-d32.json"
+    assert (
+        not first.from_cache
+        and first.cache_path == tmp_path / "kernel-rates-fake-gpu-80gb-sm90-h8-kv2-d32-q96-k160.json"
+    )
     second = cached_rates(KEY, tmp_path, measure)
     assert measure.calls == 1 and second.from_cache and second.cache_path == first.cache_path
     assert second.measured == MEASURED and second.date == first.date and second.key == KEY
@@ -276,3 +281,30 @@ def test_attention_the_probe_dropped_is_refused_with_its_reason(monkeypatch):
     rates = KernelRates(key=KEY, measured=measured, date="2026-11-28", from_cache=False, cache_path=None)
     with pytest.raises(InputError, match=r"kernel probe dropped it \(inexact: error 9x\)"):
         choose_attention(CPU, "sdpa", dtype=torch.bfloat16, rates=rates)
+
+
+def test_each_attention_shape_has_its_own_cache_file(tmp_path):
+    """Rates probed at 720p's token count and at 480p's live side by side: neither replaces the other."""
+    at_720 = ProbeKey(**{**KEY.__dict__, "shape": dataclasses.replace(SHAPE, queries=44160, keys=44672)})
+    at_480 = ProbeKey(**{**KEY.__dict__, "shape": dataclasses.replace(SHAPE, queries=9360, keys=9872)})
+    assert at_720.file_name().endswith("-h8-kv2-d32-q44160-k44672.json")
+    first, second = CountingMeasure(), CountingMeasure()
+    cached_rates(at_720, tmp_path, first)
+    cached_rates(at_480, tmp_path, second)
+    assert cached_rates(at_720, tmp_path, first).from_cache and cached_rates(at_480, tmp_path, second).from_cache
+    assert first.calls == second.calls == 1 and len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize(("call_seconds", "expected"), [(0.1, 5), (1.0, 2)], ids=["short-calls", "long-calls"])
+def test_warm_up_runs_for_its_seconds_and_at_least_its_calls(call_seconds, expected):
+    """Half a second of 0.1 s calls is 5 calls (clocks settle as under a step, not a 2-call burst); calls
+    longer than that still run the minimum count. The device is waited for every 4 calls and at the end."""
+    now, calls, synced = [0.0], [], []
+
+    def run():
+        calls.append(now[0])
+        now[0] += call_seconds
+
+    made = warm_up(run, calls=2, seconds=0.5, synchronize=lambda: synced.append(len(calls)), clock=lambda: now[0])
+    assert made == len(calls) == expected
+    assert synced == [n for n in (4,) if n <= made] + [made]

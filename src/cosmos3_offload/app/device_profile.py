@@ -8,6 +8,7 @@ unless given. On a CPU the built-in rates stand. The profile's `source` says whi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,20 +26,36 @@ from ..kernels.probe import (
     kernel_rates,
 )
 from ..offload.streams import measure_h2d_GBps
-from ..planning.request import DeviceProfile
+from ..planning.request import DeviceProfile, Request
 
 BUILT_IN = DeviceProfile()
 SDPA = "sdpa"  # the kernel diffusers' default ("native") dispatcher backend runs
+# The probe's timed queries and GEMM rows at most: a longer request is timed there (keeping its prompt's
+# keys), so the probe stays a few seconds (each call grows with the square of the tokens).
+MAX_PROBE_TOKENS = 65536
+KEY_TILE = 64  # the smallest key tile of the attention kernels we run (cuDNN's on Hopper: 64 x 128)
 
 
-def probe_shape(transformer_config: Mapping[str, Any]) -> ProbeShape:
-    """The probe's layout for a Cosmos3 transformer config: its attention heads and its MLP's up projection."""
-    return ProbeShape(
+def probe_shape(transformer_config: Mapping[str, Any], request: Request | None = None) -> ProbeShape:
+    """The probe's layout for a Cosmos3 transformer config: its attention heads and its MLP's up projection;
+    with a `request`, timed at that request's attention (its generator tokens against those and the
+    prompt's: the shape each generator layer runs; one key more where that count would fill whole
+    tiles) and its GEMM rows, each at most `MAX_PROBE_TOKENS`, so the planner's rates are the step's."""
+    shape = ProbeShape(
         heads=transformer_config["num_attention_heads"],
         kv_heads=transformer_config["num_key_value_heads"],
         head_dim=transformer_config["head_dim"],
         gemm_in=transformer_config["hidden_size"],
         gemm_out=transformer_config["intermediate_size"],
+    )
+    if request is None:
+        return shape
+    queries = min(request.tokens, MAX_PROBE_TOKENS)
+    keys = queries + request.prompt_tokens
+    if keys % KEY_TILE == 0:  # a real prompt almost never fills the kernels' last key tile, so neither does the probe
+        keys += 1
+    return dataclasses.replace(
+        shape, queries=queries, keys=keys, gemm_tokens=min(request.rank_tokens, MAX_PROBE_TOKENS)
     )
 
 

@@ -13,12 +13,18 @@ V; emulated on random inputs at 32/8 heads of 128 that costs 1.4x in L2 and 1.0x
 while a 1% error in the softmax scale shows as 9x and 16x, and a wrong GQA head mapping as 400-800x.
 
 Timing: each exact implementation runs non-causal attention of `queries` x `keys` tokens (CUDA
-events, after warm-up calls that also compile flash-attn-4's kernel; the math kernel, which holds
-every score, at most 2048 x 2048), counted as 4 * queries * keys * heads * head_dim FLOP; a bf16
+events, after half a second of warm-up calls, which also compile flash-attn-4's kernel and let the
+clocks settle as under a step; the math kernel, which holds every score, at most 2048 x 2048),
+counted as 4 * queries * keys * heads * head_dim FLOP. A run probes at its request's token counts
+(app/device_profile.py `probe_shape`): on an H100 this probe measured SDPA's cuDNN kernel at 655
+TFLOP/s and flash-attn-4 at 617 at 32k x 32k, an earlier script 583 and 686 at 720p x 189f's 44,160
+tokens, and the 720p step ran cuDNN at ~560: the rate the planner uses and the fastest
+implementation both follow the token count. A bf16
 GEMM [gemm_tokens, gemm_in] x [gemm_in, gemm_out] gives the linear rate. The timer is a
 parameter, so CPU tests run the same logic on fake timings.
 
-Cache: `<cache dir>/kernel-rates-<gpu>-sm<capability>-<head layout>.json`, the dir `$COSMOS3_OFFLOAD_CACHE`, else
+Cache: `<cache dir>/kernel-rates-<gpu>-sm<capability>-<head layout>-q<queries>-k<keys>.json` (one file per
+attention shape, so a run at 720p and one at 480p each keep theirs), the dir `$COSMOS3_OFFLOAD_CACHE`, else
 `$XDG_CACHE_HOME/cosmos3-offload`, else `~/.cache/cosmos3-offload`. A file that cannot be read or
 parsed, or was measured under another key, is measured again and replaced atomically; a cache that
 cannot be written costs a warning and a measurement next time.
@@ -35,6 +41,7 @@ import os
 import re
 import statistics
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..caches import cache_dir  # re-exported: app/previews.py and tests name it here
 from ..errors import InputError, first_line
 from .attention import (
     ATTENTION_BACKENDS,
@@ -58,7 +66,8 @@ logger = logging.getLogger(__name__)
 
 EXACTNESS_FACTOR = 4.0
 PROBE_DTYPE = torch.bfloat16
-CACHE_FORMAT = 2  # bump when what is measured or how changes, so older files are measured again
+CACHE_FORMAT = 3  # bump when what is measured or how changes, so older files are measured again
+WARMUP_SECONDS = 0.5  # of back-to-back calls before each timed kernel (see `cuda_event_seconds`)
 QUADRATIC_TOKENS = 2048  # q and kv tokens for a kernel that materializes its [heads, q, kv] scores
 AUTO = "auto"
 DIFFUSERS = EAGER.attention_name  # diffusers' dispatcher; its default ("native") backend is torch SDPA
@@ -75,8 +84,10 @@ class ProbeShape:
     heads: int
     kv_heads: int
     head_dim: int
-    # timed attention: non-causal, queries x keys. At 16k x 16k on an H200 flash-attn-4 and SDPA's
-    # cuDNN kernel were within 3% (run to run noise flipped the choice); 720p x 189f is 44k x 44k.
+    # timed attention: non-causal, queries x keys. A run probes at its own request's counts (app/
+    # device_profile.py `probe_shape`: its generator tokens x those plus the prompt's), since the
+    # kernels' rates and which one is fastest move with the token count; these defaults stand for
+    # a run whose request is not known yet.
     queries: int = 32768
     keys: int = 32768
     check_queries: int = 1000  # exactness check; not multiples of a kernel's tile, so edges are covered
@@ -121,7 +132,8 @@ class ProbeKey:
     def file_name(self) -> str:
         gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-")
         major, minor = self.capability
-        layout = f"h{self.shape.heads}-kv{self.shape.kv_heads}-d{self.shape.head_dim}"
+        shape = self.shape
+        layout = f"h{shape.heads}-kv{shape.kv_heads}-d{shape.head_dim}-q{shape.queries}-k{shape.keys}"
         return f"kernel-rates-{gpu}-sm{major}{minor}-{layout}.json"
 
 
@@ -170,20 +182,6 @@ class KernelRates:
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key.to_json(), "date": self.date, "measured": dataclasses.asdict(self.measured)}
-
-
-def cache_dir() -> Path:
-    """$COSMOS3_OFFLOAD_CACHE, else $XDG_CACHE_HOME/cosmos3-offload (an absolute path only, as the XDG
-    spec says), else ~/.cache/cosmos3-offload."""
-    if os.environ.get("COSMOS3_OFFLOAD_CACHE"):
-        return Path(os.environ["COSMOS3_OFFLOAD_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if os.path.isabs(xdg):
-        return Path(xdg) / "cosmos3-offload"
-    try:
-        return Path.home() / ".cache" / "cosmos3-offload"
-    except RuntimeError:  # no $HOME and no password entry: a cache in the temporary folder still helps
-        return Path(tempfile.gettempdir()) / "cosmos3-offload"
 
 
 def kernel_rates(device: torch.device, shape: ProbeShape, *, folder: Path | None = None) -> KernelRates | None:
@@ -252,10 +250,13 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def cuda_event_seconds(name: str, run: Callable[[], object], *, warmup: int = 2, repeats: int = 5) -> float:
-    """Median seconds of one call of `run` on the current stream after `warmup` calls. Blocks the host."""
-    for _ in range(warmup):
-        run()
+def cuda_event_seconds(
+    name: str, run: Callable[[], object], *, warmup: int = 2, repeats: int = 5, warmup_seconds: float = WARMUP_SECONDS
+) -> float:
+    """Median seconds of one call of `run` on the current stream, after at least `warmup` calls and
+    `warmup_seconds` of back-to-back calls (the GPU's clocks settle as under a step's long stream of
+    kernels, not a short burst's). Blocks the host."""
+    warm_up(run, calls=warmup, seconds=warmup_seconds)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
     for start, end in events:
         start.record()
@@ -265,6 +266,26 @@ def cuda_event_seconds(name: str, run: Callable[[], object], *, warmup: int = 2,
     seconds = statistics.median(start.elapsed_time(end) / 1000 for start, end in events)
     logger.info("%s: %.3f ms", name, seconds * 1000)
     return seconds
+
+
+def warm_up(
+    run: Callable[[], object],
+    *,
+    calls: int,
+    seconds: float,
+    synchronize: Callable[[], None] = torch.cuda.synchronize,
+    clock: Callable[[], float] = time.perf_counter,
+) -> int:
+    """Call `run` back to back at least `calls` times and until `seconds` have passed, waiting for the
+    device every 4 calls so that the clock counts device time, not queued launches. Returns the calls made."""
+    started, made = clock(), 0
+    while made < calls or clock() - started < seconds:
+        run()
+        made += 1
+        if made % 4 == 0:
+            synchronize()
+    synchronize()
+    return made
 
 
 def measure_rates(

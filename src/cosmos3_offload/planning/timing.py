@@ -46,6 +46,16 @@ DECODE_LOW_RESOLUTION_SHARE = 0.02
 # float32 over Wan2.2's 48 latent channels.
 LATENT_CHANNELS = 48
 VELOCITY_BYTES = 4
+# What a layer's norms, QK-norm + rotary, K/V join, MLP activation and residual adds (fused kernels,
+# memory-bound) move through device memory, at this rate: read and written bytes over seconds. The
+# H200's 720p x 189f step spent 0.19 s in them for 547 GB, 2850 GB/s (speed-ours-H200-2026-11-28.json,
+# its copy bandwidth 4.3 TB/s); an H100 copies at 3.0 TB/s, so 2500 sits between (0.22 s a step there,
+# 4% of it).
+ELEMENTWISE_GBps = 2500.0
+# FP8 W8A8 linears (rowwise scaled GEMMs on FP8 tensor cores, the activations quantized by a fused kernel)
+# over bf16 ones, as a step sees them: on an H100 under 8 GiB at 720p x 189f the step went from 5.92 to
+# 5.54 s, its ~1.6 s of GEMMs to ~1.2 s. The GEMMs alone ran at 1170-1310 TFLOP/s against ~800.
+FP8_LINEAR_SPEEDUP = 1.3
 
 
 @dataclass(frozen=True)
@@ -152,12 +162,27 @@ def moved_bytes(plan: Plan, sizes: ModelSizes, request: Request) -> int:
 def layer_seconds(
     sizes: ModelSizes, request: Request, profile: DeviceProfile, tokens: int, *, sequence: int = 1
 ) -> float:
-    """One tower layer for this GPU's branches: matmuls over its tokens/sequence rows plus attention of
-    every token over [prompt ; tokens] for its heads/sequence heads (Ulysses)."""
-    linear = 2 * (tokens // sequence) * sizes.layer_matmul_params / (profile.linear_TFLOPs * 1e12)
+    """One tower layer for this GPU's branches: matmuls (FP8 ones `FP8_LINEAR_SPEEDUP` faster) and the
+    memory-bound elementwise kernels over its tokens/sequence rows, plus attention of every token over
+    [prompt ; tokens] for its heads/sequence heads (Ulysses)."""
+    rows = tokens // sequence
+    linear_TFLOPs = profile.linear_TFLOPs * (FP8_LINEAR_SPEEDUP if sizes.fp8 else 1.0)
+    linear = 2 * rows * sizes.layer_matmul_params / (linear_TFLOPs * 1e12)
+    elementwise = rows * elementwise_bytes_per_token(sizes) / (ELEMENTWISE_GBps * 1e9)
     keys = tokens + request.prompt_tokens
     attention = 4 * tokens * keys * (sizes.heads // sequence) * sizes.head_dim / (profile.attention_TFLOPs * 1e12)
-    return request.rank_branches * (linear + attention)
+    return request.rank_branches * (linear + elementwise + attention)
+
+
+def elementwise_bytes_per_token(sizes: ModelSizes) -> int:
+    """Bytes one token's row moves through a layer's fused elementwise kernels (split/fused_layer.py): the
+    input norm (hidden in and out), QK-norm + rotary of the query (heads x head_dim in and out), the K/V
+    join (the new key and value, each in and out), the attention-out residual add with the post-attention
+    norm (two hidden in, two out), the MLP's activation (its gate and up in, one out; relu^2: up in and
+    out) and the MLP's residual add (two hidden in, one out)."""
+    query, key = sizes.heads * sizes.head_dim, sizes.kv_heads * sizes.head_dim
+    elements = 2 * sizes.hidden + 2 * query + 4 * key + 4 * sizes.hidden + sizes.mlp_mats * sizes.intermediate
+    return (elements + 3 * sizes.hidden) * sizes.dtype_bytes
 
 
 def generator_layer_seconds(sizes: ModelSizes, request: Request, profile: DeviceProfile) -> float:

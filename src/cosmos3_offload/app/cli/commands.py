@@ -91,7 +91,11 @@ def budget_choice(args: argparse.Namespace, shape: RequestSpec, *, actions: bool
     request = request_of(shape, sound, layout, preview_frames=preview_frames)
     # Measured last: the probe and the copies it times are the first thing that touches the GPU.
     setup = device_setup(
-        device, attention=args.attention, shape=probe_shape(transformer_config), dtype=dtype, h2d_GBps=args.h2d_gbps
+        device,
+        attention=args.attention,
+        shape=probe_shape(transformer_config, request),  # the request's own attention: the step's rate
+        dtype=dtype,
+        h2d_GBps=args.h2d_gbps,
     )
     mapped = can_map(has_files=args.checkpoint is not None, rewrites_weights=quantization.on_load)
     choice = choose_plan(sizes, request, budget, setup.profile, host_budget=host_budget(args), mapped=mapped)
