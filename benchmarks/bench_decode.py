@@ -11,6 +11,16 @@ take the grid the planner picks for that budget and run under
 byte with diffusers' untiled decode of the same latents. Results:
 benchmarks/results/decode-<gpu>-<date>.json.
 Example: python benchmarks/bench_decode.py --shapes 720x189 480x93 --budgets 2 3 4
+
+`--part stream` (issue 27): the request's tail from the last denoising step to the mp4 closed. For each
+shape and grid: the decode alone in both orders (tiles first, frames first: same bytes, peaks compared), the
+mp4 encode alone of its frames (the write-after-decode path), and the decode with the mp4 streamed (ffmpeg
+taking the frames as they become final) in both orders, from the decode's start to the file closed in place,
+with its ratio to the decode alone (target <= 1.2) and whether the streamed file has the bytes of the
+write-after-decode one. Random weights decode to noise-like frames: the hardest content for the encoder.
+Results: benchmarks/results/decode-stream-<gpu>-<date>.json.
+Example: python benchmarks/bench_decode.py --part stream --shapes 720x189 --grids 1x2x2 1x1x4
+(`--device cpu --model tiny --shapes 256x9` runs it in seconds anywhere.)
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
 
 import argparse
+import hashlib
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +41,7 @@ from bench_common import GIB, ResultsFile, gib, random_model
 from bench_staging import parse_shape
 from diffusers import AutoencoderKLWan
 
+from cosmos3_offload.app.outputs import StreamedOutput, write_output
 from cosmos3_offload.errors import InputError
 from cosmos3_offload.loading.sizes import model_sizes
 from cosmos3_offload.model.geometry import latent_frames, latent_size
@@ -111,8 +124,106 @@ def compare(ours: np.ndarray, reference: np.ndarray) -> dict:
     }
 
 
+def wait_for(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return gib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def decode_alone(vae, z, grid: TileGrid, frames_first: bool) -> tuple[dict, np.ndarray]:
+    """The decode to host frames on its own: (seconds and peak, the frames)."""
+    reset_peak(z.device)
+    start = time.perf_counter()
+    frames = decode_to_host(vae, z, grid, frames_first=frames_first)
+    wait_for(z.device)
+    return {"seconds": round(time.perf_counter() - start, 3), "peak_allocated_gib": peak_gib(z.device)}, frames
+
+
+def encode_alone(frames: np.ndarray, path: Path, fps: float) -> dict:
+    """Today's write after the decode: the whole array through ffmpeg, read back, moved into place."""
+    start = time.perf_counter()
+    write_output(frames, path, fps)
+    seconds = round(time.perf_counter() - start, 3)
+    return {"seconds": seconds, "mp4_sha256": digest(path), "mp4_bytes": path.stat().st_size}
+
+
+def decode_streamed(vae, z, grid: TileGrid, frames_first: bool, path: Path, fps: float) -> dict:
+    """From the last denoising step (the decode's start) to the mp4 closed in place, frames streamed to ffmpeg."""
+    reset_peak(z.device)
+    start = time.perf_counter()
+    with StreamedOutput(path, fps) as output:
+        decode_to_host(vae, z, grid, frames_first=frames_first, on_frames=output.frames_ready)
+        wait_for(z.device)
+        decoded = time.perf_counter()
+        output.finish()
+    end = time.perf_counter()
+    return {
+        "seconds": round(end - start, 3),
+        "decode_seconds": round(decoded - start, 3),
+        "tail_seconds": round(end - decoded, 3),
+        "peak_allocated_gib": peak_gib(z.device),
+        "mp4_sha256": digest(path),
+    }
+
+
+def stream_part(args: argparse.Namespace) -> None:
+    """Decode alone, encode alone, decode with the mp4 streamed: see the module's docstring."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results = ResultsFile(args.out, f"decode-stream-{args.tag}" if args.tag else "decode-stream")
+    spec = model_spec(args.model)
+    vae = random_model(AutoencoderKLWan, spec.vae, device, dtype)
+    vae.encoder.to("cpu")  # the decoder side only, as the staged `vae` group holds it
+    vae.quant_conv.to("cpu")
+    channels = vae.config.z_dim
+    folder = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    for tier, frames in args.shapes:
+        width, height = frame_size(tier, "16,9")
+        latent = (1, channels, latent_frames(frames), *latent_size(height, width))
+        z = torch.randn(*latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        decode_to_host(vae, z[:, :, :2], args.grids[0])  # warm-up: kernels chosen, allocator filled
+        base = {"height": height, "width": width, "frames": frames, "fps": args.fps, "model": args.model}
+        for grid in args.grids:
+            name = f"{grid.rows}x{grid.cols}x{grid.frames}-{tier}p-{frames}f"
+            alone, reference = decode_alone(vae, z, grid, frames_first=False)
+            results.add({"name": f"decode-tiles-first-{name}", **base, **alone})
+            first, frames_out = decode_alone(vae, z, grid, frames_first=True)
+            first["same_bytes_as_tiles_first"] = bool(np.array_equal(frames_out, reference))
+            results.add({"name": f"decode-frames-first-{name}", **base, **first})
+            del frames_out
+            whole = encode_alone(reference, folder / "whole.mp4", args.fps)
+            results.add({"name": f"encode-alone-{name}", **base, **whole})
+            for frames_first in (False, True):
+                order = "frames-first" if frames_first else "tiles-first"
+                run = decode_streamed(vae, z, grid, frames_first, folder / f"{order}.mp4", args.fps)
+                run["vs_decode_alone"] = round(run["seconds"] / alone["seconds"], 3)
+                run["vs_decode_then_encode"] = round(run["seconds"] / (alone["seconds"] + whole["seconds"]), 3)
+                run["same_bytes_as_write_after_decode"] = run["mp4_sha256"] == whole["mp4_sha256"]
+                results.add({"name": f"decode-streamed-{order}-{name}", **base, **run})
+            del reference
+    print(f"wrote {results.path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("decode", "stream"), default="decode")
+    parser.add_argument("--device", default="cuda", help="--part stream only (cpu: a smoke run)")
+    parser.add_argument("--model", default="nano", help="--part stream only: the VAE's registered size")
+    parser.add_argument("--fps", type=float, default=24.0, help="--part stream only")
     parser.add_argument("--shapes", nargs="*", type=parse_shape, default=[(720, 189), (480, 93)])
     parser.add_argument("--grids", nargs="*", type=parse_grid, default=[parse_grid(g) for g in ("1x1", "1x2", "2x2")])
     parser.add_argument("--budgets", nargs="*", type=float, default=[2.0, 3.0, 4.0], help="GiB")
@@ -120,6 +231,9 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the results file name (decode-TAG-...)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    if args.part == "stream":
+        stream_part(args)
+        return
     results = ResultsFile(args.out, f"decode-{args.tag}" if args.tag else "decode")
     spec = model_spec("nano")
     sizes = model_sizes(spec.transformer, spec.vae)

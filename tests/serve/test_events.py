@@ -205,6 +205,7 @@ def test_deleting_a_job_while_it_decodes_stops_it_and_ends_its_stream(server, qu
 
     monkeypatch.setattr(run_events.RunEvents, "piece", held_piece)
     monkeypatch.setattr(runner, "write_output", lambda *args, **kwargs: written.append(args))
+    monkeypatch.setattr(runner.StreamedOutput, "finish", lambda self, *args, **kwargs: written.append(args))
     video = create(server)
     listener = Listener(f"{server.url}/v1/videos/{video}/events")
     assert in_decode.wait(JOB_SECONDS)

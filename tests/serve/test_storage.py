@@ -56,6 +56,31 @@ def folders(storage: Path) -> set[str]:
     return {path.name for path in (storage / "jobs").iterdir()}
 
 
+def around_writes(monkeypatch, *, before=lambda: None, after=lambda: None):
+    """`before()` and `after()` around each job's output write, whether the mp4 is encoded after the decode
+    (`write_output`) or while it runs (`StreamedOutput.finish` puts it in place); returns what puts both back."""
+    write, finish = runner.write_output, runner.StreamedOutput.finish
+
+    def written(*args, **kwargs):
+        before()
+        write(*args, **kwargs)
+        after()
+
+    def finished(self, *args, **kwargs):
+        before()
+        finish(self, *args, **kwargs)
+        after()
+
+    monkeypatch.setattr(runner, "write_output", written)
+    monkeypatch.setattr(runner.StreamedOutput, "finish", finished)
+
+    def restore() -> None:
+        monkeypatch.setattr(runner, "write_output", write)
+        monkeypatch.setattr(runner.StreamedOutput, "finish", finish)
+
+    return restore
+
+
 def test_a_full_disk_fails_the_job_not_the_worker_and_health_says_so(tmp_path, monkeypatch):
     """The disk fills as a job's file is written (its record refused: sqlite's "database or disk is full"),
     then before a job writes (ffmpeg's ENOSPC): each job fails with storage_full and leaves no file, the worker
@@ -66,16 +91,14 @@ def test_a_full_disk_fails_the_job_not_the_worker_and_health_says_so(tmp_path, m
         storage, client = server.storage, client_for(server)
         kept = wait(client, client.videos.create(prompt=PROMPT, extra_body=QUICK).id)
         assert kept.status == "completed"
-        write = runner.write_output
         full = threading.Event()
 
-        def fill_after(*args, **kwargs):  # the file is whole, then nothing more fits: its record is refused
-            write(*args, **kwargs)
+        def fill_after() -> None:  # the file is whole, then nothing more fits: its record is refused
             truncate_log(storage)
             fill(disk)
             full.set()
 
-        monkeypatch.setattr(runner, "write_output", fill_after)
+        around_writes(monkeypatch, after=fill_after)
         recorded = client.videos.create(prompt=PROMPT, extra_body=QUICK).id
         assert full.wait(JOB_SECONDS)
         failed = finished(server, recorded)
@@ -97,7 +120,7 @@ def test_a_full_disk_fails_the_job_not_the_worker_and_health_says_so(tmp_path, m
         assert status == 200 or (status == 507 and answer["error"]["code"] == "storage_full"), answer
 
         free(disk)
-        monkeypatch.setattr(runner, "write_output", lambda *args, **kwargs: (fill(disk), write(*args, **kwargs)))
+        around_writes(monkeypatch, before=lambda: fill(disk))
         written = client.videos.create(prompt=PROMPT, extra_body=QUICK).id
         failed = finished(server, written)
         assert failed["status"] == "failed" and failed["error"]["code"] == "storage_full", failed
@@ -160,20 +183,14 @@ def test_a_worker_survives_a_database_that_refuses_every_write(tmp_path, monkeyp
                 return self.execute(sql) if refusing.is_set() else database.executemany(sql, *args)
 
         monkeypatch.setattr(store, "_db", Refusing())
-        write = runner.write_output
-
-        def refuse_after(*args, **kwargs):
-            write(*args, **kwargs)
-            refusing.set()
-
-        monkeypatch.setattr(runner, "write_output", refuse_after)
+        restore = around_writes(monkeypatch, after=refusing.set)
         client = client_for(server)
         video_id = client.videos.create(prompt=PROMPT, extra_body=QUICK).id
         failed = finished(server, video_id)
         assert failed["error"]["code"] == "storage_full" and failed["progress"] < 100, failed
         assert http(server, "GET", "/health")[0] == 503
         refusing.clear()
-        monkeypatch.setattr(runner, "write_output", write)
+        restore()
         assert wait(client, client.videos.create(prompt=PROMPT, extra_body=QUICK).id).status == "completed"
         with contextlib.closing(sqlite3.connect(server.storage / DATABASE)) as db:
             (error,) = db.execute("SELECT error FROM jobs WHERE id = ?", (video_id,)).fetchone()

@@ -170,3 +170,43 @@ def test_host_landing_copies_every_piece_in_place():
         landing.put(video[i, :2], torch.full((2, 4), i + 1, dtype=torch.uint8))
     landing.drain()
     assert video[:, :2].tolist() == [[[i + 1] * 4] * 2 for i in range(3)] and not video[:, 2:].any()
+
+
+@pytest.mark.parametrize(
+    "grid, only",
+    [(TileGrid(rows=2, cols=2, frames=1), None), (TileGrid(rows=1, cols=3, frames=4), {0, 2}), (TileGrid(), None)],
+    ids=["2x2x1", "1x3x4-only", "untiled"],
+)
+def test_frames_first_gives_the_tiles_first_bytes(pipeline, untiled, grid, only):
+    """Fails when taking every tile through a latent frame before the next (each tile's causal caches kept
+    between them) changes a byte of the decode, of every tile or of a rank's tiles."""
+    z, _ = untiled
+    tiles_first = decode_to_host(pipeline.vae, z, grid, only)
+    assert np.array_equal(decode_to_host(pipeline.vae, z, grid, only, frames_first=True), tiles_first)
+
+
+def test_frames_first_tells_whole_frames_before_the_last_piece(pipeline, untiled):
+    """Fails when `on_frames` tells frames that are not yet final, goes back, misses the first (0) or the last
+    call (every frame), or tells no whole frame before the last piece (an encoder could not start before the
+    decode ends): frames first from the first latent frame on, tiles first during the last tile."""
+    z, _ = untiled
+    grid = TileGrid(rows=2, cols=2, frames=1)
+    pieces, told = [], []
+
+    def on_frames(video: np.ndarray, done: int) -> None:
+        told.append((done, len(pieces), video[:done].copy()))
+
+    final = decode_to_host(
+        pipeline.vae, z, grid, on_piece=lambda i, n: pieces.append(i), frames_first=True, on_frames=on_frames
+    )
+    counts = [done for done, _, _ in told]
+    assert counts[0] == 0 and counts[-1] == final.shape[0] and counts == sorted(counts)
+    assert all(np.array_equal(snapshot, final[:done]) for done, _, snapshot in told)
+    assert any(0 < done and seen < len(pieces) for done, seen, _ in told)
+    told.clear()
+    pieces.clear()
+    decode_to_host(pipeline.vae, z, grid, on_piece=lambda i, n: pieces.append(i), on_frames=on_frames)
+    assert all(np.array_equal(snapshot, final[:done]) for done, _, snapshot in told)
+    last_tile = len(pieces) - z.shape[2]  # tiles first, frames are whole from the last tile's first piece on
+    assert [seen for done, seen, _ in told if 0 < done < final.shape[0]][0] > last_tile
+    assert any(0 < done and seen < len(pieces) for done, seen, _ in told)

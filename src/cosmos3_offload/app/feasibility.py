@@ -22,6 +22,7 @@ from ..planning.parallel import SINGLE, ParallelLayout
 from ..planning.plan import Plan
 from ..planning.request import DeviceProfile
 from ..planning.search import predict
+from ..planning.sizes import ModelSizes
 from ..units import GIB
 from .config import GenerationConfig
 from .planned_request import request_of
@@ -47,6 +48,24 @@ def device_free_bytes(device: torch.device) -> int | None:
     return free
 
 
+def run_sizes(
+    config: GenerationConfig, *, checkpoint: Path | None, model: str, dtype: torch.dtype, fp8: Fp8Options
+) -> tuple[ModelSizes, dict | None]:
+    """The model's sizes as a run of `config` loads it (its sound decoder and action heads when it asks for them),
+    and the sound decoder's config (None without sound)."""
+    sound = sound_config(checkpoint) if config.sound else None  # (check_sound has run: the folder has one)
+    transformer_config, vae_config = model_configs(checkpoint, model)
+    sizes = model_sizes(
+        transformer_config,
+        vae_config,
+        dtype_bytes=4 if dtype == torch.float32 else 2,
+        sound_config=sound,
+        quantization=quantization_for(checkpoint, transformer_config, fp8),
+        actions=config.action is not None,
+    )
+    return sizes, sound
+
+
 def check_fits(
     config: GenerationConfig,
     plan: Plan,
@@ -61,16 +80,7 @@ def check_fits(
 ) -> None:
     """An InputError, before anything loads, when the request cannot fit this machine's memory (one GPU's
     share of it under `layout`, with the latent frames an exact preview decodes: `preview_frames`)."""
-    sound = sound_config(checkpoint) if config.sound else None  # (check_sound has run: the folder has one)
-    transformer_config, vae_config = model_configs(checkpoint, model)
-    sizes = model_sizes(
-        transformer_config,
-        vae_config,
-        dtype_bytes=4 if dtype == torch.float32 else 2,
-        sound_config=sound,
-        quantization=quantization_for(checkpoint, transformer_config, fp8),
-        actions=config.action is not None,
-    )
+    sizes, sound = run_sizes(config, checkpoint=checkpoint, model=model, dtype=dtype, fp8=fp8)
     request = request_of(config, sound, layout, preview_frames=preview_frames)
     peak = predict(plan, sizes, request, DeviceProfile()).peak
     weights = weight_bytes(plan, sizes)

@@ -487,6 +487,14 @@ def _step(scheduler, velocity: torch.Tensor, t: torch.Tensor, sample: torch.Tens
 
 
 @torch.no_grad()
+def raw_latents(pipe: Cosmos3OmniPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Normalized latents [1, C, T, h, w] -> the VAE's raw latents, in its dtype (what the VAE decodes)."""
+    vae = pipe.vae
+    mean = pipe._vae_latents_mean.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+    inv_std = pipe._vae_latents_inv_std.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+    return latents.to(vae.dtype) / inv_std + mean
+
+
 def decode_frames(
     pipe: Cosmos3OmniPipeline,
     latents: torch.Tensor,
@@ -504,9 +512,7 @@ def decode_frames(
     NaN or infinite pixels raise `NonFinitePixels` on the rank that decoded them.
     """
     vae = pipe.vae
-    mean = pipe._vae_latents_mean.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
-    inv_std = pipe._vae_latents_inv_std.to(device=latents.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
-    raw = latents.to(vae.dtype) / inv_std + mean
+    raw = raw_latents(pipe, latents)
     if mesh is None or mesh.layout.world_size == 1:
         return decode_to_host(vae, raw, grid, on_piece=on_piece)
     grid = at_least_tiles(grid, mesh.layout.world_size)

@@ -2,6 +2,9 @@
 denoise with the generator alone, refuse non-finite latents, decode the video and the sound, each
 phase while its weight group is on the device. runner.py's `generate_video` (the CLI, sample files,
 the server) and integration/generation.py (an `enable()`d diffusers pipeline) call `generate`.
+
+Given a `VideoSink`, the decode tells it its frames as they become final (an mp4 encoder takes them while the
+rest decodes, see outputs.py `StreamedOutput`), in the order the sink asks for (vae/decode.py).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,8 +20,10 @@ from diffusers import Cosmos3OmniPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..model.groups import GENERATOR, REASONER, SOUND, VAE, VAE_ENCODER
+from ..parallel.mesh import ProcessMesh
+from ..planning.tiles import TileGrid
 from ..stepcache.seacache import SeaCache, seacache_config
-from ..vae.decode import NonFinitePixels
+from ..vae.decode import NonFinitePixels, decode_to_host
 from ..vae.encode import action_pixels, conditioned_noise
 from .action_input import ActionGeometry, ActionInput, action_geometry, action_latent_shape, initial_action_latents
 from .doors import Generated, GenerationHooks, PlacedPipeline, Request
@@ -35,9 +41,20 @@ from .generate import (
     mesh_branches,
     prefill_branches,
     prepare_branches,
+    raw_latents,
 )
 from .inputs import Conditioning
 from .timer import PhaseTimer
+
+
+@dataclass(frozen=True)
+class VideoSink:
+    """Where the video decode tells its frames as they become final: `frames_ready(video, done)`, `video` the
+    uint8 [T, H, W, 3] array being filled and [0, done) its final frames (vae/decode.py `decode_to_host`);
+    `frames_first`: decode latent frames outer, so whole frames come early (app/decode_order.py says when)."""
+
+    frames_ready: Callable[[np.ndarray, int], None]
+    frames_first: bool = False
 
 
 def generate(
@@ -47,13 +64,15 @@ def generate(
     *,
     conditioning: Conditioning | None = None,
     timer: PhaseTimer | None = None,
+    video_sink: VideoSink | None = None,
 ) -> Generated:
     """The one generation path, for every door (see doors.py): (encode,) prefill each CFG branch once,
     denoise with the generator alone (and the request's step cache), refuse non-finite latents, decode
     the video and the sound (refusing non-finite frames or waveform), each while its group's weights are
     on the device (and, given a `timer`, timed as a phase). `conditioning` puts clean frames into the
     noise and keeps them clean; an action run's (`conditioning.action`) conditions on its clip and
-    denoises its action tokens too (see action_input.py), and gives back the predicted actions."""
+    denoises its action tokens too (see action_input.py), and gives back the predicted actions. `video_sink`
+    hears the decode's frames as they become final (one process only)."""
     pipe, engine, mesh = placed.pipe, placed.engine, placed.mesh
     action = None if conditioning is None else conditioning.action
     with torch.no_grad():
@@ -112,7 +131,7 @@ def generate(
         check_finite(latents, model_dtype)
         if step_cache is not None:
             step_cache = dataclasses.replace(step_cache)  # its decisions, without the residuals it held on the device
-        frames, waveform = _decode(placed, latents, hooks, timer)
+        frames, waveform = _decode(placed, latents, hooks, timer, video_sink)
     actions = None
     if action is not None and action.predicts_actions:
         actions = latents.action[:, : action.width].float().cpu()
@@ -160,12 +179,18 @@ def _action_conditioned(
 
 
 def _decode(
-    placed: PlacedPipeline, latents: Latents, hooks: GenerationHooks, timer: PhaseTimer | None
+    placed: PlacedPipeline,
+    latents: Latents,
+    hooks: GenerationHooks,
+    timer: PhaseTimer | None,
+    sink: VideoSink | None = None,
 ) -> tuple[np.ndarray | None, torch.Tensor | None]:
     """(uint8 frames [T, H, W, 3], the sound decoder's waveform), each None when not asked for; over several
     GPUs every rank decodes its tiles and the leader gets both. NaN or infinite frames or waveform are an
-    InputError naming the decoder (they would be written as black frames or silence)."""
+    InputError naming the decoder (they would be written as black frames or silence). `sink` hears the frames
+    as they become final (one process)."""
     pipe, engine, mesh = placed.pipe, placed.engine, placed.mesh
+    assert sink is None or mesh is None, "over several processes the frames are whole only once gathered"
     frames = waveform = None
     with _phase(timer, "decode"):
         if hooks.decode_video:
@@ -173,7 +198,7 @@ def _decode(
             with engine.use(VAE):
                 try:
                     on_piece = _decode_piece(hooks, timer)
-                    frames = decode_frames(pipe, latents.vision, grid=grid, mesh=mesh, on_piece=on_piece)
+                    frames = _decode_video(pipe, latents.vision, grid, mesh, on_piece, sink)
                 except NonFinitePixels:
                     raise not_finite("the VAE decoder's frames are", VAE_BROKEN, pipe.vae.dtype) from None
     if latents.sound is not None and (mesh is None or mesh.leader):
@@ -182,6 +207,23 @@ def _decode(
         if not bool(torch.isfinite(waveform).all()):
             raise not_finite("the sound decoder's waveform is", SOUND_BROKEN, waveform.dtype)
     return frames, waveform
+
+
+def _decode_video(
+    pipe: Cosmos3OmniPipeline,
+    vision: torch.Tensor,
+    grid: TileGrid,
+    mesh: ProcessMesh | None,
+    on_piece: Callable[[int, int], None] | None,
+    sink: VideoSink | None,
+) -> np.ndarray | None:
+    """The frames of `vision` (see `decode_frames`), told to `sink` as they become final when one is given."""
+    if sink is None:
+        return decode_frames(pipe, vision, grid=grid, mesh=mesh, on_piece=on_piece)
+    raw = raw_latents(pipe, vision)
+    return decode_to_host(
+        pipe.vae, raw, grid, on_piece=on_piece, frames_first=sink.frames_first, on_frames=sink.frames_ready
+    )
 
 
 def _stepped(hooks: GenerationHooks, timer: PhaseTimer | None, steps: int) -> Callable[[int], None] | None:

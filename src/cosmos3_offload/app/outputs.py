@@ -16,6 +16,8 @@
   existing file's mode and owner (or the umask's mode for a new file). Any failure (a full disk, a
   failing encoder) is an `OutputFailed`, an OSError with the cause's errno (ENOSPC for a full disk)
   naming the output: the temporary file is removed and an existing file is left as it was.
+- `StreamedOutput` does the same for an mp4 encoded while the video is decoded (mp4_stream.py): ffmpeg
+  writes the temporary file as the frames come; leaving it unfinished stops ffmpeg and removes the file.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
@@ -34,6 +37,7 @@ import numpy as np
 
 from ..errors import InputError
 from .action_files import actions_json
+from .mp4_stream import Mp4Stream
 from .video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, encode_frames
 
 PARTIAL_MARK = ".partial"
@@ -215,6 +219,61 @@ def write_output(
     written in full under a temporary name first, so a failure leaves none of them changed."""
     target = resolve_target(path)
     temporary = _temporary_path(target)
+    try:
+        _commit(path, temporary, lambda: encode_frames(frames, temporary, fps, sound), actions)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+class StreamedOutput:
+    """An mp4 output encoded while the video is decoded (see mp4_stream.py), written whole or not at all as
+    `write_output`'s: `with StreamedOutput(path, fps) as output:`, the sound (if any) with `sound(...)` before the
+    first frames, the decode's `frames_ready(video, done)`, then `finish(actions)`. Leaving the block without
+    `finish` (an error, a cancel, Ctrl-C) stops ffmpeg and removes its file: nothing new is at `path`."""
+
+    def __init__(self, path: Path, fps: float):
+        self.path, self.fps = path, fps
+        self.temporary = _temporary_path(resolve_target(path))
+        self.sound_track: tuple[np.ndarray, int] | None = None
+        self.stream: Mp4Stream | None = None
+
+    def sound(self, waveform: np.ndarray, sample_rate: int) -> None:
+        """The audio track (float [channels, samples] in [-1, 1]), muxed as `write_output` does: before any frame."""
+        assert self.stream is None, "the sound goes to ffmpeg when it starts, with the first frames"
+        self.sound_track = (waveform, sample_rate)
+
+    def frames_ready(self, video: np.ndarray, done: int) -> None:
+        """The decode's word: the frames [0, done) of `video` are final (ffmpeg starts on the first word)."""
+        if self.stream is None:
+            self.stream = Mp4Stream(self.temporary, self.fps, self.sound_track)
+        try:
+            self.stream.frames_ready(video, done)
+        except OSError as error:  # ffmpeg could not start
+            raise OutputFailed(error.errno, error.strerror or str(error), str(self.path)) from error
+
+    def finish(self, actions: ActionRows | None = None) -> None:
+        """Every frame is final: wait for the encoder, then put the video (and `actions` beside it) in place."""
+        assert self.stream is not None, "no frames were decoded"
+        self.stream, stream = None, self.stream
+        try:
+            _commit(self.path, self.temporary, stream.finish, actions)
+        except BaseException:
+            stream.abort()
+            raise
+
+    def __enter__(self) -> StreamedOutput:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        if self.stream is not None:  # left before `finish`
+            self.stream.abort()
+            self.stream = None
+        self.temporary.unlink(missing_ok=True)
+
+
+def _commit(path: Path, temporary: Path, encode: Callable[[], None], actions: ActionRows | None) -> None:
+    """`encode()` writes `temporary`; then it and `actions` replace their targets, or OutputFailed and none does."""
+    target = resolve_target(path)
     # The actions' temporary files take the video's temporary form, so a killed run's are cleared with its.
     finished = [] if actions is None else [(_temporary_path(target), file) for file in actions.files(target)]
     try:
@@ -225,7 +284,8 @@ def write_output(
             text.write_text(actions_json(actions.values, mode=actions.mode, domain=actions.domain))
             for written, _ in finished:
                 _flush_to_disk(written)
-        _write_temporary(frames, temporary, target, fps, sound)
+        encode()
+        _settle_temporary(temporary, target)
         for written, file in finished:
             os.replace(written, file)
         os.replace(temporary, target)
@@ -238,11 +298,8 @@ def write_output(
     _flush_to_disk(target.parent, required=False)  # the rename itself
 
 
-def _write_temporary(
-    frames: np.ndarray, temporary: Path, target: Path, fps: float, sound: tuple[np.ndarray, int] | None
-) -> None:
-    """`temporary` encoded and read back, with the mode and owner it will have as `target`, flushed to the disk."""
-    encode_frames(frames, temporary, fps, sound)
+def _settle_temporary(temporary: Path, target: Path) -> None:
+    """`temporary`, encoded and read back, given the mode and owner it will have as `target`, flushed to the disk."""
     try:
         existing = target.stat()
     except FileNotFoundError:

@@ -38,6 +38,7 @@ from ..offload.shared import HostShare
 from ..parallel.mesh import ProcessMesh
 from ..planning.parallel import SINGLE, ParallelLayout
 from ..planning.plan import Plan
+from ..planning.request import Request
 from .config import (
     DEFAULT_KERNELS,
     GenerationConfig,
@@ -46,6 +47,7 @@ from .config import (
     resolve_device,
     resolve_dtype,
 )
+from .decode_order import decode_frames_first
 from .device_profile import probe_shape
 from .distributed import parallel_layout, rank_device, start_mesh
 from .doors import Fp8Steps, GeneratedVideo, GenerationHooks, PlacedPipeline, Preview
@@ -57,14 +59,16 @@ from .generate import (
     helper_pipeline,
     noise_generator,
 )
-from .generation_path import generate
+from .generation_path import VideoSink, generate
 from .inputs import Conditioning, read_conditioning
 from .model_checks import check_action_heads, check_distilled, check_sound
-from .outputs import ActionRows, OutputLock, actions_beside, resolve_target, write_output
+from .outputs import ActionRows, OutputLock, StreamedOutput, actions_beside, resolve_target, write_output
+from .planned_request import request_of
 from .previews import PreviewOptions, check_preview_output, check_preview_plan, make_preview, preview_frames
 from .report import RunReport
 from .schedule import request_scheduler
 from .timer import PhaseTimer
+from .video_io import VIDEO_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +119,7 @@ def run(
     check_output_spares_checkpoint(config.output, loaded.checkpoint)
     # Read before the load: a conditioning file that cannot be used costs nothing.
     conditioning = read_conditioning(config)
+    loaded.probe_request = request_of(config, None, layout)  # the kernels are picked at this run's shape
     mesh = start_mesh(layout, loaded.device)
     try:
         leader = mesh is None or mesh.leader
@@ -152,6 +157,7 @@ class LoadedModel:
     kernels: Kernels | None = None  # chosen by `load` (a GPU's probe, cached per GPU)
     mesh: ProcessMesh | None = None  # the other ranks, over several processes
     node_share: NodeShare | None = None  # serve's replicas on one node: one host copy (offload/node_share.py)
+    probe_request: Request | None = None  # the request the GPU's probe times attention at (None: its 32k default)
 
     @classmethod
     def open(
@@ -257,7 +263,8 @@ class LoadedModel:
         rates = None
         if self.device.type == "cuda":
             with timer.phase("probe"):
-                rates = kernel_rates(self.device, probe_shape(model_configs(self.checkpoint, self.model)[0]))
+                shape = probe_shape(model_configs(self.checkpoint, self.model)[0], self.probe_request)
+                rates = kernel_rates(self.device, shape)
         kernels = choose_attention(self.device, options.attention, dtype=self.dtype, rates=rates)
         if self.mesh is not None:
             # Every rank runs the leader's pick: timing noise must not give ranks different roundings.
@@ -286,27 +293,36 @@ class LoadedModel:
         run's predicted actions go, (the .npy, the .json); default NAME.actions.* beside the video. `preview`: shows
         the video as it renders (app/previews.py `make_preview`; it never changes the output)."""
         components = self.load(timer)
-        video = generate_video(
-            config,
-            components,
-            timer,
-            progress=progress,
-            on_step=on_step,
-            on_decode_tile=on_decode_tile,
-            conditioning=conditioning,
-            kernels=self.kernels,
-            mesh=self.mesh,
-            preview=preview,
-        )
-        if video.frames is None:
-            return None  # not the leader: it has written the video
-        with timer.phase("write"):
-            actions = None
-            if video.actions is not None:
-                actions = ActionRows(video.actions, config.action, config.domain, action_paths)
-            write_output(video.frames, config.output, config.fps, sound=video.sound, actions=actions)
-            if config.action == "forward_dynamics":  # its actions were given: an earlier run's must not pass for them
-                remove_stale_actions(action_paths or actions_beside(resolve_target(config.output)), config.actions)
+        streamed = self._streamed_output(config)
+        with streamed if streamed is not None else nullcontext():
+            sink = None
+            if streamed is not None:
+                sink = VideoSink(streamed.frames_ready, frames_first=self._decode_frames_first(config))
+            video = generate_video(
+                config,
+                components,
+                timer,
+                progress=progress,
+                on_step=on_step,
+                on_decode_tile=on_decode_tile,
+                conditioning=conditioning,
+                kernels=self.kernels,
+                mesh=self.mesh,
+                preview=preview,
+                video_sink=sink,
+            )
+            if video.frames is None:
+                return None  # not the leader: it has written the video
+            with timer.phase("write"):  # streamed: what the encoder has left after the decode
+                actions = None
+                if video.actions is not None:
+                    actions = ActionRows(video.actions, config.action, config.domain, action_paths)
+                if streamed is not None:
+                    streamed.finish(actions)
+                else:
+                    write_output(video.frames, config.output, config.fps, sound=video.sound, actions=actions)
+                if config.action == "forward_dynamics":  # its actions were given: an earlier run's must not pass
+                    remove_stale_actions(action_paths or actions_beside(resolve_target(config.output)), config.actions)
         layout = SINGLE if self.mesh is None else self.mesh.layout
         return RunReport(
             config,
@@ -319,6 +335,26 @@ class LoadedModel:
             layout,
             video.actions,
             video.frames.shape[:3],
+        )
+
+    def _streamed_output(self, config: GenerationConfig) -> StreamedOutput | None:
+        """The mp4 encoded while the video decodes, for a silent video in one process; None: written after the
+        decode (an image; several processes, whose frames are whole only once gathered; a video with sound, whose
+        track is decoded after the video while ffmpeg wants it when it starts)."""
+        if self.mesh is not None or config.sound or config.output.suffix.lower() not in VIDEO_SUFFIXES:
+            return None
+        return StreamedOutput(config.output, config.fps)
+
+    def _decode_frames_first(self, config: GenerationConfig) -> bool:
+        """Decode frames first when the plan's peak has room for it (app/decode_order.py)."""
+        return decode_frames_first(
+            config,
+            self.plan,
+            checkpoint=self.checkpoint,
+            model=self.model,
+            dtype=self.dtype,
+            fp8=self.fp8,
+            layout=SINGLE,
         )
 
 
@@ -334,11 +370,13 @@ def generate_video(
     kernels: Kernels = EAGER,
     mesh: ProcessMesh | None = None,
     preview: Preview | None = None,
+    video_sink: VideoSink | None = None,
 ) -> GeneratedVideo:
     """`config` through the generation path (`generate`) on loaded `components`: the noise from the request's
     seed, the scheduler of its shift (a distilled checkpoint's own), the layers on `kernels`. With a `mesh`,
     this rank's branches and tokens (see generate.py); the leader gets the frames and the sound. `preview`
-    draws the video after the steps it is due (doors.`Preview`; the leader's)."""
+    draws the video after the steps it is due (doors.`Preview`; the leader's). `video_sink` hears the frames as
+    the decode makes them final (one process; see generation_path.py)."""
     if config.sound and components.sound_tokenizer is None:
         raise InputError("this model was loaded without its sound tokenizer; load it with sound to generate sound")
     options = components.options
@@ -364,7 +402,7 @@ def generate_video(
         on_decode_tile=on_decode_tile,
         preview=preview,
     )
-    generated = generate(placed, config, hooks, conditioning=conditioning, timer=timer)
+    generated = generate(placed, config, hooks, conditioning=conditioning, timer=timer, video_sink=video_sink)
     sound = None
     if generated.waveform is not None:
         rate = int(components.sound_tokenizer.config.sampling_rate)

@@ -14,6 +14,9 @@ target) and moves the result into place only if this returns. So every failure r
 
 Nothing is written but `path`: the frames go to ffmpeg on its stdin and the sound as a WAV on a
 second pipe, so no scratch file can fill another disk (a full /tmp) or be left behind by a kill.
+
+mp4_stream.py feeds the same ffmpeg (`start_ffmpeg`) while the video is still decoding, checks it the same way
+(`check_ffmpeg_status`, `check_mp4`) and so writes the same bytes.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def encode_frames(frames: np.ndarray, path: Path, fps: float, sound: tuple[np.nd
         _check_image(path, frames.shape[2], frames.shape[1])
     else:
         _write_mp4(frames, path, fps, sound)
-        _check_mp4(path, frames.shape[0], sound is not None)
+        check_mp4(path, frames.shape[0], sound is not None)
 
 
 def _write_image(frame: np.ndarray, path: Path) -> None:
@@ -75,6 +78,25 @@ def _check_image(path: Path, width: int, height: int) -> None:
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: float, sound: tuple[np.ndarray, int] | None) -> None:
     _, height, width, _ = frames.shape
+    process, feeder = start_ffmpeg(path, height, width, fps, sound)
+    try:
+        _, said = process.communicate(memoryview(np.ascontiguousarray(frames)).cast("B"))  # blocks until it exits
+    except BaseException:  # Ctrl-C, SIGTERM: the half-written file is removed by `outputs`
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        if feeder is not None:
+            feeder.join()  # ffmpeg has exited: the pipe is broken if it did not read it all
+    check_ffmpeg_status(process.returncode, said)
+
+
+def start_ffmpeg(
+    path: Path, height: int, width: int, fps: float, sound: tuple[np.ndarray, int] | None
+) -> tuple[subprocess.Popen, threading.Thread | None]:
+    """ffmpeg encoding raw rgb24 frames [T, height, width, 3] from its stdin (and `sound`, as a WAV on a second
+    pipe fed by the thread returned) into the mp4 `path`: (the process, with its stdin and stderr piped; the
+    sound's feeder or None). The caller writes the frames, closes stdin and checks the exit status."""
     audio = None
     if sound is not None:
         audio = io.BytesIO()
@@ -88,11 +110,6 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: float, sound: tuple[np.ndarr
     audio_output = ["-map", "1:a:0", "-c:a", "aac", "-b:a", "192k"] if audio is not None else ["-an"]
     # `file:` keeps a name such as "-x.mp4" or "concat:..." from being read as an option or a protocol.
     output = [*video_output, *audio_output, "-f", "mp4", f"file:{path}"]
-    _run_ffmpeg(video_input, output, memoryview(np.ascontiguousarray(frames)).cast("B"), audio)
-
-
-def _run_ffmpeg(video_input: list[str], output: list[str], video: memoryview, audio: io.BytesIO | None) -> None:
-    """ffmpeg reading raw frames [T, H, W, 3] on stdin (and a WAV on another pipe): raises unless it exits 0."""
     command = [_ffmpeg(), "-hide_banner", "-nostats", "-loglevel", "error", "-y", *video_input]
     reader = writer = None
     if audio is not None:
@@ -120,17 +137,13 @@ def _run_ffmpeg(video_input: list[str], output: list[str], video: memoryview, au
         # A writer per pipe: ffmpeg reads its two inputs in its own order, so one writer for both could deadlock.
         feeder = threading.Thread(target=_feed, args=(writer, audio.getbuffer()), daemon=True)
         feeder.start()
-    try:
-        _, said = process.communicate(video)  # blocks until ffmpeg exits
-    except BaseException:  # Ctrl-C, SIGTERM: the half-written file is removed by `outputs`
-        process.kill()
-        process.wait()
-        raise
-    finally:
-        if feeder is not None:
-            feeder.join()  # ffmpeg has exited: the pipe is broken if it did not read it all
-    if process.returncode != 0:
-        raise _ffmpeg_failure(process.returncode, said.decode("utf-8", "replace"))
+    return process, feeder
+
+
+def check_ffmpeg_status(status: int, said: bytes) -> None:
+    """Raise the OSError ffmpeg's exit `status` and what it `said` on stderr stand for, unless it is 0."""
+    if status != 0:
+        raise _ffmpeg_failure(status, said.decode("utf-8", "replace"))
 
 
 def _feed(fd: int, data: memoryview) -> None:
@@ -154,7 +167,7 @@ def _ffmpeg_failure(status: int, said: str) -> OSError:
     return OSError(None, f"ffmpeg failed (exit status {status}): {last}")
 
 
-def _check_mp4(path: Path, frames: int, sound: bool) -> None:
+def check_mp4(path: Path, frames: int, sound: bool) -> None:
     """Refuse an mp4 that does not read back with `frames` video frames (and an audio track with `sound`):
     ffmpeg reads the index and every packet, copying without decoding."""
     streams = ["-map", "0:v:0", *(["-map", "0:a:0"] if sound else [])]

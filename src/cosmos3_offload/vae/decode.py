@@ -24,10 +24,18 @@ with the piece's place among all the pieces of this decode, and what it raises e
 
 Tiles are independent once the low-resolution pass is done, so several processes can share a decode:
 each decodes the tiles it is given (`only`) and leaves the others' pixels zero.
+
+Two orders give the same bytes. Tiles first (the default) holds one tile's causal caches at a time, so no
+frame is whole before the last tile starts (then they come as it goes). Frames first (`frames_first`) takes
+every tile through latent frame t before any goes on to t + 1, keeping every tile's caches alive between
+latent frames (their sum: more memory than one tile's, see app/decode_order.py), so whole frames leave from
+the start and an encoder can take them as they come (`decode_to_host`'s `on_frames`). Each tile runs the same
+operations on the same inputs either way.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Collection
 
 import numpy as np
@@ -139,19 +147,24 @@ def decode_tiles(
     emit,
     only: Collection[int] | None = None,
     on_piece: Callable[[int, int], None] | None = None,
+    *,
+    frames_first: bool = False,
+    on_latent_frame: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Decode raw latents z [1, C, T, h, w] tile by tile: emit(frames, rows, cols, pixels) receives
     each decoded piece, pixels [frames, H_tile, W_tile, 3] in [-1, 1] on the device. `only`: the
     indexes (in `grid.tiles` order) of the tiles to decode; default every tile. `on_piece(index, total)` is
     called before each latent frame of the low-resolution pass and of each tile decoded, `total` of them (what it
-    raises stops the decode there).
+    raises stops the decode there). `frames_first`: latent frames outer, tiles inner (see the module's
+    docstring). `on_latent_frame(frames)` is called after a latent frame whenever every tile has emitted the
+    pixel frames [0, frames): frames first, after each; tiles first, after each of the last tile's.
 
     Returns a bool on z's device: whether every decoded value was finite (reading it waits for the decode)."""
     blocks = decoder_blocks(vae.decoder)
     height, width = z.shape[-2:]
     tiles = grid.tiles(height, width)
-    latent_frames = z.shape[2]
-    total = latent_frames * (1 + sum(1 for index in range(len(tiles)) if only is None or index in only))
+    mine = [tile for index, tile in enumerate(tiles) if only is None or index in only]
+    total = z.shape[2] * (1 + len(mine))
     done = 0
 
     def piece(_: int = 0) -> None:
@@ -162,13 +175,26 @@ def decode_tiles(
 
     low = low_resolution_pass(vae, z, piece)
     finite = torch.ones((), dtype=torch.bool, device=z.device)
-    for index, tile in enumerate(tiles):
-        if only is not None and index not in only:
-            continue
+    if frames_first:
+        decoders = [_TileDecoder(vae, blocks, tile, (height, width), grid.frames, emit) for tile in mine]
+        for t in range(low.shape[0]):
+            frame = low[t].to(z.device, non_blocking=True)[None, :, None]  # [1, C, 1, h, w], once for every tile
+            for decoder in decoders:
+                piece()
+                decoder.latent_frame(frame, first_chunk=t == 0)
+            if on_latent_frame is not None and decoders:
+                on_latent_frame(decoders[0].frame)
+        for decoder in decoders:
+            finite &= decoder.finite
+        return finite
+    for index, tile in enumerate(mine):
         decoder = _TileDecoder(vae, blocks, tile, (height, width), grid.frames, emit)
+        last = index == len(mine) - 1  # the other tiles are done: its frames are whole as it goes
         for t in range(low.shape[0]):
             piece()
             decoder.latent_frame(low[t].to(z.device, non_blocking=True)[None, :, None], first_chunk=t == 0)
+            if last and on_latent_frame is not None:
+                on_latent_frame(decoder.frame)
         finite &= decoder.finite
     return finite
 
@@ -185,10 +211,18 @@ def decode_to_host(
     grid: TileGrid = UNTILED,
     only: Collection[int] | None = None,
     on_piece: Callable[[int, int], None] | None = None,
+    *,
+    frames_first: bool = False,
+    on_frames: Callable[[np.ndarray, int], None] | None = None,
 ) -> np.ndarray:
     """Raw latents z [1, C, T, h, w] -> uint8 frames [frames, H, W, 3] on the host (zero outside the
     tiles of `only`, when given). `on_piece`: see `decode_tiles`. Raises NonFinitePixels when a decoded
-    value is NaN or infinite (waits for the decode, as the last copies do)."""
+    value is NaN or infinite (waits for the decode, as the last copies do).
+
+    `on_frames(video, done)`: `video` is the array returned in the end, being filled; its frames [0, done) are
+    on the host and final. It is called with 0 before anything is decoded, with the last frames once every
+    value is known finite, and between as whole frames land on the host (through the decode frames first, during
+    the last tile tiles first; see `decode_tiles`)."""
     _, _, latent_frames, height, width = z.shape
     scale = vae.spatial_compression_ratio
     frames = 1 + vae.config.scale_factor_temporal * (latent_frames - 1)
@@ -196,9 +230,31 @@ def decode_to_host(
     landing = HostLanding()
     if only is not None:
         video.zero_()
-    emit = lambda f, r, c, pixels: landing.put(video[f, r, c], to_bytes(pixels))  # noqa: E731
-    finite = decode_tiles(vae, z, grid, emit, only, on_piece)
+    array = video.numpy()  # shares `video`'s memory
+    puts = 0
+    ends: deque[tuple[int, int]] = deque()  # (pieces put, frames whole) at the end of each latent frame
+
+    def emit(f: slice, r: slice, c: slice, pixels: torch.Tensor) -> None:
+        nonlocal puts
+        landing.put(video[f, r, c], to_bytes(pixels))
+        puts += 1
+
+    def latent_frame_done(whole: int) -> None:
+        ends.append((puts, whole))
+        landed = puts - len(landing.pending)  # the landing writes its pieces in the order they were put
+        ready = None
+        while ends and ends[0][0] <= landed:
+            ready = ends.popleft()[1]
+        if ready is not None:
+            on_frames(array, ready)
+
+    if on_frames is not None:
+        on_frames(array, 0)
+    watch = latent_frame_done if on_frames is not None else None
+    finite = decode_tiles(vae, z, grid, emit, only, on_piece, frames_first=frames_first, on_latent_frame=watch)
     landing.drain()
     if not bool(finite):
         raise NonFinitePixels("the VAE decoder gave NaN or infinite pixels")
-    return video.numpy()
+    if on_frames is not None:
+        on_frames(array, frames)
+    return array
