@@ -328,12 +328,13 @@ def _png(b64: str, path: Path) -> Path:
         (["--api-key", "short"], "--api-key must be at least"),
         (["--queue-size", "0"], "--queue-size must be"),
         (["--host", "not a host"], "--host"),
-        (["--gpus", "2"], "serve runs on one GPU"),
+        (["--gpus", "2"], "serve runs each job on one replica's GPUs"),
         (["--image", "x.png"], "--image belongs to a request"),
         (["--frames", "6"], "frame count"),
         (["--vram-budget", "8GiB", "--offload-stages", "vae"], "not both"),
         (["--replicas", "0"], "--replicas must be"),
-        (["--replicas", "2", "--gpus-per-replica", "2"], "--gpus-per-replica above 1 is not yet supported"),
+        (["--replicas", "2", "--gpus-per-replica", "9"], "--gpus-per-replica must be a whole number from 1 to 8"),
+        (["--gpus-per-replica", "3"], "sequence-parallel over 3"),  # the tiny model's 2 key/value heads
         (["--ray-address", " "], "--ray-address must name a cluster"),
         (["--preview-every", "0"], "--preview-every must be a whole number of steps"),
     ],
@@ -519,6 +520,7 @@ def test_deleting_a_job_during_the_decode_stops_it_at_the_next_tile(server, monk
 
     monkeypatch.setattr(runner.LoadedModel, "write", deleting_at_first_tile)
     monkeypatch.setattr(runner, "write_output", lambda *args, **kwargs: written.append(args))
+    monkeypatch.setattr(runner.StreamedOutput, "finish", lambda self, *args, **kwargs: written.append(args))
     client = client_for(server)
     video = client.videos.create(prompt=PROMPT, extra_body=SHORT)
     with pytest.raises(openai.NotFoundError):  # deleted; had the decode not stopped, it would complete

@@ -40,6 +40,16 @@ def layout_for(config: GenerationConfig, transformer_config: dict, ranks: int, c
     return layout
 
 
+def check_replica_ranks(transformer_config: dict, ranks: int) -> None:
+    """Refuse `ranks` processes per serve replica for a model whose heads they cannot share: a job with guidance
+    runs CFG-parallel over an even count and its sequence over the rest (a job without, over all of them, is
+    checked when it comes)."""
+    layout = ParallelLayout.for_ranks(ranks, guidance=True)
+    layout.check_model(
+        heads=transformer_config["num_attention_heads"], kv_heads=transformer_config["num_key_value_heads"]
+    )
+
+
 def rank_device(device: torch.device) -> torch.device:
     """The GPU this rank drives: cuda:LOCAL_RANK for a CUDA run launched over several processes."""
     environment = Environment.read()

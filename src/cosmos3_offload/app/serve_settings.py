@@ -29,6 +29,7 @@ DEFAULT_PREVIEW_KIND = "fast"
 MAX_PREVIEW_EVERY = 1000  # the most steps a request takes
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_REPLICAS = 1024
+MAX_GPUS_PER_REPLICA = 8  # the GPUs of one node: a replica's ranks meet over NCCL on one host
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,9 @@ class ServeSettings:
     origins (scheme://host[:port]) besides the server's own whose pages may call it; `keep_videos` and
     `keep_images` say how long finished jobs and their files are kept; `preview_kind` (none, fast, exact) and
     `preview_every` (steps between previews; None: the kind's default) the live preview of each video job;
-    `replicas` copies of the model run jobs (more than one, or a `ray_address`: on Ray Serve, serve/replicas/),
-    each on `gpus_per_replica` GPUs, in a local Ray or the cluster at `ray_address`."""
+    `replicas` copies of the model run jobs (more than one, several GPUs each, or a `ray_address`: on Ray Serve,
+    serve/replicas/), each on `gpus_per_replica` GPUs of one node (its ranks run each job together, CFG-parallel
+    and Ulysses), in a local Ray or the cluster at `ray_address`."""
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -124,7 +126,7 @@ class ServeSettings:
     @property
     def on_ray(self) -> bool:
         """Whether jobs run on Ray Serve replicas instead of this process's one model."""
-        return self.replicas > 1 or self.ray_address is not None
+        return self.replicas > 1 or self.gpus_per_replica > 1 or self.ray_address is not None
 
     def __post_init__(self) -> None:
         check_host(self.host)
@@ -158,10 +160,10 @@ class ServeSettings:
         replicas, gpus = self.replicas, self.gpus_per_replica
         if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= MAX_REPLICAS:
             raise InputError(f"--replicas must be a whole number from 1 to {MAX_REPLICAS}, got {replicas!r}")
-        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
-            raise InputError(f"--gpus-per-replica must be a whole number from 1, got {gpus!r}")
-        if gpus > 1:
-            raise InputError("--gpus-per-replica above 1 is not yet supported; run more replicas of one GPU each")
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= MAX_GPUS_PER_REPLICA:
+            raise InputError(
+                f"--gpus-per-replica must be a whole number from 1 to {MAX_GPUS_PER_REPLICA}, got {gpus!r}"
+            )
         if self.ray_address is not None and not self.ray_address.strip():
             raise InputError(
                 "--ray-address must name a cluster (auto, or HOST:PORT of its head); drop it for a local Ray"

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..app.config import GenerationConfig
+from ..app.distributed import layout_for
 from ..app.inputs import read_conditioning
 from ..app.runner import LoadedModel
 from ..app.serve_settings import ServeSettings
 from ..errors import InputError
+from ..loading.components import model_configs
 from ..model.specs import embedded_tiny
+from ..planning.parallel import SINGLE, ParallelLayout
 from ..request.checks import FieldError
 from ..request.spec import named_at, request_defaults
 from .action_request import (
@@ -126,7 +129,10 @@ class Service:
                 config = GenerationConfig(**values, **paths, output=folder / f"{kind}{suffix}")
                 previews = self.queue.previews
                 frames = previews.frames if previews is not None and kind == "video" else 0
-                config = self.loaded.check(config, budgeted=self.settings.limit is not None, preview_frames=frames)
+                budgeted = self.settings.limit is not None
+                config = self.loaded.check(
+                    config, budgeted=budgeted, layout=self._layout(config), preview_frames=frames
+                )
                 if config.action is not None:
                     check_action_limit(config, self.settings.limit)
                 read_conditioning(config)  # readable, before it waits
@@ -143,6 +149,13 @@ class Service:
             self._forget(reserved)
             raise
         return reserved
+
+    def _layout(self, config: GenerationConfig) -> ParallelLayout:
+        """How a replica of several GPUs spreads `config` over its ranks (an InputError when it cannot)."""
+        ranks = self.settings.gpus_per_replica
+        if ranks == 1:
+            return SINGLE
+        return layout_for(config, model_configs(self.loaded.checkpoint, self.loaded.model)[0], ranks, "auto")
 
     def delete(self, job: Job) -> None:
         """Cancel a waiting or running job, or delete a finished one, with its files. Blocking: a thread's."""

@@ -26,7 +26,7 @@ from ...request.spec import RequestSpec
 from ..config import resolve_device, resolve_dtype
 from ..console import printable
 from ..device_profile import device_setup, probe_shape
-from ..distributed import layout_for, rank_device
+from ..distributed import check_replica_ranks, layout_for, rank_device
 from ..events import RunEvents
 from ..feasibility import request_of
 from ..model_checks import check_action_heads, has_action_heads
@@ -276,7 +276,8 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
             raise InputError(f"{flag} belongs to a request; send it with the request ({where}), not to serve")
     if args.gpus is not None or Environment.read().distributed or args.cfg_parallel != "auto":
         raise InputError(
-            "serve runs on one GPU per replica; drop --gpus, --cfg-parallel (and torchrun), or pass --replicas N"
+            "serve runs each job on one replica's GPUs; drop --gpus, --cfg-parallel (and torchrun), and pass "
+            "--replicas N or --gpus-per-replica K"
         )
     repo = resolve_hub_checkpoint(args, sound=bool(args.sound))  # its sound decoder loads with --sound only
     shape = shape_from_args(args)
@@ -311,6 +312,8 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
         fp8=fp8_options(args),
         kernel_options=kernel_options(args),
     )
+    if settings.gpus_per_replica > 1:
+        check_replica_ranks(model_configs(loaded.checkpoint, loaded.model)[0], settings.gpus_per_replica)
     return serve(loaded, settings)
 
 

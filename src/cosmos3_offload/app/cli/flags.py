@@ -367,7 +367,8 @@ def _serve_parser(commands) -> None:
         type=int,
         default=1,
         metavar="K",
-        help="GPUs each replica runs on (default: 1; only 1 yet)",
+        help="GPUs of one node each replica runs on, its ranks running each job together (CFG-parallel and "
+        "Ulysses, as generate --gpus K); default: 1",
     )
     serve.add_argument(
         "--ray-address",

@@ -2,10 +2,11 @@
 
 `start_replicas` starts Serve without its HTTP proxy (our own app stays the ingress, in the serve process),
 deploys `Generator` with one replica per `--replicas`, each on `--gpus-per-replica` GPUs (none on a CPU
-machine) and taking one job at a time, and returns once every replica has loaded its model. At the end only
-what the server made goes: its Serve application and its board; a local Ray it started is stopped, a cluster
-it connected to is left as it was (other applications' Serve included). A Ray this process finds already
-initialized (a test's) is used and left running.
+machine; with several, the replica's ranks run each job together: ranks.py) and taking one job at a time, and
+returns once every replica has loaded its model. At the end only what the server made goes: its Serve
+application and its board; a local Ray it started is stopped, a cluster it connected to is left as it was
+(other applications' Serve included). A Ray this process finds already initialized (a test's) is used and left
+running.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ def start_replicas(loaded: LoadedModel, settings: ServeSettings) -> Cluster:
         serve.start(proxy_location="Disabled")
         name = f"cosmos3-{uuid.uuid4().hex[:8]}"
         board = CancelBoard.options(name=f"{name}-cancelled").remote()
-        gpus = settings.gpus_per_replica if loaded.device.type == "cuda" else 0
+        ranks = settings.gpus_per_replica
+        gpus = ranks if loaded.device.type == "cuda" else 0
+        check_gpus(settings.replicas, gpus, settings.ray_address)
         deployment = serve.deployment(
             Generator,
             name=DEPLOYMENT,
@@ -98,9 +101,9 @@ def start_replicas(loaded: LoadedModel, settings: ServeSettings) -> Cluster:
             ray_actor_options={"num_gpus": gpus, "num_cpus": 1},
         )
         loading = time.perf_counter()
-        share = replica_share_name(loaded, settings.replicas, name)
+        share = replica_share_name(loaded, settings.replicas, name) if ranks == 1 else None
         handle = serve.run(
-            deployment.bind(loaded, board, settings.preview_kind, settings.preview_every, share),
+            deployment.bind(loaded, board, settings.preview_kind, settings.preview_every, share, ranks),
             name=name,
             route_prefix=None,
         )
@@ -110,6 +113,17 @@ def start_replicas(loaded: LoadedModel, settings: ServeSettings) -> Cluster:
             ray.shutdown()
         raise
     return Cluster(handle, board, name, settings.replicas, started, connected, share)
+
+
+def check_gpus(replicas: int, gpus: int, address: str | None) -> None:
+    """Refuse replicas that need more GPUs than Ray has: Serve would wait for them for good."""
+    total = int(ray.cluster_resources().get("GPU", 0))
+    if replicas * gpus > total:
+        where = "this machine" if address is None else f"the Ray cluster at {address}"
+        raise InputError(
+            f"--replicas {replicas} of {gpus} GPU{'s' if gpus != 1 else ''} each need {replicas * gpus} GPUs, "
+            f"but {where} has {total}; run fewer replicas or fewer GPUs per replica"
+        )
 
 
 def replica_share_name(loaded: LoadedModel, replicas: int, run: str) -> str | None:

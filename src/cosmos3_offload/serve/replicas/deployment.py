@@ -46,6 +46,7 @@ from ..job_events import DecodePace
 from ..job_previews import PREVIEW_FILE, JobPreviews
 from ..metrics import Metrics
 from ..queue import JobStopped, failure
+from .ranks import LOST, ReplicaRanks
 
 logger = logging.getLogger(__name__)
 
@@ -114,20 +115,37 @@ class Failed:
 
 
 _DONE = object()  # the run's thread has put its last item
+_STUCK = object()  # the replica's ranks were lost mid-job
+RANKS_POLL_SECONDS = 1.0  # how often a replica of several ranks looks for a lost one while a job runs
+EXIT_DELAY_SECONDS = 1.0  # a broken replica's wait, after its last job's result, before its process ends
 
 
 class Generator:
     """One replica: the model loaded once, then `run` for each job (Serve sends one at a time)."""
 
     def __init__(
-        self, loaded: LoadedModel, board: Any, preview_kind: str, preview_every: int | None, share: str | None = None
+        self,
+        loaded: LoadedModel,
+        board: Any,
+        preview_kind: str,
+        preview_every: int | None,
+        share: str | None = None,
+        ranks: int = 1,
     ) -> None:
         """`share`: the name of the host copy this node's replicas share (cluster.replica_share_name); the first
-        replica of a node to load fills it, the others (and one Serve restarts) map it."""
+        replica of a node to load fills it, the others (and one Serve restarts) map it. `ranks`: the replica's GPUs,
+        one rank each (ranks.py; this process is the leader)."""
+        # A copy: Serve pickles its init arguments again after __init__ (to find handles in them), and the loaded
+        # weights and a process group must not be among them.
+        loaded = dataclasses.replace(loaded)
         self.loaded, self.board = loaded, board
-        if share is not None:
-            loaded.node_share = NodeShare(share)
-        loaded.load(PhaseTimer(loaded.device), progress=False)
+        self.ranks: ReplicaRanks | None = None
+        if ranks > 1:
+            self.ranks = ReplicaRanks(loaded, ranks)  # the ranks load the model together
+        else:
+            if share is not None:
+                loaded.node_share = NodeShare(share)
+            loaded.load(PhaseTimer(loaded.device), progress=False)
         self.previews = None
         if preview_kind != "none":
             self.previews = JobPreviews(loaded, kind=preview_kind, every=preview_every)
@@ -138,26 +156,52 @@ class Generator:
         self.started = Started(context.replica_id.unique_id, os.getpid(), ray.get_runtime_context().get_node_id())
         logger.info("replica %s loaded its model", self.started.replica)
 
+    def check_health(self) -> None:
+        """Serve's periodic check: a replica whose ranks parted ways or died is replaced."""
+        problem = None if self.ranks is None else self.ranks.health()
+        if problem is not None:
+            raise RuntimeError(problem)
+
     async def run(self, job: ReplicaJob) -> AsyncIterator[Any]:
         """Run `job`; yields Started, then the run's RunEvent and PreviewBytes, and last Finished or Failed.
         The run has a thread of its own: the replica's event loop stays free for Ray's health checks."""
         yield self.started
+        if self.ranks is not None and self.ranks.health() is not None:  # until Serve replaces this replica
+            yield Failed(*LOST)
+            return
         items: queue.Queue = queue.Queue()
         dropped = threading.Event()  # the server stopped reading: stop at the next step
         folder = Path(tempfile.mkdtemp(prefix="cosmos3-job-"))
         thread = threading.Thread(target=self._run, args=(job, folder, items, dropped), daemon=True)
         thread.start()
+        stuck = False
         try:
-            while (item := await asyncio.to_thread(items.get)) is not _DONE:
+            while (item := await asyncio.to_thread(self._next, items)) is not _DONE:
+                if item is _STUCK:  # a rank died or failed alone: this rank may wait in a collective for good
+                    stuck = True
+                    yield Failed(*LOST)
+                    return
                 yield item
         finally:
             dropped.set()
-            await asyncio.to_thread(thread.join)
+            if not stuck:
+                await asyncio.to_thread(thread.join)
             shutil.rmtree(folder, ignore_errors=True)
+            if self.ranks is not None and self.ranks.broken:
+                _exit_soon()  # Serve starts a replica with fresh ranks in its place; jobs wait for it meanwhile
+
+    def _next(self, items: queue.Queue) -> Any:
+        """The run's next item, or _STUCK once the replica's ranks are lost mid-job. Blocks."""
+        while True:
+            try:
+                return items.get(timeout=RANKS_POLL_SECONDS if self.ranks is not None else None)
+            except queue.Empty:
+                if self.ranks.lost() is not None:
+                    return _STUCK
 
     def _run(self, job: ReplicaJob, folder: Path, items: queue.Queue, dropped: threading.Event) -> None:
         try:
-            items.put(self._write(job, folder, items, lambda: self._check_cancelled(job.job_id, dropped)))
+            items.put(self._write(job, folder, items, lambda: self._cancelled(job.job_id, dropped)))
         except BaseException as error:
             code, message = failure(error)
             if code == "server_error":
@@ -169,7 +213,7 @@ class Generator:
         finally:
             items.put(_DONE)
 
-    def _write(self, job: ReplicaJob, folder: Path, items: queue.Queue, check: Callable[[], None]) -> Finished:
+    def _write(self, job: ReplicaJob, folder: Path, items: queue.Queue, cancelled: Callable[[], bool]) -> Finished:
         """The job's files made in `folder` (its inputs saved there first) and read back whole."""
         config = _here(job, folder)
         shape = (config.frames, config.height, config.width)
@@ -180,24 +224,42 @@ class Generator:
         if self.previews is not None and job.kind == "video":
             shown = self.previews.for_job(folder)
             preview = None if shown is None else SentPreview(shown, folder / PREVIEW_FILE, items)
-        self.loaded.write(
-            config,
-            timer,
-            conditioning=read_conditioning(config),
-            progress=False,
-            on_step=lambda index: check(),
-            on_decode_tile=check,
-            preview=preview,
-        )
+
+        def write(on_step: Callable[[int], None], on_decode_tile: Callable[[], None] | None) -> None:
+            conditioning = read_conditioning(config)
+            self.loaded.write(
+                config,
+                timer,
+                conditioning=conditioning,
+                progress=False,
+                on_step=on_step,
+                on_decode_tile=on_decode_tile,
+                preview=preview,
+            )
+
+        def check() -> None:
+            if cancelled():
+                raise JobStopped
+
+        if self.ranks is None:
+            write(lambda index: check(), check)
+        else:  # every rank stops at the same step; the decode, split between them, runs to its end
+            self.ranks.run(config, lambda on_step: write(on_step, None), cancelled)
+            check()
         self._decode_pace.learn(*shape, events.last_decode_seconds)
         stats = Metrics().finished(timer, time.perf_counter() - started, self.loaded.device)
         stats["replica"], stats["node"] = self.started.replica, self.started.node
         made = [config.output, *(path for path in actions_beside(config.output) if path.is_file())]
         return Finished({path.name: path.read_bytes() for path in made}, stats)
 
-    def _check_cancelled(self, job_id: str, dropped: threading.Event) -> None:
-        if dropped.is_set() or ray.get(self.board.is_cancelled.remote(job_id)):  # waits on one small actor call
-            raise JobStopped
+    def _cancelled(self, job_id: str, dropped: threading.Event) -> bool:
+        return dropped.is_set() or ray.get(self.board.is_cancelled.remote(job_id))  # waits on one small actor call
+
+
+def _exit_soon() -> None:
+    """End this replica's process once the job's last item has had time to reach the server."""
+    logger.error("the replica's ranks parted ways mid-job; the replica exits and Serve replaces it")
+    threading.Timer(EXIT_DELAY_SECONDS, os._exit, args=(1,)).start()
 
 
 class SentPreview:
