@@ -548,3 +548,16 @@ def _multipart(server: InProcessServer, fields: dict[str, str]):
     ]
     body = ("".join(parts) + "--b--\r\n").encode()
     return http(server, "POST", "/v1/videos", body, {"content-type": "multipart/form-data; boundary=b"})
+
+
+def test_serve_picks_its_kernels_at_the_served_request_s_attention(tmp_path):
+    """The GPU's probe times attention at the request `serve` takes by default (--frames, --resolution), not
+    at a fixed 32k, so the planner's rate and the kernel picked are the jobs' own."""
+    from cosmos3_offload.app.cli.shell import main
+
+    opened = []
+    flags = ["--frames", "9", "--resolution", "256", "--storage", str(tmp_path / "storage")]
+    assert main(["serve", *flags], serve=lambda loaded, settings: opened.append(loaded) or 0) == 0
+    (loaded,) = opened
+    request = loaded.probe_request
+    assert (request.frames, request.height, request.width) == (9, 192, 320)  # 256p at the default 16:9

@@ -314,6 +314,7 @@ def serve_command(args: argparse.Namespace, serve: Serve | None) -> int:
     )
     if settings.gpus_per_replica > 1:
         check_replica_ranks(model_configs(loaded.checkpoint, loaded.model)[0], settings.gpus_per_replica)
+    loaded.probe_request = request_of(shape)  # a GPU's kernels are picked at the served request's attention
     return serve(loaded, settings)
 
 
