@@ -99,8 +99,8 @@ class ReplicaRanks:
         self._drain()
         for pipe in self.pipes:
             pipe.send(config)
-        self.group.use(config)
         try:
+            self.group.use(config)
             result = write(lambda index: self.group.stop_together(stop()))
         except BaseException:
             if any(reply.outcome == "lost" for reply in self._wait_for_ranks()):
