@@ -11,11 +11,6 @@ of every tile summed instead of the largest tile's.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
-from ..loading.quantization import Fp8Options
 from ..model.geometry import latent_size
 from ..planning.memory import (
     DECODE_FIXED_BYTES,
@@ -31,7 +26,6 @@ from ..planning.request import Request
 from ..planning.sizes import ModelSizes
 from ..planning.tiles import TileGrid, block_region
 from .config import GenerationConfig
-from .feasibility import run_sizes
 from .planned_request import request_of
 
 
@@ -63,15 +57,8 @@ def frames_first_fits(plan: Plan, sizes: ModelSizes, request: Request) -> bool:
 
 
 def decode_frames_first(
-    config: GenerationConfig,
-    plan: Plan,
-    *,
-    checkpoint: Path | None,
-    model: str,
-    dtype: torch.dtype,
-    fp8: Fp8Options,
-    layout: ParallelLayout,
+    config: GenerationConfig, plan: Plan, measured: tuple[ModelSizes, dict | None], layout: ParallelLayout
 ) -> bool:
-    """`frames_first_fits` for a request of a loaded model (its sizes as the fit check counts them)."""
-    sizes, sound = run_sizes(config, checkpoint=checkpoint, model=model, dtype=dtype, fp8=fp8)
+    """`frames_first_fits` for a request of a loaded model; `measured`: its `feasibility.run_sizes`."""
+    sizes, sound = measured
     return frames_first_fits(plan, sizes, request_of(config, sound, layout))

@@ -77,10 +77,14 @@ def check_fits(
     fp8: Fp8Options = NO_FP8_FLAGS,
     layout: ParallelLayout = SINGLE,
     preview_frames: int = 0,
+    measured: tuple[ModelSizes, dict | None] | None = None,
 ) -> None:
     """An InputError, before anything loads, when the request cannot fit this machine's memory (one GPU's
-    share of it under `layout`, with the latent frames an exact preview decodes: `preview_frames`)."""
-    sizes, sound = run_sizes(config, checkpoint=checkpoint, model=model, dtype=dtype, fp8=fp8)
+    share of it under `layout`, with the latent frames an exact preview decodes: `preview_frames`). `measured`:
+    `run_sizes` of this request, when the caller keeps it."""
+    if measured is None:
+        measured = run_sizes(config, checkpoint=checkpoint, model=model, dtype=dtype, fp8=fp8)
+    sizes, sound = measured
     request = request_of(config, sound, layout, preview_frames=preview_frames)
     peak = predict(plan, sizes, request, DeviceProfile()).peak
     weights = weight_bytes(plan, sizes)

@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from ..parallel.mesh import ProcessMesh
 from ..planning.parallel import SINGLE, ParallelLayout
 from ..planning.plan import Plan
 from ..planning.request import Request
+from ..planning.sizes import ModelSizes
 from .config import (
     DEFAULT_KERNELS,
     GenerationConfig,
@@ -52,7 +53,7 @@ from .device_profile import probe_shape
 from .distributed import parallel_layout, rank_device, start_mesh
 from .doors import Fp8Steps, GeneratedVideo, GenerationHooks, PlacedPipeline, Preview
 from .events import RunEvents
-from .feasibility import check_fits
+from .feasibility import check_fits, run_sizes
 from .generate import (
     PromptTemplates,
     Sound,
@@ -158,6 +159,7 @@ class LoadedModel:
     mesh: ProcessMesh | None = None  # the other ranks, over several processes
     node_share: NodeShare | None = None  # serve's replicas on one node: one host copy (offload/node_share.py)
     probe_request: Request | None = None  # the request the GPU's probe times attention at (None: its 32k default)
+    measured_sizes: dict = field(default_factory=dict, repr=False)  # `_run_sizes`, per kind of request
 
     @classmethod
     def open(
@@ -222,6 +224,7 @@ class LoadedModel:
                 fp8=self.fp8,
                 layout=layout,
                 preview_frames=preview_frames,
+                measured=self._run_sizes(config),
             )
         if config.negative_prompt is None and config.action is None:  # an action run's is empty, as in diffusers
             conditioned = config.image is not None or config.video is not None
@@ -347,15 +350,17 @@ class LoadedModel:
 
     def _decode_frames_first(self, config: GenerationConfig) -> bool:
         """Decode frames first when the plan's peak has room for it (app/decode_order.py)."""
-        return decode_frames_first(
-            config,
-            self.plan,
-            checkpoint=self.checkpoint,
-            model=self.model,
-            dtype=self.dtype,
-            fp8=self.fp8,
-            layout=SINGLE,
-        )
+        return decode_frames_first(config, self.plan, self._run_sizes(config), SINGLE)
+
+    def _run_sizes(self, config: GenerationConfig) -> tuple[ModelSizes, dict | None]:
+        """`feasibility.run_sizes` for this model, measured once per kind of request (sound, actions): a third of a
+        second at Nano size that every request would pay at its check and again at its decode."""
+        kind = (config.sound, config.action is not None)
+        if kind not in self.measured_sizes:
+            self.measured_sizes[kind] = run_sizes(
+                config, checkpoint=self.checkpoint, model=self.model, dtype=self.dtype, fp8=self.fp8
+            )
+        return self.measured_sizes[kind]
 
 
 def generate_video(
