@@ -16,10 +16,9 @@ Timing: each exact implementation runs non-causal attention of `queries` x `keys
 events, after half a second of warm-up calls, which also compile flash-attn-4's kernel and let the
 clocks settle as under a step; the math kernel, which holds every score, at most 2048 x 2048),
 counted as 4 * queries * keys * heads * head_dim FLOP. A run probes at its request's token counts
-(app/device_profile.py `probe_shape`): on an H100 this probe measured SDPA's cuDNN kernel at 655
-TFLOP/s and flash-attn-4 at 617 at 32k x 32k, an earlier script 583 and 686 at 720p x 189f's 44,160
-tokens, and the 720p step ran cuDNN at ~560: the rate the planner uses and the fastest
-implementation both follow the token count. A bf16
+(app/device_profile.py `probe_shape`): at 32k x 32k an H100 probe measured SDPA's cuDNN kernel at
+655 TFLOP/s while the 720p step ran it at ~560 (issue 27's figures), so the rate the planner uses, and
+possibly the fastest implementation, follow the token count (docs/planner.md). A bf16
 GEMM [gemm_tokens, gemm_in] x [gemm_in, gemm_out] gives the linear rate. The timer is a
 parameter, so CPU tests run the same logic on fake timings.
 
