@@ -196,7 +196,7 @@ class Generator:
             try:
                 return items.get(timeout=RANKS_POLL_SECONDS if self.ranks is not None else None)
             except queue.Empty:
-                if self.ranks.lost() is not None:
+                if self.ranks.lost():
                     return _STUCK
 
     def _run(self, job: ReplicaJob, folder: Path, items: queue.Queue, dropped: threading.Event) -> None:

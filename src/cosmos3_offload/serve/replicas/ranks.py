@@ -112,14 +112,14 @@ class ReplicaRanks:
                 raise _failure_of(reply)
         return result
 
-    def lost(self) -> RankReply | None:
-        """A rank that died during the job now running, or failed STUCK_SECONDS ago while the leader's part goes on
-        (a rank that refused the job as the leader will is not lost). Never blocks; the replica is broken then."""
-        dead = [rank for rank, process in enumerate(self.processes, start=1) if not process.is_alive()]
+    def lost(self) -> bool:
+        """Whether a rank died during the job now running, or failed STUCK_SECONDS ago while the leader's part goes
+        on (a rank that refused the job as the leader will is not lost). Never blocks; the replica is broken then."""
+        dead = any(not process.is_alive() for process in self.processes)
         if not dead and (self.troubled is None or time.monotonic() - self.troubled < STUCK_SECONDS):
-            return None
+            return False
         self.broken = True
-        return RankReply(dead[0] if dead else 0, "lost")
+        return True
 
     def health(self) -> str | None:
         """Why this replica cannot take jobs (None: it can)."""
@@ -193,9 +193,6 @@ class RankGroup:
         """The leader's `stop` on every rank (the others pass anything): JobStopped everywhere when it is true."""
         if self.loaded.mesh.broadcast_from_leader(stop):
             raise JobStopped
-
-    def close(self) -> None:
-        next(iter(self.meshes.values())).close()
 
 
 def _failure_of(reply: RankReply) -> BaseException:
