@@ -85,7 +85,8 @@ def test_a_broken_cache_is_cleared_and_the_kernel_compiles_again(fresh_choice, m
     fused._LazilyCompiled(_relu_square_again)(torch.tensor([[-2.0, 3.0], [1.0, -1.0]]))
     binaries = [p for p in (fresh_choice / "inductor").rglob("*") if p.suffix in (".so", ".py") and p.is_file()]
     assert binaries
-    for path in binaries:
+    for path in binaries:  # new files: this process has the old ones mapped, and must not see them change
+        path.unlink()
         path.write_bytes(b"\x7fELF cut short")
     clear_caches()  # nothing of it is loaded in this process
     torch._dynamo.reset()  # compile anew: the cache is asked again
